@@ -1,0 +1,20 @@
+"""Install megatron_fipo. CPU machines: `bash tools/bootstrap.sh` (pins torch==2.13.0)."""
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron-fipo",
+    version="0.1.0",
+    description="Megatron-Core RL trainer for FIPO (Future-KL Influenced Policy Optimization)",
+    packages=find_packages(include=["megatron_fipo", "megatron_fipo.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4",
+        "math-verify>=0.7",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-timeout>=2.3"],
+        # GPU-only: never installed on the CPU development machines (see Dockerfile).
+        "gpu": ["transformer-engine[pytorch]", "sglang"],
+    },
+    entry_points={"console_scripts": ["megatron-fipo=megatron_fipo.cli:main"]},
+)

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Create (or refresh) ./.venv with CPU torch and this package with its test extra.
+# Idempotent: a second run only checks what is installed. Usage: bash tools/bootstrap.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3.11}
+command -v "$PY" >/dev/null 2>&1 || PY=python3
+if [[ ! -x .venv/bin/python ]]; then
+  echo "[bootstrap] creating .venv with $($PY --version)"
+  "$PY" -m venv .venv
+fi
+export PIP_CONSTRAINT="$PWD/tools/constraints.txt"
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+.venv/bin/python -m pip install -q torch==2.13.0
+.venv/bin/python -m pip install -q -e '.[test]'
+echo "[bootstrap] ready: $(.venv/bin/python -c 'import torch; print("torch", torch.__version__)')"
