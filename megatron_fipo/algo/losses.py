@@ -262,3 +262,43 @@ def _validate(logp, old_logp, response_mask, decay_rate, dual_clip_c, clip_low, 
         raise ValueError(f"need 0 <= clip_low < 1 and clip_high >= 0, got {clip_low}, {clip_high}")
     if not 0.0 <= future_kl_clip_ratio < 1.0:
         raise ValueError(f"future_kl_clip_ratio must be in [0, 1), got {future_kl_clip_ratio}")
+
+
+def summarize_policy_metrics(
+    sums: Dict[str, float | torch.Tensor],
+    maxes: Dict[str, float | torch.Tensor],
+    mins: Dict[str, float | torch.Tensor],
+) -> Dict[str, float]:
+    """Turn (already reduced) metric sums / extremes of ``fipo_policy_loss`` into loggable means.
+
+    Token fractions and means divide by ``response_tokens``, the dropped-sequence fraction by
+    ``sequences``; extremes with nothing counted (``+-inf``) become NaN.
+
+    Args:
+        sums, maxes, mins: as in ``PolicyLossOutput``, summed / maxed / minned over micro-batches
+            and ranks.
+
+    Returns:
+        ``{"pg_clipfrac": ..., "influence_weight_mean": ..., ...}`` of Python floats.
+    """
+    s = {k: float(v) for k, v in sums.items()}
+    tokens = max(s["response_tokens"], 1.0)
+    out = {
+        "pg_clipfrac": s["pg_clipfrac"] / tokens,
+        "pg_clipfrac_lower": s["pg_clipfrac_lower"] / tokens,
+        "ppo_kl": s["ppo_kl"] / tokens,
+        "participation_masked_frac": s["participation_masked"] / tokens,
+        "safety_override_frac": s["safety_overrides"] / tokens,
+        "influence_weight_mean": s["influence_weight"] / tokens,
+        "influence_clip_high_frac": s["influence_clipped_high"] / tokens,
+        "influence_clip_low_frac": s["influence_clipped_low"] / tokens,
+        "future_kl_mean": s["future_kl"] / tokens,
+        "kept_tokens": s["kept_tokens"],
+        "response_tokens": s["response_tokens"],
+        "dropped_sequences": s["dropped_sequences"],
+        "dropped_sequence_frac": s["dropped_sequences"] / max(s["sequences"], 1.0),
+    }
+    for key, value in list(maxes.items()) + list(mins.items()):
+        v = float(value)
+        out[key] = v if math.isfinite(v) else float("nan")
+    return out

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from megatron_fipo.algo.losses import fipo_policy_loss
+from megatron_fipo.algo.losses import fipo_policy_loss, summarize_policy_metrics
 from tests.helpers import fresh_seeds, random_policy_batch
 
 
@@ -239,3 +239,18 @@ def test_bad_shapes_raise():
         fipo_policy_loss(x, x, torch.ones(3), torch.ones(2, 3))
     with pytest.raises(ValueError, match="packed"):
         fipo_policy_loss(x, x, torch.ones(2), torch.ones(2, 3), cu_seqlens=torch.tensor([0, 3, 6]))
+
+
+def test_summarize_policy_metrics_means_over_response_tokens():
+    gen = torch.Generator().manual_seed(12)
+    batch = random_policy_batch(gen, batch=5, length=30, spike_prob=0.1)
+    out = _ours(batch, {})
+    summary = summarize_policy_metrics(out.sums, out.maxes, out.mins)
+    mask = batch["response_mask"].bool()
+    assert summary["influence_weight_mean"] == pytest.approx(out.influence_weight[mask].mean().item())
+    assert summary["future_kl_mean"] == pytest.approx(out.future_kl[mask].mean().item())
+    assert summary["dropped_sequence_frac"] == pytest.approx(out.dropped_sequences.float().mean().item())
+    assert summary["influence_weight_max"] == out.influence_weight[mask].max().item()
+    empty = fipo_policy_loss(torch.zeros(1, 2), torch.zeros(1, 2), torch.ones(1), torch.zeros(1, 2))
+    summary = summarize_policy_metrics(empty.sums, empty.maxes, empty.mins)
+    assert summary["pg_clipfrac"] == 0 and math.isnan(summary["influence_weight_max"])

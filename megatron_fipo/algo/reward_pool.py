@@ -1,0 +1,223 @@
+"""A process pool that scores rewards with a per-item wall-clock bound.
+
+Owns ``RewardPool`` (reusable across trainer steps) and ``score_batch`` (one-shot). A worker
+past ``timeout_s`` on one item is killed and replaced, so hostile output or a pathological
+math-verify parse never wedges training.
+
+Imports the stdlib and ``algo.rewards`` only: no torch, no torch.distributed, no config objects.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import pickle
+import signal
+import time
+import traceback
+import weakref
+from collections import deque
+from multiprocessing.connection import wait as _wait_connections
+from typing import Callable, Mapping, Sequence, Union
+
+from megatron_fipo.algo.rewards import ERROR, REWARD_FNS, TIMEOUT, RewardResult, as_text, make_result
+
+_BOOT_TIMEOUT_S = 120.0
+
+RewardFn = Union[str, Callable[[str, str], RewardResult]]
+
+
+def _resolve(reward_fn: RewardFn) -> Callable[[str, str], RewardResult]:
+    if callable(reward_fn):
+        return reward_fn
+    if isinstance(reward_fn, str) and reward_fn in REWARD_FNS:
+        return REWARD_FNS[reward_fn]
+    raise ValueError(f"unknown reward {reward_fn!r}: use one of {sorted(REWARD_FNS)} or a callable")
+
+
+def _as_result(value: object) -> RewardResult:
+    if isinstance(value, Mapping) and "score" in value:  # verl-style dict
+        value = RewardResult(float(value["score"]), bool(value.get("acc", value["score"] > 0)), str(value.get("pred", "")))
+    if isinstance(value, RewardResult):
+        return value
+    raise ValueError(f"a reward function must return RewardResult or a dict with 'score', got {type(value).__name__}")
+
+
+# ----------------------------------------------------------------------------- process pool
+def _worker_main(conn) -> None:
+    """Worker loop: say ready, then score one pickled ``(fn, response, gt)`` at a time until EOF."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    conn.send(("ready", None))
+    while True:
+        try:
+            payload = conn.recv_bytes()
+        except (EOFError, OSError):
+            return
+        try:
+            fn, response, ground_truth = pickle.loads(payload)
+            reply = ("ok", _as_result(fn(response, ground_truth)))
+        except Exception:
+            reply = ("err", traceback.format_exc(limit=20))
+        conn.send(reply)
+
+
+class _Worker:
+    """One spawned worker, the parent's end of its pipe, and the item it is scoring."""
+
+    def __init__(self, ctx) -> None:
+        self.conn, child_conn = ctx.Pipe(duplex=True)
+        self.proc = ctx.Process(target=_worker_main, args=(child_conn,), daemon=True, name="reward-worker")
+        self.proc.start()
+        child_conn.close()
+        self.ready, self.item = False, None
+        self.deadline = time.monotonic() + _BOOT_TIMEOUT_S
+
+    def stop(self) -> None:
+        """Close the pipe (an idle worker exits on EOF), then terminate / kill, and reap."""
+        self.conn.close()
+        self.proc.join(0.5 if self.ready and self.item is None else 0)
+        for end in (self.proc.terminate, self.proc.kill):
+            if self.proc.is_alive():
+                end()
+                self.proc.join(2.0)
+
+
+def _stop_workers(workers: list[_Worker]) -> None:
+    while workers:
+        workers.pop().stop()
+
+
+class RewardPool:
+    """Scores ``(response, ground_truth)`` pairs in spawned workers; reuse it across calls.
+
+    A worker scores one item at a time. An item still running ``timeout_s`` after it was handed
+    out scores -1 with ``pred == "[TIMEOUT]"``, and its worker is killed and replaced; a worker
+    that dies mid-item gives ``"[ERROR]"``; an exception in the reward function is re-raised as
+    ``RuntimeError`` with the worker's traceback. Workers are spawned (safe beside torch / CUDA
+    threads), so callables must be module-level and scripts need an ``if __name__ == "__main__"``
+    guard. ``num_workers=0`` scores in-process with no pool-level time bound. Not thread-safe;
+    ``close()`` (or ``with``) terminates and reaps every worker.
+
+    Args:
+        num_workers: worker processes (>= 0), started on first use.
+        timeout_s: per-item wall-clock bound in seconds (> 0).
+    """
+
+    def __init__(self, num_workers: int, timeout_s: float) -> None:
+        if not isinstance(num_workers, int) or num_workers < 0:
+            raise ValueError(f"num_workers must be an int >= 0 (0 = in-process), got {num_workers!r}")
+        if not timeout_s > 0:
+            raise ValueError(f"timeout_s must be > 0 seconds, got {timeout_s!r}")
+        self.num_workers, self.timeout_s = num_workers, float(timeout_s)
+        self._ctx = mp.get_context("spawn")
+        self._workers: list[_Worker] = []
+        self._close = weakref.finalize(self, _stop_workers, self._workers)
+
+    def __enter__(self) -> "RewardPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Terminate and reap all workers; the pool cannot be used afterwards."""
+        self._close()
+
+    def score(self, reward_fn: RewardFn, responses: Sequence[str], ground_truths: Sequence[str]) -> list[RewardResult]:
+        """Score ``responses[i]`` against ``ground_truths[i]``.
+
+        Args:
+            reward_fn: ``"dapo_math"``, ``"boxed_math"`` or a module-level ``fn(response, gt)``
+                returning a ``RewardResult`` (or a verl-style dict).
+            responses: decoded model outputs.
+            ground_truths: reference answers, one per response.
+
+        Returns:
+            One ``RewardResult`` per item, in order.
+        """
+        if not self._close.alive:
+            raise RuntimeError("this RewardPool is closed; create a new one")
+        fn = _resolve(reward_fn)
+        if len(responses) != len(ground_truths):
+            raise ValueError(f"{len(responses)} responses but {len(ground_truths)} ground truths: pass one per response")
+        items = [(as_text(r, f"responses[{i}]"), as_text(g, f"ground_truths[{i}]", allow_numbers=True))
+                 for i, (r, g) in enumerate(zip(responses, ground_truths))]
+        if self.num_workers == 0:
+            return [_as_result(fn(r, g)) for r, g in items]
+        try:
+            pickle.dumps(fn)
+        except Exception as exc:
+            raise ValueError(f"{fn!r} cannot be sent to a worker: use a module-level function or num_workers=0") from exc
+        while len(self._workers) < self.num_workers:
+            self._workers.append(_Worker(self._ctx))
+        return self._run(fn, items)
+
+    def _run(self, fn: Callable, items: list[tuple[str, str]]) -> list[RewardResult]:
+        results: list = [None] * len(items)
+        todo = deque(range(len(items)))
+        try:
+            while todo or any(w.item is not None for w in self._workers):
+                for i, worker in enumerate(self._workers):
+                    if todo and worker.ready and worker.item is None:
+                        idx = todo.popleft()
+                        try:
+                            worker.conn.send_bytes(pickle.dumps((fn, *items[idx])))
+                            worker.item, worker.deadline = idx, time.monotonic() + self.timeout_s
+                        except OSError:  # died while idle: retry the item on a fresh worker
+                            todo.appendleft(idx)
+                            self._replace(i)
+                self._poll(results)
+        finally:  # after an abort a busy worker would answer into the next call: replace it
+            for i, worker in enumerate(self._workers):
+                if worker.item is not None:
+                    self._replace(i)
+        return results
+
+    def _replace(self, i: int) -> None:
+        self._workers[i].stop()
+        self._workers[i] = _Worker(self._ctx)
+
+    def _poll(self, results: list) -> None:
+        """Wait for the next reply or deadline; store replies, time out or replace workers."""
+        waiting = [w for w in self._workers if w.item is not None or not w.ready]
+        timeout = max(0.0, min(w.deadline for w in waiting) - time.monotonic())
+        ready = set(_wait_connections([w.conn for w in waiting], timeout))
+        for i, worker in enumerate(self._workers):
+            if worker.conn in ready:
+                try:
+                    kind, value = worker.conn.recv()
+                except (EOFError, OSError):
+                    if worker.item is None:
+                        raise RuntimeError(f"a reward worker exited while starting (exit code {worker.proc.exitcode})")
+                    results[worker.item] = make_result(False, ERROR)
+                    self._replace(i)
+                    continue
+                if kind == "err":
+                    raise RuntimeError(f"the reward function raised on item {worker.item}:\n{value}")
+                if kind == "ok":
+                    results[worker.item] = value
+                worker.ready, worker.item = True, None
+            elif worker in waiting and worker.deadline <= time.monotonic():
+                if worker.item is None:
+                    raise RuntimeError(f"a reward worker did not start within {_BOOT_TIMEOUT_S} s")
+                results[worker.item] = make_result(False, TIMEOUT)
+                self._replace(i)
+
+
+def score_batch(reward_fn: RewardFn, responses: Sequence[str], ground_truths: Sequence[str], *,
+                num_workers: int, timeout_s: float) -> list[RewardResult]:
+    """One-shot ``RewardPool(num_workers, timeout_s).score(...)``, closed before returning.
+
+    A trainer should keep one ``RewardPool`` open instead: workers are spawned once.
+
+    Args:
+        reward_fn: ``"dapo_math"``, ``"boxed_math"`` or a module-level ``fn(response, gt)``.
+        responses: decoded model outputs.
+        ground_truths: reference answers, one per response.
+        num_workers: worker processes; 0 scores in-process (no pool-level time bound).
+        timeout_s: per-item wall-clock bound in seconds.
+
+    Returns:
+        One ``RewardResult`` per item, in order.
+    """
+    with RewardPool(num_workers, timeout_s) as pool:
+        return pool.score(reward_fn, responses, ground_truths)
