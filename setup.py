@@ -10,6 +10,10 @@ setup(
     install_requires=[
         "torch>=2.4",
         "math-verify>=0.7",
+        # 0.16.x is the newest for Python 3.11 (CPU machines); the GPU image pins a newer one.
+        "megatron-core>=0.16.1",
+        "psutil",  # without it dist_checkpointing's forked writers die silently and saves hang
+        "numpy",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout>=2.3"],
