@@ -29,6 +29,14 @@ import torch
 
 from megatron_fipo.algo.future_kl import discounted_suffix_sum
 
+SUM_KEYS = (
+    "response_tokens", "kept_tokens", "sequences", "dropped_sequences", "pg_clipfrac", "pg_clipfrac_lower",
+    "ppo_kl", "participation_masked", "safety_overrides", "influence_weight", "influence_clipped_high",
+    "influence_clipped_low", "future_kl",
+)
+"""Keys of ``PolicyLossOutput.sums`` (fixed, so ranks can reduce them as one vector)."""
+MAX_KEYS = ("influence_weight_max", "ratio_max")
+MIN_KEYS = ("influence_weight_min",)
 LOG_RATIO_CLAMP = 20.0
 SAFETY_CLAMP = (0.8, 1.0)
 UNCLIPPED_INFLUENCE_MAX = 10.0  # the release's cap when future_kl_clip_ratio == 0

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import os
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
@@ -92,8 +93,14 @@ class Qwen2Arch:
 
 
 def padded_vocab_size(vocab_size: int, tp: int, divisible_by: int = 128) -> int:
-    """Vocab rounded up to a multiple of ``divisible_by * tp`` (Megatron's rule)."""
-    multiple = divisible_by * tp
+    """Vocab rounded up to a multiple of ``lcm(8 * divisible_by, divisible_by * tp)``.
+
+    Megatron's rule (a multiple of ``divisible_by * tp``) makes the padded size depend on tp, so a
+    checkpoint saved at tp=1 would not load at tp=2. Rounding to ``8 * divisible_by`` (1024 rows)
+    gives the same padded vocab for every tp dividing 8; the padded rows are masked out of every
+    softmax and never exported.
+    """
+    multiple = math.lcm(8 * divisible_by, divisible_by * tp)
     return -(-vocab_size // multiple) * multiple
 
 

@@ -123,6 +123,7 @@ def chunked_token_logprobs(
     group: Optional[dist.ProcessGroup],
     chunk_tokens: int = 4096,
     with_entropy: bool = False,
+    reduce_hidden_grad: bool = True,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Output projection + vocab-parallel log-probs, chunk by chunk over tokens.
 
@@ -139,6 +140,9 @@ def chunked_token_logprobs(
         group: tensor-parallel group; the gradient w.r.t. ``hidden`` is all-reduced over it.
         chunk_tokens: tokens per chunk (>= 1).
         with_entropy: also return the per-token entropy (no grad).
+        reduce_hidden_grad: all-reduce the gradient w.r.t. ``hidden`` over ``group`` (a
+            column-parallel input). Pass False when ``hidden`` came from a sequence-parallel
+            all-gather whose backward already reduce-scatters.
 
     Returns:
         ``(logp [N], entropy [N] or None)``, float32 (float64 for float64 inputs).
@@ -147,7 +151,8 @@ def chunked_token_logprobs(
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
     if hidden.shape[0] != labels.shape[0]:
         raise ValueError(f"hidden has {hidden.shape[0]} tokens but labels {labels.shape[0]}")
-    hidden = _CopyToGroup.apply(hidden, group)
+    if reduce_hidden_grad:
+        hidden = _CopyToGroup.apply(hidden, group)
 
     def chunk_fn(h, w, y):
         logp, entropy = vocab_parallel_logprobs(h @ w.t(), y, vocab_start=vocab_start, vocab_size=vocab_size,

@@ -254,3 +254,11 @@ def test_summarize_policy_metrics_means_over_response_tokens():
     empty = fipo_policy_loss(torch.zeros(1, 2), torch.zeros(1, 2), torch.ones(1), torch.zeros(1, 2))
     summary = summarize_policy_metrics(empty.sums, empty.maxes, empty.mins)
     assert summary["pg_clipfrac"] == 0 and math.isnan(summary["influence_weight_max"])
+
+
+def test_metric_key_constants_match_the_output():
+    from megatron_fipo.algo.losses import MAX_KEYS, MIN_KEYS, SUM_KEYS
+
+    gen = torch.Generator().manual_seed(13)
+    out = _ours(random_policy_batch(gen, batch=2, length=5), {})
+    assert tuple(out.sums) == SUM_KEYS and tuple(out.maxes) == MAX_KEYS and tuple(out.mins) == MIN_KEYS

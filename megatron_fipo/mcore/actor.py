@@ -1,0 +1,335 @@
+"""The FIPO actor on Megatron-Core: log-probs of rollouts and FIPO optimizer steps.
+
+Owns ``ActorSettings`` and ``Actor``: the Qwen2 model chunks of this rank wrapped in Megatron
+``DistributedDataParallel``, ``get_megatron_optimizer`` (AdamW; the distributed optimizer on GPU)
+with warm-up + constant lr through ``OptimizerParamScheduler``, forward-only per-token log-probs,
+and ``train_step`` through ``get_forward_backward_func`` (no pipelining, 1F1B, interleaved) with
+packed (THD) micro-batches planned by a token budget.
+
+Only megatron_fipo.mcore imports megatron. Must not import trainer, rollout or bridge.
+
+Loss normalisation: ``calculate_per_token_loss`` is on, so each micro-batch returns the *sum* of
+its per-token FIPO losses and its kept-token count; Megatron's ``finalize_model_grads`` then
+divides the accumulated gradients by the kept tokens summed over micro-batches, the pipeline's
+last stage and the data(-context)-parallel group. The update is therefore the token-mean over the
+global mini-batch, whatever the micro-batch split and the dp size.
+
+Departs from upstream GPTModel usage: the output layer is bypassed (its forward returns the final
+hidden states) and the log-probs are computed vocab-parallel, chunk by chunk over tokens, from its
+weight (``parallel.vocab_parallel``), so full-vocabulary fp32 logits of a whole packed batch never
+exist. The parameter names stay upstream's. Attention for packed sequences: TE's THD path
+(``PackedSeqParams``) on GPU; on the local spec (CPU) an explicit block-diagonal causal mask (RoPE
+is relative, so the global positions it uses give the same attention as per-sequence ones).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import types
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from megatron_fipo.algo.losses import MAX_KEYS, MIN_KEYS, SUM_KEYS, fipo_policy_loss, summarize_policy_metrics
+from megatron_fipo.data.packing import PackedBatch, pack_samples, plan_micro_batches
+from megatron_fipo.mcore import model as qwen2
+from megatron_fipo.parallel.metrics import reduce_metrics
+from megatron_fipo.parallel.vocab_parallel import chunked_token_logprobs
+
+EXTRA_SUM_KEYS = ("entropy", "loss_sum")
+
+
+@dataclass(frozen=True)
+class ActorSettings:
+    """Optimiser, batching and precision settings of the actor (the recipe's defaults)."""
+
+    lr: float = 1e-6
+    warmup_steps: int = 10
+    weight_decay: float = 0.1
+    clip_grad: float = 1.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    max_tokens_per_micro_batch: int = 16384
+    logprob_chunk_tokens: int = 4096
+    params_dtype: str = "float32"  # "bfloat16" on GPU
+    sequence_parallel: bool = False
+    use_distributed_optimizer: Optional[bool] = None  # default: on with CUDA
+    recompute: Mapping[str, Any] = field(default_factory=dict)
+    transformer_overrides: Mapping[str, Any] = field(default_factory=dict)
+    track_update_norm: bool = False  # keeps a copy of the local parameters during the step
+
+
+class Actor:
+    """Qwen2 policy of this rank: forward-only log-probs and FIPO optimizer steps.
+
+    Args:
+        arch: the model architecture (``model.Qwen2Arch``).
+        groups: ``ParallelGroups`` of this process (from ``groups.init_distributed``).
+        settings: ``ActorSettings``.
+        use_te: force the Transformer Engine (True) or local (False) spec; default: TE if usable.
+    """
+
+    def __init__(self, arch: qwen2.Qwen2Arch, groups, settings: ActorSettings = ActorSettings(),
+                 *, use_te: Optional[bool] = None):
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.distributed import finalize_model_grads
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        self.arch, self.groups, self.settings = arch, groups, settings
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(settings.params_dtype)
+        if dtype is None:
+            raise ValueError(f"params_dtype must be 'float32' or 'bfloat16', got {settings.params_dtype!r}")
+        self.config = qwen2.transformer_config(
+            arch, tp=groups.tp_size, pp=groups.pp_size, vpp=groups.vpp_size, cp=groups.cp_size,
+            sequence_parallel=settings.sequence_parallel, params_dtype=dtype, recompute=settings.recompute,
+            overrides={"calculate_per_token_loss": True, **settings.transformer_overrides})
+        self.config.finalize_model_grads_func = finalize_model_grads
+        self.use_te = qwen2.use_transformer_engine() if use_te is None else use_te
+        chunks = qwen2.build_model_chunks(self.config, arch, groups, use_te=self.use_te)
+        for chunk in chunks:
+            if chunk.post_process:
+                chunk.output_layer.forward = types.MethodType(_hidden_passthrough, chunk.output_layer)
+        distributed = torch.cuda.is_available() if settings.use_distributed_optimizer is None \
+            else settings.use_distributed_optimizer
+        ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=distributed)
+        # Upstream DDP / schedules read parallel_state (set up by groups.init_distributed) themselves:
+        # their pg_collection argument wants expert-parallel groups a dense model does not have.
+        self.chunks = [DistributedDataParallel(self.config, ddp_config, c) for c in chunks]
+        self.optimizer = get_megatron_optimizer(
+            OptimizerConfig(optimizer="adam", lr=settings.lr, min_lr=settings.lr, weight_decay=settings.weight_decay,
+                            adam_beta1=settings.adam_beta1, adam_beta2=settings.adam_beta2,
+                            adam_eps=settings.adam_eps, clip_grad=settings.clip_grad,
+                            bf16=dtype == torch.bfloat16, params_dtype=dtype,
+                            use_distributed_optimizer=distributed),
+            self.chunks)
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer, init_lr=0.0, max_lr=settings.lr, min_lr=settings.lr,
+            lr_warmup_steps=settings.warmup_steps, lr_decay_steps=settings.warmup_steps + 1,
+            lr_decay_style="constant", start_wd=settings.weight_decay, end_wd=settings.weight_decay,
+            wd_incr_steps=1, wd_incr_style="constant")
+        self.padded_vocab = qwen2.padded_vocab_size(arch.vocab_size, groups.tp_size)
+        self.steps = 0
+
+    # ------------------------------------------------------------------ public API
+    def compute_logprobs(self, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]],
+                         *, with_entropy: bool = False) -> List[torch.Tensor] | tuple:
+        """Per-response-token log-probs of the sampled tokens (forward only), on every rank.
+
+        Args:
+            prompts, responses: token ids per sample (this data-parallel rank's samples).
+            with_entropy: also return the per-token entropies.
+
+        Returns:
+            ``[tensor of len(response_i)]`` float32 (and the entropies when asked), identical on
+            all ranks of this pipeline / tensor group.
+        """
+        batches = self._micro_batches(prompts, responses, {})
+        for chunk in self.chunks:
+            chunk.eval()
+        with torch.no_grad():
+            outputs = self._run_schedule(batches, mode="logprob", forward_only=True)
+        for chunk in self.chunks:
+            chunk.train()
+        lengths = [len(r) for r in responses]
+        logp, ent = [torch.zeros(0)] * len(prompts), [torch.zeros(0)] * len(prompts)
+        if self.groups.is_last_stage:
+            for batch, out in zip(batches, outputs):
+                for i, lp, en in zip(batch.sample_index, batch.response_values(out["logp"]),
+                                     batch.response_values(out["entropy"])):
+                    logp[i], ent[i] = lp, en
+        flat = self._from_last_stage(torch.cat([torch.cat(logp), torch.cat(ent)]) if self.groups.is_last_stage
+                                     else None, 2 * sum(lengths))
+        logp = list(torch.split(flat[:sum(lengths)], lengths))
+        return (logp, list(torch.split(flat[sum(lengths):], lengths))) if with_entropy else logp
+
+    def train_step(self, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]],
+                   per_token: Mapping[str, Sequence[torch.Tensor]], loss_kwargs: Mapping[str, Any]) -> Dict[str, float]:
+        """One optimizer step on this rank's share of a mini-batch.
+
+        Args:
+            prompts, responses: token ids per sample.
+            per_token: ``old_logp`` and ``advantages`` per response token of each sample.
+            loss_kwargs: keyword arguments of ``algo.losses.fipo_policy_loss`` (decay_rate, ...).
+
+        Returns:
+            Metrics of the whole mini-batch (reduced over pipeline and data-parallel ranks):
+            policy-loss summaries, ``loss`` (token-mean), ``entropy``, ``grad_norm``, ``lr``,
+            ``update_norm`` (when tracked), ``micro_batches``, ``skipped`` (1.0 if non-finite).
+        """
+        missing = {"old_logp", "advantages"} - set(per_token)
+        if missing:
+            raise ValueError(f"train_step needs per-token {sorted(missing)}")
+        batches = self._micro_batches(prompts, responses, per_token)
+        for chunk in self.chunks:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        before = self._local_params() if self.settings.track_update_norm else None
+        outputs = self._run_schedule(batches, mode="train", forward_only=False, loss_kwargs=dict(loss_kwargs))
+        sums, maxes, mins = _merge(outputs)
+        sums, maxes, mins = reduce_metrics(
+            sums, maxes, mins, sum_keys=SUM_KEYS + EXTRA_SUM_KEYS, max_keys=MAX_KEYS, min_keys=MIN_KEYS,
+            groups=(self.groups.pp, self.groups.dp_cp), device=_device())
+        finite = torch.isfinite(torch.tensor([sums["loss_sum"], sums["entropy"]])).all().item()
+        metrics = summarize_policy_metrics({k: sums[k] for k in SUM_KEYS}, maxes, mins)
+        tokens = max(sums["response_tokens"], 1.0)
+        metrics.update(loss=sums["loss_sum"] / max(sums["kept_tokens"], 1.0), entropy=sums["entropy"] / tokens,
+                       micro_batches=float(len(batches)), lr=float(self.optimizer.param_groups[0]["lr"]))
+        if not finite:  # NaN / inf: drop the gradients, keep the weights
+            self.optimizer.zero_grad()
+            metrics.update(grad_norm=float("nan"), skipped=1.0)
+            return metrics
+        ok, grad_norm, _ = self.optimizer.step()
+        self.scheduler.step(1)
+        self.steps += 1
+        metrics.update(grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+                       skipped=0.0 if ok else 1.0)
+        if before is not None:
+            metrics["update_norm"] = self._update_norm(before)
+        return metrics
+
+    def named_local_parameters(self):
+        """``(name, parameter)`` of this rank's model chunks (chunk index prefixed with vpp)."""
+        for i, chunk in enumerate(self.chunks):
+            prefix = f"chunk{i}." if len(self.chunks) > 1 else ""
+            for name, p in chunk.module.named_parameters():
+                yield prefix + name, p
+
+    # ------------------------------------------------------------------ internals
+    def _micro_batches(self, prompts, responses, per_token) -> List[PackedBatch]:
+        if len(prompts) != len(responses):
+            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+        lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
+        count = torch.tensor([len(plan_micro_batches(lengths, self.settings.max_tokens_per_micro_batch))])
+        if self.groups.pp_size > 1:  # every stage of a pipeline must run the same micro-batches
+            dist.all_reduce(count, op=dist.ReduceOp.MAX, group=self.groups.pp)
+        count = int(count)
+        if self.groups.vpp_size:  # interleaved 1F1B runs micro-batches in groups of pp
+            count = -(-count // self.groups.pp_size) * self.groups.pp_size
+        plan = plan_micro_batches(lengths, self.settings.max_tokens_per_micro_batch, num_micro_batches=count)
+        return [pack_samples(prompts, responses, per_token, indices=mb) if mb else _filler_batch(per_token)
+                for mb in plan]
+
+    def _run_schedule(self, batches, *, mode, forward_only, loss_kwargs=None):
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        fb = get_forward_backward_func(pp_size=self.groups.pp_size, vp_size=self.groups.vpp_size)
+        iterators = [iter(batches) for _ in self.chunks]
+        step = functools.partial(self._forward_step, mode=mode, loss_kwargs=loss_kwargs or {})
+        return fb(forward_step_func=step, data_iterator=iterators if len(self.chunks) > 1 else iterators[0],
+                  model=self.chunks if len(self.chunks) > 1 else self.chunks[0],
+                  num_microbatches=len(batches), seq_length=max(b.num_tokens for b in batches) + self._pad_multiple(),
+                  micro_batch_size=1, forward_only=forward_only)
+
+    def _pad_multiple(self) -> int:
+        return self.groups.tp_size if self.settings.sequence_parallel else 1
+
+    def _forward_step(self, data_iterator, model, *, mode, loss_kwargs):
+        batch: PackedBatch = next(data_iterator)
+        tokens, positions, mask, packed = self._model_inputs(batch)
+        output = model(tokens, positions, mask, packed_seq_params=packed)
+        return output, functools.partial(self._loss, batch, model, mode, loss_kwargs)
+
+    def _model_inputs(self, batch: PackedBatch):
+        dev = _device()
+        n, pad = batch.num_tokens, (-batch.num_tokens) % self._pad_multiple()
+        tokens = torch.nn.functional.pad(batch.tokens, (0, pad)).unsqueeze(0).to(dev)
+        positions = torch.cat([batch.position_ids, torch.arange(pad)]).unsqueeze(0).to(dev)
+        cu = batch.cu_seqlens.to(torch.int64)
+        if pad:
+            cu = torch.cat([cu, torch.tensor([n + pad])])
+        if self.use_te:
+            from megatron.core.packed_seq_params import PackedSeqParams
+
+            cu32 = cu.to(device=dev, dtype=torch.int32)
+            longest = int((cu[1:] - cu[:-1]).max())
+            return tokens, positions, None, PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu32, cu_seqlens_kv=cu32,
+                                                            max_seqlen_q=longest, max_seqlen_kv=longest)
+        seg = torch.repeat_interleave(torch.arange(cu.numel() - 1), cu[1:] - cu[:-1])
+        idx = torch.arange(n + pad)
+        masked = (seg.unsqueeze(0) != seg.unsqueeze(1)) | (idx.unsqueeze(0) > idx.unsqueeze(1))
+        return tokens, positions, masked.view(1, 1, n + pad, n + pad).to(dev), None
+
+    def _loss(self, batch: PackedBatch, model, mode, loss_kwargs, output):
+        module = getattr(model, "module", model)
+        hidden = output[0, :batch.num_tokens]
+        weight = module.shared_embedding_or_output_weight() if module.share_embeddings_and_output_weights \
+            else module.output_layer.weight
+        dev = hidden.device
+        labels, mask = batch.labels.to(dev), batch.loss_mask.to(dev)
+        logp, entropy = chunked_token_logprobs(
+            hidden, weight, labels, vocab_start=self.groups.tp_rank * weight.shape[0], vocab_size=self.arch.vocab_size,
+            group=self.groups.tp, chunk_tokens=self.settings.logprob_chunk_tokens, with_entropy=True,
+            reduce_hidden_grad=not self.config.sequence_parallel)
+        zero_tokens = torch.zeros((), dtype=torch.int, device=dev)
+        if mode == "logprob":
+            return logp.sum() * 0.0, zero_tokens, {"logp": logp.detach().cpu(), "entropy": entropy.cpu()}
+        out = fipo_policy_loss(logp, batch.per_token["old_logp"].to(dev), batch.per_token["advantages"].to(dev),
+                               mask, cu_seqlens=batch.cu_seqlens.to(dev), **loss_kwargs)
+        loss_sum = out.per_token_loss.sum()
+        sums = dict(out.sums, entropy=(entropy * mask).sum(dtype=torch.float64), loss_sum=loss_sum.detach().double())
+        return loss_sum, out.sums["kept_tokens"].to(torch.int), {"sums": sums, "maxes": out.maxes, "mins": out.mins}
+
+    def _from_last_stage(self, flat: Optional[torch.Tensor], numel: int) -> torch.Tensor:
+        """Broadcast a float32 vector from the pipeline's last stage to its other stages."""
+        if self.groups.pp_size == 1:
+            return flat
+        buf = flat.to(_device()) if flat is not None else torch.zeros(numel, dtype=torch.float32, device=_device())
+        dist.broadcast(buf, src=self.groups.pp_global_ranks[-1], group=self.groups.pp)
+        return buf.cpu()
+
+    def _local_params(self) -> Dict[str, torch.Tensor]:
+        return {n: p.detach().float().clone() for n, p in self.named_local_parameters()}
+
+    def _update_norm(self, before: Dict[str, torch.Tensor]) -> float:
+        """L2 norm of the parameter update over the whole model (TP-duplicated params counted once)."""
+        total = torch.zeros((), dtype=torch.float64)
+        for name, p in self.named_local_parameters():
+            duplicated = not getattr(p, "tensor_model_parallel", False) and self.groups.tp_rank > 0
+            # tied embeddings with pp > 1: the last stage holds a synchronised copy of the embedding
+            duplicated |= name.endswith("output_layer.weight") and self.arch.tie_word_embeddings
+            if not duplicated:
+                total += (p.detach().float() - before[name]).double().pow(2).sum().cpu()
+        total = total.to(_device())
+        for group in (self.groups.tp, self.groups.pp):
+            dist.all_reduce(total, group=group)
+        return float(total.sqrt())
+
+
+def _filler_batch(per_token) -> PackedBatch:
+    """A one-token micro-batch with nothing to learn (pads the count for interleaved pipelines)."""
+    batch = pack_samples([[0]], [[]], {k: [torch.zeros(0)] for k in per_token})
+    batch.sample_index = []
+    return batch
+
+
+def _hidden_passthrough(self, hidden_states, weight=None, runtime_gather_output=None):
+    """Replacement forward of the output layer: the final hidden states, gathered over TP under SP."""
+    if self.sequence_parallel:
+        from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+
+        hidden_states = gather_from_sequence_parallel_region(hidden_states, tensor_parallel_output_grad=True,
+                                                             group=self.tp_group)
+    return hidden_states, None
+
+
+def _merge(outputs) -> tuple:
+    sums: Dict[str, torch.Tensor] = {}
+    maxes: Dict[str, torch.Tensor] = {}
+    mins: Dict[str, torch.Tensor] = {}
+    for out in outputs:
+        for k, v in out["sums"].items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+        for k, v in out["maxes"].items():
+            maxes[k] = max(maxes.get(k, float("-inf")), float(v))
+        for k, v in out["mins"].items():
+            mins[k] = min(mins.get(k, float("inf")), float(v))
+    return sums, maxes, mins
+
+
+def _device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")

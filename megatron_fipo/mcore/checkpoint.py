@@ -1,0 +1,455 @@
+"""Atomic, resharding dist-checkpoints of the actor: model chunks, optimizer, scheduler, RNG, step.
+
+Owns ``save_checkpoint``, ``latest_checkpoint``, ``load_checkpoint`` and the layout of a root
+(on a file system shared by all ranks; one writer per root)::
+
+    root/iter_0000042/                        a megatron dist_checkpointing (torch_dist) dir
+    root/iter_0000042/fipo_checkpoint.json    completion marker: step, extra, layout, optimizer
+    root/latest                               name of the newest complete dir (atomic replace)
+    root/iter_0000043.tmp-<nonce>/            a save in progress or crashed: never loaded
+
+Must not import: trainer, rollout, bridge (megatron.* is imported lazily, as in mcore/).
+
+Saved as Megatron-LM does: the chunks' ``sharded_state_dict()`` under ``model`` (or ``model0``,
+``model1``... with virtual stages), the optimizer's model-space ``sharded_state_dict`` (so
+dist_checkpointing reshards TP / PP / DP), the scheduler's ``state_dict()``, ``iteration`` and
+``extra`` (common, from rank 0), and per-rank RNG states (python, numpy, torch, CUDA, Megatron's
+tracker) as a ``ShardedObject`` keyed by (pp, tp, dp-cp) rank.
+
+Departs from upstream (megatron-core 0.16.1 with torch AdamW; docs/dependencies.md):
+* Distributed optimizer: ``fully_reshardable`` (the default sharding type cannot save torch
+  AdamW state; ``dp_reshardable`` works on CPU too but cannot change TP / PP). Its NCCL gather
+  allocates on ``torch.cuda.current_device()``, so without CUDA the gloo ("mem_efficient")
+  gather is used (optimizer state written by DP rank 0). Its load copies a ``step`` the
+  checkpoint tensors never hold (KeyError: 'step'): the parameter state is loaded apart.
+* Adam's ``step`` is saved by us (``adam_step``) and set after every load as one tensor per
+  parameter: upstream loads one tensor shared by all parameters (torch Adam then increments
+  it once per parameter per step), and the distributed optimizer's dp_reshardable load takes
+  it from the fresh optimizer. Optimizers are primed (state + per-parameter ``step``) before
+  saving and loading, and loading runs under ``no_grad``.
+* The scheduler is reset before ``load_state_dict`` (upstream adds the saved step count).
+* Atomic publication (``.tmp-*``, marker, rename, ``latest``) and pruning are ours.
+Not supported: async saves; loading optimizer state across kinds (plain <-> distributed).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import time
+import uuid
+import warnings
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+MARKER = "fipo_checkpoint.json"
+LATEST = "latest"
+FORMAT_VERSION = 1
+DISTOPT_SHARDING = "fully_reshardable"
+_ITER = re.compile(r"^iter_(\d{7,})$")
+
+
+def checkpoint_dir_name(step: int) -> str:
+    """``iter_{step:07d}``: the directory name of the checkpoint of ``step``."""
+    return f"iter_{step:07d}"
+
+
+# ------------------------------------------------------------------------------ save
+def save_checkpoint(root: str, step: int, chunks: list, optimizer, scheduler, groups, *,
+                    extra: dict | None = None, keep_last: int | None = None) -> str:
+    """Save model chunks, optimizer, scheduler, RNG states, ``step`` and ``extra`` atomically.
+
+    Collective: every rank passes the same ``root``, ``step``, ``extra`` and ``keep_last``.
+
+    Args:
+        root: checkpoint root (created if missing).
+        step: optimizer steps taken (>= 0); the directory is ``iter_{step:07d}``.
+        chunks: this rank's model chunks (``GPTModel`` or DDP-wrapped), one per virtual stage.
+        optimizer: from ``get_megatron_optimizer``, or None.
+        scheduler: ``OptimizerParamScheduler``, or None.
+        groups: ``ParallelGroups`` of this process.
+        extra: JSON-serialisable dict (data position, config hash...); rank 0's copy is kept.
+        keep_last: keep this many complete checkpoints, the new one included (None: all).
+
+    Returns:
+        the path of the complete checkpoint directory.
+
+    Raises:
+        ValueError: bad ``step`` / ``keep_last`` or non-JSON ``extra``.
+        RuntimeError: on every rank when rank 0 could not publish (nothing is published).
+    """
+    _check_save_args(step, extra, keep_last)
+    from megatron.core import __version__ as mcore_version
+    from megatron.core import dist_checkpointing
+
+    start = time.perf_counter()
+    root = os.path.abspath(root)
+    final = os.path.join(root, checkpoint_dir_name(step))
+    tmp = _make_tmp_dir(final, groups)
+    if groups.rank == 0:
+        logger.info("saving checkpoint step %d to %s", step, final)
+    if optimizer is not None:
+        _prime_optimizer_state(optimizer)  # a never-stepped distributed optimizer cannot save
+    layout, adam_step = _layout(groups), _global_adam_step(optimizer)
+    model_sd = _model_sharded_state_dict(chunks)
+    state = {**model_sd, "iteration": step, "extra": extra or {}, "rng_state": _rng_object(groups)}
+    if optimizer is not None:
+        state["optimizer"] = _optimizer_sharded_for_save(optimizer, model_sd)
+    if scheduler is not None:
+        state["opt_param_scheduler"] = scheduler.state_dict()
+    dist_checkpointing.save(state, tmp)
+    written = time.perf_counter()
+    dist.barrier()
+    meta = {"format_version": FORMAT_VERSION, "step": step, "extra": extra or {}, "layout": layout,
+            "optimizer": _optimizer_kind(optimizer), "adam_step": adam_step,
+            "megatron_core": mcore_version, "saved_unix_time": round(time.time(), 3)}
+    _on_rank0(lambda: _publish(root, tmp, final, meta, keep_last), groups)
+    if groups.rank == 0:
+        logger.info("checkpoint step %d saved to %s in %.2f s (write %.2f s, layout %s)",
+                    step, final, time.perf_counter() - start, written - start, layout)
+    return final
+
+
+def _check_save_args(step, extra, keep_last) -> None:
+    if not isinstance(step, int) or step < 0:
+        raise ValueError(f"step must be an int >= 0, got {step!r}")
+    if keep_last is not None and (not isinstance(keep_last, int) or keep_last < 1):
+        raise ValueError(f"keep_last must be None or an int >= 1, got {keep_last!r}")
+    try:
+        json.dumps(extra or {})
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"extra must be JSON-serialisable: {err}") from err
+
+
+def _make_tmp_dir(final: str, groups) -> str:
+    """Rank 0 creates ``final.tmp-<nonce>`` (its nonce broadcast); the others wait for it."""
+    nonce = [uuid.uuid4().hex[:12]]
+    dist.broadcast_object_list(nonce, src=0)
+    tmp = f"{final}.tmp-{nonce[0]}"
+    _on_rank0(lambda: os.makedirs(tmp), groups)
+    return tmp
+
+
+def _on_rank0(fn, groups) -> None:
+    """Run ``fn`` on rank 0; every rank raises RuntimeError if it failed there."""
+    error = [None]
+    if groups.rank == 0:
+        try:
+            fn()
+        except Exception as err:  # reported on every rank below
+            logger.exception("checkpoint finalisation failed")
+            error = [f"{type(err).__name__}: {err}"]
+    dist.broadcast_object_list(error, src=0)
+    if error[0] is not None:
+        raise RuntimeError(f"checkpoint save failed on rank 0 (nothing published): {error[0]}")
+
+
+def _publish(root: str, tmp: str, final: str, meta: dict, keep_last: int | None) -> None:
+    """Rank 0, after every rank wrote: marker, rename to ``final``, update ``latest``, prune."""
+    _write_atomic(os.path.join(tmp, MARKER), json.dumps(meta, indent=1, sort_keys=True))
+    replaced = None
+    if os.path.exists(final):  # re-saving a step (e.g. after resuming from an older one)
+        replaced = f"{final}.replaced-{uuid.uuid4().hex[:12]}"
+        os.rename(final, replaced)
+    os.rename(tmp, final)
+    _fsync_dir(root)
+    _write_atomic(os.path.join(root, LATEST), os.path.basename(final) + "\n")
+    if replaced:
+        _remove(replaced)
+    _prune(root, meta["step"], keep_last)
+
+
+def _prune(root: str, step: int, keep_last: int | None) -> None:
+    """Remove stale ``.tmp-*`` / ``.replaced-*`` dirs and all but ``keep_last`` complete ones.
+
+    Only checkpoints older than ``step`` are pruned (never the one just saved, never newer
+    ones left over from an abandoned run); the marker goes first, so a half-removed
+    directory is never taken for complete.
+    """
+    for name in os.listdir(root):
+        if ".tmp-" in name or ".replaced-" in name:
+            _remove(os.path.join(root, name))
+    if keep_last is None:
+        return
+    older = sorted((s for s, _ in _complete_dirs(root) if s < step), reverse=True)
+    for old in older[keep_last - 1:]:
+        _remove(os.path.join(root, checkpoint_dir_name(old)))
+
+
+def _remove(path: str) -> None:
+    if not os.path.isdir(path):  # e.g. a stale latest.tmp-* file
+        with contextlib.suppress(OSError):
+            os.remove(path)
+        return
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(path, MARKER))  # first: never a half-removed "complete" dir
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(path))
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    os.fsync(fd)
+    os.close(fd)
+
+
+# ------------------------------------------------------------------------------ find
+def latest_checkpoint(root: str) -> str | None:
+    """The newest complete checkpoint directory under ``root``, or None.
+
+    Trusts ``root/latest`` when it names an existing complete ``iter_*`` directory; otherwise
+    scans ``iter_*`` directories with a completion marker (``.tmp-*`` saves are ignored).
+    """
+    if not os.path.isdir(root):
+        return None
+    name = None
+    with contextlib.suppress(OSError), open(os.path.join(root, LATEST), encoding="utf-8") as fh:
+        name = fh.read().strip()
+    if not (name and _ITER.match(name) and os.path.isfile(os.path.join(root, name, MARKER))):
+        found = _complete_dirs(root)
+        name = max(found)[1] if found else None
+    return os.path.join(os.path.abspath(root), name) if name else None
+
+
+def _complete_dirs(root: str) -> list[tuple[int, str]]:
+    """(step, name) of every ``iter_*`` directory with a completion marker."""
+    matches = [_ITER.match(name) for name in os.listdir(root)]
+    return [(int(m.group(1)), m.group(0)) for m in matches
+            if m and os.path.isfile(os.path.join(root, m.group(0), MARKER))]
+
+
+def read_checkpoint_meta(path: str) -> dict:
+    """The completion marker of checkpoint directory ``path`` (ValueError if incomplete)."""
+    if not os.path.isdir(path):
+        raise ValueError(f"checkpoint {path!r} does not exist or is not a directory; "
+                         "use latest_checkpoint(root) to find one")
+    try:
+        with open(os.path.join(path, MARKER), encoding="utf-8") as fh:
+            return json.load(fh)
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"checkpoint {path!r} is incomplete (no valid {MARKER}: a crashed or "
+                         "foreign save); use latest_checkpoint(root) to find a complete one") from err
+
+
+# ------------------------------------------------------------------------------ load
+def load_checkpoint(path: str, chunks: list, optimizer, scheduler, groups, *,
+                    load_optimizer: bool = True, load_rng: bool = True) -> tuple[int, dict]:
+    """Load a checkpoint written by ``save_checkpoint`` at any TP / PP / DP layout (collective).
+
+    dist_checkpointing reshards model and (model-space) optimizer state. RNG states are restored
+    only when the (tp, pp, cp, dp) sizes are the saved ones (else one warning, on rank 0).
+    Adam's ``step`` is set per parameter (own tensor) to the checkpointed value.
+
+    Args:
+        path: a checkpoint directory (e.g. ``latest_checkpoint(root)``).
+        chunks, optimizer, scheduler, groups: as for ``save_checkpoint``; may be fresh.
+        load_optimizer: restore the optimizer state (else only ``reload_model_params()``).
+        load_rng: restore the RNG states (when the layout matches).
+
+    Returns:
+        (step, extra) as saved.
+
+    Raises:
+        ValueError: ``path`` missing or incomplete, or its optimizer state is of another kind.
+    """
+    meta = read_checkpoint_meta(path)
+    from megatron.core import dist_checkpointing
+
+    start = time.perf_counter()
+    load_optimizer = load_optimizer and optimizer is not None
+    model_sd = _model_sharded_state_dict(chunks)
+    state = dict(model_sd)
+    if load_optimizer:
+        state["optimizer"] = _optimizer_sharded_for_load(path, meta, optimizer, model_sd)
+    if load_rng and meta.get("layout") == _layout(groups):
+        state["rng_state"] = _rng_object(groups)
+    elif load_rng and groups.rank == 0:
+        warnings.warn(f"checkpoint layout {meta.get('layout')} differs from {_layout(groups)}: "
+                      "RNG states are not restored", stacklevel=2)
+    with torch.no_grad():  # the distributed optimizer copies into views of leaf parameters
+        loaded = dist_checkpointing.load(state, path)
+        for key in model_sd:
+            _unwrap(chunks[int(key[5:] or 0)]).load_state_dict(loaded[key])
+        if load_optimizer:
+            _load_optimizer_state(optimizer, loaded["optimizer"])
+            _set_adam_step(optimizer, meta.get("adam_step"))
+        elif optimizer is not None:
+            optimizer.reload_model_params()
+    if scheduler is not None and "opt_param_scheduler" in loaded:
+        scheduler.num_steps = 0  # upstream's load *adds* the saved steps to the current ones
+        scheduler.load_state_dict(loaded["opt_param_scheduler"])
+    if "rng_state" in state:
+        _set_rng_state(loaded["rng_state"])
+    if groups.rank == 0:
+        logger.info("checkpoint %s loaded in %.2f s (saved layout %s, now %s)", path,
+                    time.perf_counter() - start, meta.get("layout"), _layout(groups))
+    return int(loaded["iteration"]), dict(loaded.get("extra") or {})
+
+
+# ------------------------------------------------------------------------------ helpers
+def _unwrap(chunk):
+    return getattr(chunk, "module", chunk)
+
+
+def _model_sharded_state_dict(chunks: list) -> dict:
+    """``{"model": ...}`` for one chunk, ``{"model0": ..., "model1": ...}`` for virtual stages."""
+    if len(chunks) == 1:
+        return {"model": _unwrap(chunks[0]).sharded_state_dict()}
+    return {f"model{i}": _unwrap(c).sharded_state_dict() for i, c in enumerate(chunks)}
+
+
+def _layout(groups) -> dict:
+    return {"tp": groups.tp_size, "pp": groups.pp_size, "cp": groups.cp_size, "dp": groups.dp_size}
+
+
+def _inner(optimizer) -> list:
+    """The Megatron optimizers inside a (chained) optimizer."""
+    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+def _optimizer_kind(optimizer) -> str | None:
+    """None, "plain" (``FP32Optimizer`` & co.) or "distributed" (``DistributedOptimizer``)."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    if optimizer is None:
+        return None
+    return "distributed" if any(isinstance(o, DistributedOptimizer) for o in _inner(optimizer)) \
+        else "plain"
+
+
+def _optimizer_metadata(kind: str | None) -> dict:
+    if kind != "distributed":
+        return {}
+    return {"distrib_optim_sharding_type": DISTOPT_SHARDING, "chained_optim_avoid_prefix": True,
+            # The NCCL gather of the fully_reshardable save needs CUDA; gloo otherwise.
+            "distrib_optim_fully_reshardable_mem_efficient": not torch.cuda.is_available()}
+
+
+def _adam_states(optimizer):
+    """Per-parameter state dicts of the torch optimizers inside ``optimizer``."""
+    for opt in _inner(optimizer) if optimizer is not None else []:
+        inner = getattr(opt, "optimizer", None)
+        if inner is not None:
+            yield from inner.state.values()
+
+
+def _global_adam_step(optimizer) -> float | None:
+    """Max over ranks of torch Adam's per-parameter ``step`` (None: no step taken anywhere)."""
+    local = max((float(s["step"]) for s in _adam_states(optimizer) if "step" in s), default=-1.0)
+    value = torch.tensor(local, dtype=torch.float64,
+                         device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return None if value.item() < 0 else value.item()
+
+
+def _prime_optimizer_state(optimizer) -> None:
+    """Give a fresh torch Adam its state (and a per-parameter ``step``) so it can be loaded into."""
+    for opt in _inner(optimizer):
+        inner, init = getattr(opt, "optimizer", None), getattr(opt, "init_state_fn", None)
+        if inner is None or init is None:
+            continue
+        init(inner, opt.config)
+        if isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
+            for state in inner.state.values():
+                state.setdefault("step", torch.tensor(0.0))
+
+
+def _optimizer_sharded_for_save(optimizer, model_sd: dict) -> dict:
+    state = optimizer.sharded_state_dict(
+        model_sd, is_loading=False, metadata=_optimizer_metadata(_optimizer_kind(optimizer)))
+    for part in _per_optimizer(optimizer, state):
+        if "param_state" in part and part["param_state"] is None:
+            del part["param_state"]  # gathered to DP rank 0 only (gloo): not common state
+    return state
+
+
+def _optimizer_sharded_for_load(path: str, meta: dict, optimizer, model_sd: dict) -> dict:
+    kind = _optimizer_kind(optimizer)
+    if kind != meta.get("optimizer"):
+        raise ValueError(f"checkpoint {path!r} holds a {meta.get('optimizer')!r} optimizer state, "
+                         f"this run uses {kind!r}: pass load_optimizer=False")
+    _prime_optimizer_state(optimizer)  # a fresh optimizer has no state to load into
+    return optimizer.sharded_state_dict(model_sd, is_loading=True,
+                                        metadata=_optimizer_metadata(kind))
+
+
+def _per_optimizer(optimizer, state) -> list:
+    """The parts of a (chained) optimizer state dict, one per inner optimizer."""
+    return [state] if len(_inner(optimizer)) == 1 else [state[k] for k in sorted(state)]
+
+
+def _load_optimizer_state(optimizer, state) -> None:
+    """``optimizer.load_state_dict(state)``; a fully_reshardable parameter state is loaded
+    apart, with ``step`` out of the way (upstream copies every state key from the checkpoint
+    tensors, which have no ``step``: KeyError)."""
+    pending = []
+    for opt, part in zip(_inner(optimizer), _per_optimizer(optimizer, state)):
+        if part.get("param_state_sharding_type") == "fully_reshardable" and "param_state" in part:
+            pending.append((opt, part.pop("param_state")))
+    optimizer.load_state_dict(state)
+    for opt, param_state in pending:
+        states = list(opt.optimizer.state.values())
+        steps = [s.pop("step", None) for s in states]
+        opt.load_parameter_state_from_fully_reshardable(param_state)
+        for s, step in zip(states, steps):
+            if step is not None:
+                s["step"] = step
+
+
+def _set_adam_step(optimizer, value: float | None) -> None:
+    """One ``step`` tensor per parameter, holding the checkpointed value (never shared)."""
+    if value is None:
+        return
+    for state in _adam_states(optimizer):
+        old = state.get("step")
+        if torch.is_tensor(old):
+            state["step"] = torch.tensor(value, dtype=old.dtype, device=old.device)
+
+
+def _rng_object(groups):
+    """This rank's RNG states as a ShardedObject of global shape (pp, tp, dp-cp)."""
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    return ShardedObject("rng_state", _rng_state(),
+                         (groups.pp_size, groups.tp_size, groups.dp_cp_size),
+                         (groups.pp_rank, groups.tp_rank, groups.dp_cp_rank), replica_id=0)
+
+
+def _rng_state() -> dict:
+    import numpy as np  # a megatron-core dependency
+    from megatron.core import tensor_parallel
+
+    state = {"random": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state(),
+             "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    import numpy as np
+    from megatron.core import tensor_parallel
+
+    random.setstate(state["random"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
