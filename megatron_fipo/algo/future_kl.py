@@ -66,6 +66,7 @@ def add_carry(
     gamma: float,
     *,
     cu_seqlens: Optional[torch.Tensor] = None,
+    out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Fold into each segment's local scan the discounted total of what follows it.
 
@@ -78,19 +79,20 @@ def add_carry(
         carry: ``[...]`` one value per row, or ``[S]`` one per packed segment.
         gamma: discount in ``[0, 1]``.
         cu_seqlens: ``[S + 1]`` segment offsets into packed ``local``.
+        out: write the result here (may be ``local`` itself, for rows).
 
     Returns:
         Tensor like ``local``.
     """
     if cu_seqlens is None:
         powers = _powers(float(gamma), local.shape[-1], local.dtype, local.device)  # gamma^n..gamma^1
-        return torch.addcmul(local, powers, carry.unsqueeze(-1).to(local.dtype))
+        return torch.addcmul(local, powers, carry.unsqueeze(-1).to(local.dtype), out=out)
     lengths = _seqlens(cu_seqlens, local.shape[0], local.device)
     seg = torch.repeat_interleave(torch.arange(lengths.numel(), device=local.device), lengths)
     ends = torch.cumsum(lengths, 0)
     dist = ends[seg] - torch.arange(local.shape[0], device=local.device)  # n - i, in [1, n]
     powers = torch.pow(torch.tensor(float(gamma), dtype=torch.float64, device=local.device), dist)
-    return local + powers.to(local.dtype) * carry.to(local.dtype)[seg]
+    return torch.addcmul(local, powers.to(local.dtype), carry.to(local.dtype)[seg], out=out)
 
 
 def chunk_carries(totals: torch.Tensor, lengths: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -132,7 +134,7 @@ def _scan_rows(x: torch.Tensor, gamma: float) -> torch.Tensor:
     local = local.view(rows, nb, BLOCK)
     starts = _scan_rows(local[..., 0], gamma**BLOCK)  # scan value at each block's start
     carry = torch.nn.functional.pad(starts[:, 1:], (0, 1))  # value at the next block's start
-    out = add_carry(local, carry, gamma)
+    out = add_carry(local, carry, gamma, out=local)
     return out.view(rows, nb * BLOCK)[:, :t]
 
 
