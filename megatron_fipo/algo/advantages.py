@@ -8,7 +8,7 @@ whose rewards are not all equal, regenerate up to a cap on rounds, trim to the t
 per-sequence value to response tokens (padded ``[B, T]`` with a mask, or packed with
 ``cu_seqlens``).
 
-Imports torch and the stdlib only: no torch.distributed, no numpy, no megatron, no config
+Imports torch, the stdlib and ``algo.future_kl`` (offset validation) only: no torch.distributed, no numpy, no megatron, no config
 objects. Everything is a pure function of tensors / lists; no trainer state.
 
 Departs from verl (the reference implementation of GRPO / DAPO) in three documented ways:
@@ -33,6 +33,8 @@ import numbers
 from typing import NamedTuple, Sequence, TypeVar, Union
 
 import torch
+
+from megatron_fipo.algo.future_kl import sequence_lengths
 
 GroupSpec = Union[int, torch.Tensor, Sequence[int]]
 """A fixed group size ``n`` (samples ``[g * n, (g + 1) * n)`` form group ``g``), or one
@@ -260,18 +262,12 @@ def broadcast_to_packed(values: torch.Tensor, cu_seqlens: torch.Tensor) -> torch
     Raises:
         ValueError: bad ``cu_seqlens`` or a sequence count that does not match ``values``.
     """
-    if cu_seqlens.dim() != 1 or cu_seqlens.is_floating_point() or cu_seqlens.is_complex():
-        raise ValueError(f"cu_seqlens must be a 1-D int tensor [S + 1], got {cu_seqlens.dtype} "
-                         f"{tuple(cu_seqlens.shape)}")
+    lengths = sequence_lengths(cu_seqlens, device=values.device)
     if values.dim() != 1 or cu_seqlens.numel() != values.numel() + 1:
         raise ValueError(
             f"values must be [S] with cu_seqlens [S + 1], got {tuple(values.shape)} and "
             f"{tuple(cu_seqlens.shape)}"
         )
-    cu = cu_seqlens.to(device=values.device, dtype=torch.int64)
-    lengths = cu[1:] - cu[:-1]
-    if int(cu[0]) != 0 or bool((lengths < 0).any()):
-        raise ValueError(f"cu_seqlens must start at 0 and be non-decreasing, got {cu.tolist()[:16]}")
     return torch.repeat_interleave(values, lengths)
 
 

@@ -53,7 +53,7 @@ def discounted_suffix_sum(
     x = _check_input(x, gamma, cu_seqlens)
     with torch.no_grad():
         if cu_seqlens is not None:
-            return _scan_packed(x, float(gamma), _seqlens(cu_seqlens, x.shape[0], x.device))
+            return _scan_packed(x, float(gamma), sequence_lengths(cu_seqlens, x.shape[0], x.device))
         if x.shape[-1] == 0 or x.numel() == 0:
             return x.clone()
         rows = x.reshape(-1, x.shape[-1])
@@ -87,7 +87,7 @@ def add_carry(
     if cu_seqlens is None:
         powers = _powers(float(gamma), local.shape[-1], local.dtype, local.device)  # gamma^n..gamma^1
         return torch.addcmul(local, powers, carry.unsqueeze(-1).to(local.dtype), out=out)
-    lengths = _seqlens(cu_seqlens, local.shape[0], local.device)
+    lengths = sequence_lengths(cu_seqlens, local.shape[0], local.device)
     seg = torch.repeat_interleave(torch.arange(lengths.numel(), device=local.device), lengths)
     ends = torch.cumsum(lengths, 0)
     dist = ends[seg] - torch.arange(local.shape[0], device=local.device)  # n - i, in [1, n]
@@ -184,16 +184,24 @@ def _powers(gamma: float, n: int, dtype: torch.dtype, device: torch.device) -> t
     return _powers_cached(gamma, n, dtype, str(device))
 
 
-def _seqlens(cu_seqlens: torch.Tensor, n_tokens: int, device: torch.device) -> torch.Tensor:
-    cu = cu_seqlens.to(device=device, dtype=torch.int64)
-    if cu.dim() != 1 or cu.numel() < 1:
-        raise ValueError(f"cu_seqlens must be a 1-D int tensor [S + 1], got shape {tuple(cu.shape)}")
+def sequence_lengths(
+    cu_seqlens: torch.Tensor, n_tokens: Optional[int] = None, device: Optional[torch.device] = None
+) -> torch.Tensor:
+    """Validated ``[S]`` int64 lengths from ``[S + 1]`` offsets (ValueError on bad offsets).
+
+    Args:
+        cu_seqlens: 1-D int offsets, starting at 0, non-decreasing.
+        n_tokens: when given, ``cu_seqlens[-1]`` must equal it.
+        device: where the lengths go (default: ``cu_seqlens``' device).
+    """
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1 or torch.is_floating_point(cu_seqlens) or cu_seqlens.is_complex():
+        raise ValueError(f"cu_seqlens must be a 1-D int tensor [S + 1], got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
+    cu = cu_seqlens.to(device=device if device is not None else cu_seqlens.device, dtype=torch.int64)
     lengths = cu[1:] - cu[:-1]
-    if int(cu[0]) != 0 or int(cu[-1]) != n_tokens or bool((lengths < 0).any()):
-        raise ValueError(
-            f"cu_seqlens must start at 0, be non-decreasing and end at the token count {n_tokens}; "
-            f"got {cu.tolist() if cu.numel() <= 16 else (cu[:8].tolist(), '...', cu[-8:].tolist())}"
-        )
+    if int(cu[0]) != 0 or (n_tokens is not None and int(cu[-1]) != n_tokens) or bool((lengths < 0).any()):
+        shown = cu.tolist() if cu.numel() <= 16 else (cu[:8].tolist(), "...", cu[-8:].tolist())
+        end = f" and end at the token count {n_tokens}" if n_tokens is not None else ""
+        raise ValueError(f"cu_seqlens must start at 0, be non-decreasing{end}; got {shown}")
     return lengths
 
 

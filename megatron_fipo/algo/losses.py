@@ -27,7 +27,7 @@ from typing import Dict, Optional
 
 import torch
 
-from megatron_fipo.algo.future_kl import discounted_suffix_sum
+from megatron_fipo.algo.future_kl import discounted_suffix_sum, sequence_lengths
 
 SUM_KEYS = (
     "response_tokens", "kept_tokens", "sequences", "dropped_sequences", "pg_clipfrac", "pg_clipfrac_lower",
@@ -220,8 +220,7 @@ class _SequenceIndex:
     def __init__(self, shape: torch.Size, cu_seqlens: Optional[torch.Tensor], device):
         self.packed = cu_seqlens is not None
         if self.packed:
-            cu = cu_seqlens.to(device=device, dtype=torch.int64)
-            self.lengths = cu[1:] - cu[:-1]
+            self.lengths = sequence_lengths(cu_seqlens, shape[0], device)
             self.num_sequences = int(self.lengths.numel())
             self.ids = torch.repeat_interleave(torch.arange(self.num_sequences, device=device), self.lengths)
         else:

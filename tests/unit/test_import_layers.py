@@ -16,7 +16,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[2] / "megatron_fipo"
 ALLOWED = {
     "algo": set(),
     "parallel": {"algo"},
-    "mcore": {"algo", "parallel"},
+    "mcore": {"algo", "parallel", "data"},  # packing and micro-batch planning live in data/
     "bridge": {"algo", "parallel"},
     "rollout": {"algo", "bridge"},
     "data": {"algo"},
