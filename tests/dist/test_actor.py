@@ -41,7 +41,7 @@ def _per_token(responses, logp, seed=1):
     return {"old_logp": old, "advantages": adv}
 
 
-def _run(tp, pp, vpp, sp, budget, weights, tie=False):
+def _run(tp, pp, vpp, sp, budget, weights, tie=False, extra=None):
     from megatron_fipo.mcore import groups as G
     from megatron_fipo.mcore.actor import Actor, ActorSettings
     from megatron_fipo.mcore.model import Qwen2Arch
@@ -49,7 +49,8 @@ def _run(tp, pp, vpp, sp, budget, weights, tie=False):
 
     groups = G.init_distributed(tp=tp, pp=pp, vpp=vpp, seed=7)
     arch = Qwen2Arch.from_hf(dict(HF, tie_word_embeddings=tie))
-    actor = Actor(arch, groups, ActorSettings(**SETTINGS, sequence_parallel=sp, max_tokens_per_micro_batch=budget))
+    settings = dict(SETTINGS, sequence_parallel=sp, max_tokens_per_micro_batch=budget, **(extra or {}))
+    actor = Actor(arch, groups, ActorSettings(**settings))
     initial = T.full_weights(actor.chunks) if weights is None else weights
     if weights is not None:
         T.load_full_weights(actor.chunks, weights, groups)
@@ -66,24 +67,24 @@ def _run(tp, pp, vpp, sp, budget, weights, tie=False):
     return result, actor, groups
 
 
-def _reference(tie):
+def _reference(tie, extra=None):
     import torch.distributed as dist
 
     from megatron_fipo.mcore import groups as G
 
-    result, _, _ = _run(1, 1, None, False, 30, None, tie)
+    result, _, _ = _run(1, 1, None, False, 30, None, tie, extra)
     G.destroy()
     assert not dist.is_initialized()
     return result
 
 
-def _layouts(weights, final, tie):
+def _layouts(weights, final, tie, extra=None):
     from megatron_fipo.mcore import groups as G
     from tests.dist import tiny_gpt as T
 
     out = []
     for layout in LAYOUTS:
-        result, actor, groups = _run(*layout, weights, tie)
+        result, actor, groups = _run(*layout, weights, tie, extra)
         result["diff"] = T.max_weight_diff(actor.chunks, final, groups)
         result["initial"] = None
         out.append(result)
