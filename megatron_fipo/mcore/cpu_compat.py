@@ -23,8 +23,9 @@ across pipeline stages. Each patch replaces one name of one upstream module:
   wrappers that, only while upstream's method runs, make ``Parameter.type()`` report CUDA type
   names (distributed optimizer) or ``Tensor.cuda()`` return its CPU tensor (tied embeddings).
 
-Not covered: context parallelism (the local attention asserts cp == 1), fp16/bf16 mixed
-precision optimizers, the distributed optimizer's ``fully_reshardable`` checkpoints.
+Not covered: context parallelism (the local attention asserts cp == 1) and the fp16/bf16
+mixed-precision optimizers. Distributed-optimizer checkpoints go through ``mcore.checkpoint``.
+
 All patches are no-ops when CUDA is available. Each ``Patch`` names the upstream functions that
 contain the CUDA-only code and a marker string from each one's source; ``check_patch_targets()``
 reports upstream renames/removals, and fixes (then the patch should be dropped).

@@ -9,8 +9,9 @@ padded to 1024) trained with AdamW + warm-up scheduler through ``get_forward_bac
   (a crash mid-save), then the step-2 checkpoint is reloaded in the same layout (RNG restored)
   and resumed at (tp=1, pp=2) with 2 virtual stages for steps 3-4 (parameters must match the reference; Adam's
   ``step`` must be per parameter); the resumed run saves step 4 with ``keep_last=1``.
-* distributed optimizer, tied embeddings: saved at (tp=1, pp=1, dp=2) after 2 steps, resumed at
-  (tp=1, pp=2, dp=1) for steps 3-4, against 4 uninterrupted steps.
+* distributed optimizer, tied embeddings: saved at (tp=1, pp=1, dp=2) before any step (must
+  work) and after 2 steps, resumed at (tp=1, pp=2, dp=1) for steps 3-4, against 4
+  uninterrupted steps.
 
 Each rank returns plain numbers; the assertions run in the pytest process.
 """
