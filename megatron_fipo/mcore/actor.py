@@ -192,6 +192,21 @@ class Actor:
             metrics["update_norm"] = self._update_norm(before)
         return metrics
 
+    def save(self, root: str, *, extra: Optional[Mapping[str, Any]] = None, keep_last: Optional[int] = None) -> str:
+        """Atomic distributed checkpoint of model, optimizer, lr schedule, step and RNG (``mcore.checkpoint``)."""
+        from megatron_fipo.mcore.checkpoint import save_checkpoint
+
+        return save_checkpoint(root, self.steps, self.chunks, self.optimizer, self.scheduler, self.groups,
+                               extra=dict(extra or {}), keep_last=keep_last)
+
+    def load(self, path: str, *, load_optimizer: bool = True) -> Dict[str, Any]:
+        """Load a checkpoint saved at any tp / pp; returns its ``extra`` and restores ``steps``."""
+        from megatron_fipo.mcore.checkpoint import load_checkpoint
+
+        self.steps, extra = load_checkpoint(path, self.chunks, self.optimizer, self.scheduler, self.groups,
+                                            load_optimizer=load_optimizer)
+        return extra
+
     def named_local_parameters(self):
         """``(name, parameter)`` of this rank's model chunks (chunk index prefixed with vpp)."""
         for i, chunk in enumerate(self.chunks):

@@ -1,0 +1,79 @@
+"""A model initialised once at (1, 1), saved, and loaded by the actor at other layouts.
+
+The reference saves its freshly initialised actor (and, after one FIPO step, a second checkpoint);
+every layout loads the checkpoint through ``Actor.load`` (dist_checkpointing reshards) and must
+give the same per-token log-probs, and the same next step as the uninterrupted reference.
+"""
+
+import pytest
+import torch
+
+from tests.dist import test_actor as A
+from tests.dist.launcher import launch
+
+LAYOUTS = [(2, 1, None, False), (1, 2, None, False), (2, 2, None, False), (2, 1, None, True)]
+
+
+def _actor(tp, pp, vpp, sp):
+    from megatron_fipo.mcore import groups as G
+    from megatron_fipo.mcore.actor import Actor, ActorSettings
+    from megatron_fipo.mcore.model import Qwen2Arch
+
+    groups = G.init_distributed(tp=tp, pp=pp, vpp=vpp, seed=11)
+    return Actor(Qwen2Arch.from_hf(A.HF), groups, ActorSettings(**A.SETTINGS, sequence_parallel=sp,
+                                                                max_tokens_per_micro_batch=64)), groups
+
+
+def _reference(root):
+    from megatron_fipo.mcore import groups as G
+
+    actor, _ = _actor(1, 1, None, False)
+    prompts, responses = A._samples()
+    actor.save(root + "/init")
+    logp = actor.compute_logprobs(prompts, responses)
+    per_token = A._per_token(responses, logp)
+    actor.train_step(prompts, responses, per_token, A.LOSS)
+    actor.save(root + "/step1", extra={"note": "after one step"})
+    second = actor.train_step(prompts, responses, per_token, A.LOSS)
+    after = actor.compute_logprobs(prompts, responses)
+    G.destroy()
+    return [lp.tolist() for lp in logp], second, [lp.tolist() for lp in after]
+
+
+def _layouts(root, reference_logp):
+    from megatron_fipo.mcore import groups as G
+    from megatron_fipo.mcore.checkpoint import latest_checkpoint
+
+    prompts, responses = A._samples()
+    per_token = A._per_token(responses, [torch.tensor(lp) for lp in reference_logp])
+    out = []
+    for layout in LAYOUTS:
+        actor, groups = _actor(*layout)
+        actor.load(latest_checkpoint(root + "/init"), load_optimizer=False)
+        logp = actor.compute_logprobs(prompts, responses)
+        extra = actor.load(latest_checkpoint(root + "/step1"))
+        mine = list(range(groups.dp_rank, len(prompts), groups.dp_size))
+        second = actor.train_step([prompts[i] for i in mine], [responses[i] for i in mine],
+                                  {k: [v[i] for i in mine] for k, v in per_token.items()}, A.LOSS)
+        after = actor.compute_logprobs(prompts, responses)
+        out.append(([lp.tolist() for lp in logp], second, [lp.tolist() for lp in after], extra, actor.steps))
+        G.destroy(process_group=False)
+    G.destroy()
+    return out
+
+
+@pytest.mark.timeout(600)
+def test_checkpoint_loads_at_other_layouts_and_resumes(tmp_path):
+    root = str(tmp_path)
+    (ref,) = launch(_reference, 1, root, timeout=240)
+    ref_logp, ref_second, ref_after = ref
+    results = launch(_layouts, 4, root, ref_logp, timeout=480)
+    for rank_results in results:
+        for layout, (logp, second, after, extra, steps) in zip(LAYOUTS, rank_results):
+            for a, b in zip(logp, ref_logp):
+                torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=0, atol=1e-5, msg=str(layout))
+            assert extra == {"note": "after one step"} and steps == 2, layout
+            for key in ("loss", "grad_norm", "kept_tokens", "influence_weight_mean", "lr"):
+                assert second[key] == pytest.approx(ref_second[key], rel=1e-4, abs=1e-6), (layout, key)
+            for a, b in zip(after, ref_after):
+                torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=0, atol=2e-5, msg=str(layout))
