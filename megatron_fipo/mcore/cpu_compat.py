@@ -175,12 +175,26 @@ def _communicate_shapes(self, tensor_send_next, tensor_send_prev, recv_prev, rec
 
     prev_buf = torch.empty(3, dtype=torch.int64) if recv_prev else None
     next_buf = torch.empty(3, dtype=torch.int64) if recv_next else None
-    reqs = _tagged_p2p(shape(tensor_send_prev), prev_buf, shape(tensor_send_next), next_buf,
-                       self.pp_group, self.prev_rank, self.next_rank,
-                       act_tag=_ACT_SHAPE_TAG, grad_tag=_GRAD_SHAPE_TAG)
-    for req in reqs:
+    tags = dict(act_tag=_ACT_SHAPE_TAG, grad_tag=_GRAD_SHAPE_TAG)
+    sends = (shape(tensor_send_prev), shape(tensor_send_next))
+    # Shape sends are not waited for (kept alive until done): see _PENDING_SHAPE_SENDS.
+    _PENDING_SHAPE_SENDS[:] = [(w, t) for w, t in _PENDING_SHAPE_SENDS if not w.is_completed()]
+    _PENDING_SHAPE_SENDS.extend((w, sends) for w in _tagged_p2p(
+        sends[0], None, sends[1], None, self.pp_group, self.prev_rank, self.next_rank, **tags))
+    for req in _tagged_p2p(None, prev_buf, None, next_buf, self.pp_group, self.prev_rank,
+                           self.next_rank, **tags):
         req.wait()
     return tuple([0, 0, 0] if buf is None else buf.tolist() for buf in (prev_buf, next_buf))
+
+
+# A gloo send completes only once the peer has posted the matching receive; a small NCCL send
+# can complete on its own (it fits the peer's pre-allocated p2p buffer). Upstream waits for its
+# shape sends, which NCCL tolerates but which deadlocks gloo in the interleaved schedule when every
+# micro-batch of the first stage is in warm-up (num_microbatches == pp): the last stage's first
+# 1F1B shape exchange sends a gradient shape the first stage only receives after its last
+# warm-up send has completed, and that send needs the last stage's data receive that follows
+# the shape exchange. So shape sends are left in flight, like on NCCL; each keeps its tensor.
+_PENDING_SHAPE_SENDS: list = []
 
 
 @contextlib.contextmanager
@@ -373,8 +387,9 @@ _patch("pipeline_parallel.p2p_communication", "_batched_p2p_ops", ["_batched_p2p
        "pp == 2 with virtual stages (silently wrong losses)", _same(_batched_p2p_ops))
 _patch("pipeline_parallel.p2p_communication", "P2PCommunicator", ["P2PCommunicator._communicate_shapes"],
        "batch_isend_irecv", "shape exchange (variable lengths): cuda buffers, torch.cuda.synchronize()"
-       " and the same untagged-p2p mismatch", lambda cls: _with_method(cls, "_communicate_shapes",
-                                                                       _communicate_shapes))
+       ", the same untagged-p2p mismatch, and waiting on shape sends deadlocks gloo (interleaved, "
+       "num_microbatches == pp)", lambda cls: _with_method(cls, "_communicate_shapes",
+                                                           _communicate_shapes))
 # Data-parallel gradient buffers and finalisation.
 _torch_patch("distributed.param_and_grad_buffer", ["_ParamAndGradBuffer.__init__"], _CD,
              "param/grad buffers are allocated on torch.cuda.current_device()")

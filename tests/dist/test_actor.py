@@ -23,7 +23,10 @@ LAYOUTS = [  # (tp, pp, vpp, sequence_parallel, micro-batch token budget)
     (1, 2, None, False, 64),
     (2, 2, None, False, 1000),
     (2, 1, None, True, 48),
-    (2, 2, 2, True, 20),  # interleaved 1F1B + sequence parallel (vpp with dp > 1 hangs on gloo: see the note)
+    (2, 2, 2, True, 20),  # interleaved 1F1B + sequence parallel
+    # interleaved at dp = 2: the second dp rank has num_microbatches == pp (all warm-up on the
+    # first stage), which deadlocked gloo when shape sends were waited for (cpu_compat)
+    (1, 2, 2, False, 20),
 ]
 
 
