@@ -14,9 +14,10 @@ setup(
         "megatron-core>=0.16.1",
         "psutil",  # without it dist_checkpointing's forked writers die silently and saves hang
         "numpy",
+        "safetensors",  # HF checkpoints in the weight bridge
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2.3"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "transformers>=4.50"],  # tiny HF Qwen2 models in tests
         # GPU-only: never installed on the CPU development machines (see Dockerfile).
         "gpu": ["transformer-engine[pytorch]", "sglang"],
     },

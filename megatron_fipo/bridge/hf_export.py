@@ -1,0 +1,176 @@
+"""Megatron parameters -> full HF tensors, streamed in byte-bounded buckets; HF checkpoint writing.
+
+Owns ``export_hf_state`` (a generator of buckets ``[(hf_name, tensor), ...]``) and
+``save_hf_checkpoint`` (safetensors shards + ``model.safetensors.index.json`` + ``config.json`` +
+tokenizer files).
+
+Must not import megatron or megatron_fipo.mcore: the process groups arrive in ``groups`` (any
+object with ``tp``, ``pp``, ``tp_size``, ``pp_size``, ``pp_rank``, ``pp_global_ranks``, e.g.
+``mcore.groups.ParallelGroups``).
+
+Pipeline walk (the choice made here): every rank of a model-parallel group yields the *same*
+buckets. Stages take turns in pipeline order; the owning stage gathers each parameter over its
+tensor-parallel group (``all_gather``), converts it to HF tensors (QKV / gate-up split, vocab
+trimmed, cast to ``dtype``) and broadcasts them over the pipeline group; the other stages receive
+into buffers whose names and shapes were exchanged once up front (``all_gather_object`` over the
+pipeline group). Every rank can thus feed a colocated rollout engine; one rank (global rank 0)
+writes checkpoints. Peak extra memory per rank is one bucket plus one gathered parameter.
+Data-parallel replicas each run the same walk inside their own groups (no dp traffic).
+
+Departure: with tied embeddings the last stage's ``output_layer.weight`` copy is skipped (the
+first stage's embedding is the tensor HF stores); padded vocab rows are never exported.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megatron_fipo.bridge import qwen2_mapping as M
+
+Bucket = list  # list[tuple[str, torch.Tensor]]
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+                   "added_tokens.json", "generation_config.json", "chat_template.jinja", "chat_template.json")
+
+
+def export_hf_state(
+    named_params: Iterable[tuple[str, torch.Tensor]],
+    arch,
+    *,
+    groups,
+    layer_offsets: Sequence[int],
+    dtype: torch.dtype | None = None,
+    bucket_bytes: int = 512 << 20,
+    spec: str = "mcore",
+) -> Iterator[Bucket]:
+    """Stream the full HF state dict of the model this rank is part of.
+
+    Must be iterated to the end on every rank of the model-parallel group (it runs collectives).
+
+    Args:
+        named_params: ``(local name, parameter)`` of this rank (``Actor.named_local_parameters()``).
+        arch: ``Qwen2Arch`` fields (sizes, heads, vocab, tie_word_embeddings).
+        groups: process groups (see the module docstring); ``tp``/``pp`` may be None when size 1.
+        layer_offsets: global index of the first layer of each local chunk.
+        dtype: HF dtype (default: the parameters' dtype).
+        bucket_bytes: byte budget of one bucket; a tensor larger than it gets a bucket of its own.
+        spec: ``"mcore"`` or ``"te"`` parameter names.
+
+    Yields:
+        lists of ``(hf_name, tensor)`` with full (unsharded, unpadded) tensors on the parameters'
+        device, identical on every rank of the pipeline / tensor group; every HF name exactly once.
+    """
+    M.check_tp(arch, groups.tp_size)
+    units = [(e, layer, p) for _, e, layer, p in M.iter_global(list(named_params), layer_offsets, spec=spec)
+             if not (e is M.OUTPUT_LAYER and arch.tie_word_embeddings)]
+    dtype = dtype or (units[0][2].dtype if units else torch.float32)
+    device = units[0][2].device if units else torch.device("cpu")
+    plans = [[(M.hf_names(e, layer), [tuple(s) for s in M.hf_shapes(e, arch)]) for e, layer, _ in units]]
+    if groups.pp_size > 1:
+        plans = [None] * groups.pp_size
+        dist.all_gather_object(plans, [(M.hf_names(e, layer), [tuple(s) for s in M.hf_shapes(e, arch)])
+                                       for e, layer, _ in units], group=groups.pp)
+    bucket, size = [], 0
+    for stage, plan in enumerate(plans):
+        mine = groups.pp_size == 1 or stage == groups.pp_rank
+        for i, (names, shapes) in enumerate(plan):
+            if mine:
+                entry, _, param = units[i]
+                tensors = M.to_hf(entry, _gather_tp(entry, param, groups), arch, dtype)
+            else:
+                tensors = [torch.empty(s, dtype=dtype, device=device) for s in shapes]
+            if groups.pp_size > 1:
+                for t in tensors:
+                    dist.broadcast(t, src=groups.pp_global_ranks[stage], group=groups.pp)
+            for name, t in zip(names, tensors):
+                nbytes = t.numel() * t.element_size()
+                if bucket and size + nbytes > bucket_bytes:
+                    yield bucket
+                    bucket, size = [], 0
+                bucket.append((name, t))
+                size += nbytes
+    if bucket:
+        yield bucket
+
+
+def _gather_tp(entry: M.Entry, param: torch.Tensor, groups) -> torch.Tensor:
+    local = param.detach()
+    if entry.tp_dim is None or groups.tp_size == 1:
+        return local
+    local = local.contiguous()
+    shards = [torch.empty_like(local) for _ in range(groups.tp_size)]
+    dist.all_gather(shards, local, group=groups.tp)
+    return M.merge_tp_shards(entry, shards)
+
+
+def save_hf_checkpoint(
+    buckets: Iterable[Bucket],
+    out_dir: str,
+    config_json: Mapping[str, Any] | str,
+    tokenizer_src_dir: str | None = None,
+    *,
+    max_shard_bytes: int = 5 << 30,
+    dtype_name: str | None = None,
+) -> dict:
+    """Write an HF checkpoint directory from export buckets (call on one rank only).
+
+    Args:
+        buckets: from ``export_hf_state`` (consumed; tensors are moved to CPU).
+        out_dir: created if missing.
+        config_json: the HF config as a dict, or a path to a ``config.json`` / model directory.
+        tokenizer_src_dir: directory whose tokenizer files (``TOKENIZER_FILES``) are copied.
+        max_shard_bytes: a new ``model-XXXXX-of-YYYYY.safetensors`` shard starts past this size
+            (always sharded names plus ``model.safetensors.index.json``, even for one shard).
+        dtype_name: written as the config's ``torch_dtype`` / ``dtype`` (default: of the tensors).
+
+    Returns:
+        the ``weight_map`` (hf name -> shard file).
+    """
+    from safetensors.torch import save_file
+
+    os.makedirs(out_dir, exist_ok=True)
+    shards, current, size, total, seen_dtype = [], {}, 0, 0, None
+    for bucket in buckets:
+        for name, tensor in bucket:
+            t = tensor.detach().to("cpu").contiguous()
+            nbytes = t.numel() * t.element_size()
+            if current and size + nbytes > max_shard_bytes:
+                shards.append(current)
+                current, size = {}, 0
+            if name in current or any(name in s for s in shards):
+                raise ValueError(f"tensor {name!r} exported twice")
+            current[name], size, total, seen_dtype = t, size + nbytes, total + nbytes, t.dtype
+    if current:
+        shards.append(current)
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, os.path.join(out_dir, fname), metadata={"format": "pt"})
+        weight_map.update({k: fname for k in shard})
+    with open(os.path.join(out_dir, "model.safetensors.index.json"), "w", encoding="utf-8") as fh:
+        json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, fh, indent=2)
+    _write_config(out_dir, config_json, dtype_name or (str(seen_dtype).replace("torch.", "") if seen_dtype else None))
+    if tokenizer_src_dir:
+        for f in TOKENIZER_FILES:
+            src = os.path.join(tokenizer_src_dir, f)
+            if os.path.exists(src):
+                shutil.copy2(src, os.path.join(out_dir, f))
+    return weight_map
+
+
+def _write_config(out_dir: str, config_json, dtype_name: str | None) -> None:
+    if not isinstance(config_json, Mapping):
+        path = os.fspath(config_json)
+        path = os.path.join(path, "config.json") if os.path.isdir(path) else path
+        with open(path, encoding="utf-8") as fh:
+            config_json = json.load(fh)
+    config = dict(config_json)
+    if dtype_name:
+        config["torch_dtype" if "torch_dtype" in config else "dtype"] = dtype_name
+    with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as fh:
+        json.dump(config, fh, indent=2, sort_keys=True)

@@ -1,0 +1,129 @@
+"""HF import / export of the bridge in one process, on plain tensors named like Megatron's (no megatron).
+
+A (tp=1, pp=1) set of local parameters is built from the table, filled from a tiny HF checkpoint,
+exported back (bit-identical, multi-shard with an index, loadable by transformers), and every
+error path of the importer names the offending tensors.
+"""
+import json
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from megatron_fipo.bridge import qwen2_mapping as M
+from megatron_fipo.bridge.hf_export import export_hf_state, save_hf_checkpoint
+from megatron_fipo.bridge.hf_import import load_hf_into_chunks
+from tests.hf_tiny import CASES, tiny_hf_model
+
+PADDED = 1024
+SINGLE = SimpleNamespace(tp=None, pp=None, tp_size=1, pp_size=1, tp_rank=0, pp_rank=0, pp_global_ranks=(0,))
+
+
+def _arch(hf_dir):
+    with open(os.path.join(hf_dir, "config.json")) as fh:
+        c = json.load(fh)
+    return SimpleNamespace(hidden_size=c["hidden_size"], num_layers=c["num_hidden_layers"],
+                           num_heads=c["num_attention_heads"], num_kv_heads=c["num_key_value_heads"],
+                           ffn_hidden_size=c["intermediate_size"], vocab_size=c["vocab_size"],
+                           head_dim=c["hidden_size"] // c["num_attention_heads"],
+                           tie_word_embeddings=c["tie_word_embeddings"])
+
+
+def _fake_params(arch, tp=1, rank=0, layers=None):
+    """NaN-filled ``(name, tensor)`` of one TP rank of a one-stage model, shaped from the table."""
+    named = []
+    for entry in M.QWEN2_TABLE:
+        if entry is M.OUTPUT_LAYER and arch.tie_word_embeddings:
+            continue
+        for layer in (range(layers or arch.num_layers) if entry.per_layer else [None]):
+            ranges = M.shard_rows(entry, arch, PADDED, rank, tp)
+            parts = []
+            for shape, (a, b) in zip(M.hf_shapes(entry, arch), ranges):
+                shape = list(shape)
+                shape[entry.tp_dim or 0] = b - a
+                parts.append(torch.zeros(shape))
+            t = M.assemble_local(entry, parts, arch, PADDED, tp).clone().fill_(float("nan"))
+            named.append((entry.mcore.format(layer=layer), t))
+    return named
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("case", list(CASES))
+def test_import_then_export_is_bit_identical_and_loads_in_transformers(tmp_path, case):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    hf_dir = tiny_hf_model(str(tmp_path / "hf"), **CASES[case])
+    arch = _arch(hf_dir)
+    named = _fake_params(arch)
+    assert load_hf_into_chunks(hf_dir, named, arch, tp_rank=0, tp_size=1, padded_vocab=PADDED,
+                               layer_offsets=[0]) == len(named)
+    emb = dict(named)["embedding.word_embeddings.weight"]
+    assert not emb[arch.vocab_size:].any() and not any(t.isnan().any() for _, t in named)
+    buckets = list(export_hf_state(named, arch, groups=SINGLE, layer_offsets=[0], bucket_bytes=32 << 10))
+    assert len(buckets) > 2
+    out = str(tmp_path / "out")
+    weight_map = save_hf_checkpoint(buckets, out, hf_dir, hf_dir, max_shard_bytes=100 << 10)
+    assert len(set(weight_map.values())) > 1 and os.path.exists(os.path.join(out, "model.safetensors.index.json"))
+    original = load_file(os.path.join(hf_dir, "model.safetensors"))
+    exported = {}
+    for f in set(weight_map.values()):
+        exported.update(load_file(os.path.join(out, f)))
+    assert sorted(exported) == sorted(original)
+    assert all(torch.equal(exported[k], v) for k, v in original.items())
+    _, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not any(info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+
+
+def test_export_casts_to_the_requested_dtype(tmp_path):
+    hf_dir = tiny_hf_model(str(tmp_path / "hf"), num_hidden_layers=1)
+    arch = _arch(hf_dir)
+    named = _fake_params(arch)
+    load_hf_into_chunks(hf_dir, named, arch, tp_rank=0, tp_size=1, padded_vocab=PADDED, layer_offsets=[0])
+    (bucket,) = export_hf_state(named, arch, groups=SINGLE, layer_offsets=[0], dtype=torch.bfloat16)
+    assert {t.dtype for _, t in bucket} == {torch.bfloat16}
+    assert dict(bucket)["lm_head.weight"].shape == (arch.vocab_size, arch.hidden_size)
+
+
+def test_import_of_a_later_pipeline_stage_and_tp_rank(tmp_path):
+    """Stage 2 of 2 at tp rank 1 of 2: local layers 0-1 are global 2-3; the vocab tail is padding."""
+    from safetensors.torch import load_file
+
+    hf_dir = tiny_hf_model(str(tmp_path / "hf"))
+    arch, hf = _arch(hf_dir), load_file(os.path.join(hf_dir, "model.safetensors"))
+    named = [(n, t) for n, t in _fake_params(arch, tp=2, rank=1, layers=2) if not n.startswith("embedding")]
+    load_hf_into_chunks(hf_dir, named, arch, tp_rank=1, tp_size=2, padded_vocab=PADDED, layer_offsets=[2])
+    params = dict(named)
+    assert torch.equal(params["decoder.layers.1.self_attention.linear_proj.weight"],
+                       hf["model.layers.3.self_attn.o_proj.weight"][:, 32:])
+    assert torch.equal(params["decoder.layers.0.mlp.linear_fc1.weight"],
+                       torch.cat([hf["model.layers.2.mlp.gate_proj.weight"][48:],
+                                  hf["model.layers.2.mlp.up_proj.weight"][48:]]))
+    assert not params["output_layer.weight"].any()  # rows 512..1023: all beyond the 201-token vocab
+
+
+def test_import_errors_name_the_tensors(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    hf_dir = tiny_hf_model(str(tmp_path / "hf"), num_hidden_layers=2)
+    arch = _arch(hf_dir)
+    load = lambda d, named: load_hf_into_chunks(d, named, arch, tp_rank=0, tp_size=1,
+                                                padded_vocab=PADDED, layer_offsets=[0])
+    state = load_file(os.path.join(hf_dir, "model.safetensors"))
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    bad = dict(state)
+    del bad["model.layers.1.self_attn.k_proj.bias"]
+    bad["model.layers.1.mystery.weight"] = torch.zeros(2)
+    save_file(bad, str(broken / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"missing \['model.layers.1.self_attn.k_proj.bias'\], "
+                                         r"unexpected \['model.layers.1.mystery.weight'\]"):
+        load(str(broken), _fake_params(arch))
+    with pytest.raises(ValueError, match="no Qwen2 mapping for Megatron parameter 'decoder.layers.0.extra'"):
+        load(hf_dir, _fake_params(arch) + [("decoder.layers.0.extra", torch.zeros(1))])
+    named = _fake_params(arch)
+    with pytest.raises(ValueError, match=r"not written exactly once.*'decoder.final_layernorm.weight': 2"):
+        load(hf_dir, named + [n for n in named if n[0] == "decoder.final_layernorm.weight"])
+    with pytest.raises(ValueError, match=r"decoder.layers.0.mlp.linear_fc2.weight: HF .* shape \(64, 96\)"):
+        load(hf_dir, [(n, torch.zeros(3) if n.endswith("fc2.weight") else t) for n, t in named])
