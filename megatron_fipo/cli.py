@@ -62,81 +62,11 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
-def _single_process_env() -> None:
-    """The torchrun environment of a one-process world, when not launched by torchrun."""
-    import os
-    import socket
-
-    if "RANK" in os.environ:
-        return
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
-
-
 def cmd_convert(args: argparse.Namespace) -> int:
-    """HF directory -> Megatron checkpoint root, or Megatron checkpoint -> HF directory.
+    """HF directory <-> Megatron checkpoint (see ``megatron_fipo.convert``)."""
+    from megatron_fipo.convert import convert
 
-    The Megatron checkpoint keeps the HF config (and source directory, for the tokenizer) in its
-    ``extra``; checkpoints saved elsewhere need ``--hf-config``. Collective under torchrun.
-    """
-    import os
-
-    if bool(args.from_hf) == bool(args.from_mcore) or bool(args.to_mcore) != bool(args.from_hf) \
-            or bool(args.to_hf) != bool(args.from_mcore):
-        raise ValueError("use either --from-hf DIR --to-mcore DIR or --from-mcore DIR --to-hf DIR")
-    _single_process_env()
-    from megatron_fipo.bridge.hf_export import export_hf_state, save_hf_checkpoint
-    from megatron_fipo.bridge.hf_import import load_hf_into_chunks
-    from megatron_fipo.mcore import groups as G
-    from megatron_fipo.mcore.actor import Actor
-    from megatron_fipo.mcore.checkpoint import latest_checkpoint, read_checkpoint_meta
-    from megatron_fipo.mcore.model import Qwen2Arch
-
-    if args.from_hf:
-        hf_config, source = _read_json(os.path.join(args.from_hf, "config.json")), os.path.abspath(args.from_hf)
-    else:
-        path = latest_checkpoint(args.from_mcore) or args.from_mcore
-        extra = read_checkpoint_meta(path).get("extra", {})
-        hf_config = _read_json(os.path.join(args.hf_config, "config.json") if args.hf_config and
-                               os.path.isdir(args.hf_config) else args.hf_config) if args.hf_config \
-            else extra.get("hf_config")
-        if hf_config is None:
-            raise ValueError(f"{path}: no HF config in the checkpoint; pass --hf-config DIR")
-        source = args.tokenizer or extra.get("hf_source")
-    arch = Qwen2Arch.from_hf(hf_config)
-    groups = G.init_distributed(tp=args.tp, pp=args.pp)
-    try:
-        actor = Actor(arch, groups)
-        offsets = [c.module.decoder.layers[0].layer_number - 1 for c in actor.chunks]
-        if args.from_hf:
-            load_hf_into_chunks(args.from_hf, actor.named_local_parameters(), arch, tp_rank=groups.tp_rank,
-                                tp_size=groups.tp_size, padded_vocab=actor.padded_vocab, layer_offsets=offsets)
-            out = actor.save(args.to_mcore, extra={"hf_config": hf_config, "hf_source": source})
-        else:
-            import torch
-
-            actor.load(path, load_optimizer=False)
-            dtype = getattr(torch, args.dtype or hf_config.get("torch_dtype") or hf_config.get("dtype") or "float32")
-            buckets = export_hf_state(actor.named_local_parameters(), arch, groups=groups, layer_offsets=offsets,
-                                      dtype=dtype)
-            if groups.rank == 0:
-                save_hf_checkpoint(buckets, args.to_hf, hf_config, source if source and os.path.isdir(source) else None)
-            else:
-                for _ in buckets:  # the other ranks take part in the collectives
-                    pass
-            out = args.to_hf
-    finally:
-        G.destroy()
-    if groups.rank == 0:
-        print(json.dumps({"written": out, "tp": args.tp, "pp": args.pp}))
-    return 0
-
-
-def _read_json(path: str) -> dict:
-    with open(path, encoding="utf-8") as fh:
-        return json.load(fh)
+    return convert(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -162,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="HF tensor dtype (default: the config's torch_dtype, else float32)")
     convert.add_argument("--tp", type=int, default=1, help="tensor parallel size (torchrun world must match)")
     convert.add_argument("--pp", type=int, default=1, help="pipeline parallel size")
+    convert.add_argument("--verify", action="store_true", help="after converting, compare the Megatron model's "
+                         "log-probs with the HF model's (source or export) on random tokens; fail on a mismatch")
+    convert.add_argument("--verify-tol", type=float, default=1e-3, help="max |log-prob difference| for --verify")
     convert.set_defaults(func=cmd_convert)
     return parser
 

@@ -22,7 +22,8 @@ ALLOWED = {
     "data": {"algo"},
     "trainer": {"algo", "parallel", "mcore", "bridge", "rollout", "data", "config"},
     "config": set(),
-    "cli": {"algo", "parallel", "mcore", "bridge", "rollout", "data", "trainer", "config"},
+    "convert": {"algo", "parallel", "mcore", "bridge", "data"},
+    "cli": {"algo", "parallel", "mcore", "bridge", "rollout", "data", "trainer", "config", "convert"},
     "__main__": {"cli"},
     "__init__": set(),
 }
@@ -31,7 +32,7 @@ RESTRICTED = {
     "megatron": ("mcore",),
     "transformer_engine": ("mcore",),
     "sglang": ("rollout/sglang_engine.py",),
-    "torch.distributed": ("parallel", "mcore", "bridge", "rollout", "trainer", "cli"),
+    "torch.distributed": ("parallel", "mcore", "bridge", "rollout", "trainer", "cli", "convert"),
 }
 
 
