@@ -419,6 +419,12 @@ _patch("tensor_parallel.random", "CudaRNGStatesTracker", ["CudaRNGStatesTracker.
        "torch.cuda.get_rng_state()",
        "the tracker stores CUDA generator states (torch.cuda.get_rng_state fails without CUDA)",
        _make_cpu_rng_tracker)
+_patch("tensor_parallel.random", "_get_cuda_rng_state", ["_get_cuda_rng_state"], "torch.cuda.random.get_rng_state",
+       "activation recomputation (CheckpointFunction) saves the CUDA generator state", _same(
+           lambda device="cuda", clone=False, graph_safe=False: torch.get_rng_state()))
+_patch("tensor_parallel.random", "_set_cuda_rng_state", ["_set_cuda_rng_state"], "_lazy_call",
+       "activation recomputation restores the CUDA generator state before recomputing", _same(
+           lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(new_state)))
 # Norm for sequence parallelism with the local spec.
 for _mod, _attr, _site in [
     ("models.backends", "WrappedTorchNorm", "LocalSpecProvider.layer_norm"),

@@ -115,3 +115,15 @@ def test_layouts_match_single_process(tie):
     assert first["update_norm"] > 0 and second["grad_norm"] > 0
     assert first["influence_weight_mean"] != 1.0
 
+
+
+@pytest.mark.timeout(300)
+def test_activation_recomputation_changes_nothing():
+    recompute = {"recompute": {"recompute_granularity": "full", "recompute_method": "uniform",
+                               "recompute_num_layers": 1}}
+    (plain,) = launch(_reference, 1, False, timeout=240)
+    (ref,) = launch(_reference, 1, False, recompute, timeout=240)
+    for a, b in zip(ref["logp"], plain["logp"]):
+        assert a == b
+    for s, r in zip(ref["steps"], plain["steps"]):
+        assert s["loss"] == r["loss"] and s["grad_norm"] == pytest.approx(r["grad_norm"], rel=1e-6)

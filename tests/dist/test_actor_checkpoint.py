@@ -14,20 +14,20 @@ from tests.dist.launcher import launch
 LAYOUTS = [(2, 1, None, False), (1, 2, None, False), (2, 2, None, False), (2, 1, None, True)]
 
 
-def _actor(tp, pp, vpp, sp):
+def _actor(tp, pp, vpp, sp, extra=None):
     from megatron_fipo.mcore import groups as G
     from megatron_fipo.mcore.actor import Actor, ActorSettings
     from megatron_fipo.mcore.model import Qwen2Arch
 
     groups = G.init_distributed(tp=tp, pp=pp, vpp=vpp, seed=11)
-    return Actor(Qwen2Arch.from_hf(A.HF), groups, ActorSettings(**A.SETTINGS, sequence_parallel=sp,
-                                                                max_tokens_per_micro_batch=64)), groups
+    settings = dict(A.SETTINGS, sequence_parallel=sp, max_tokens_per_micro_batch=64, **(extra or {}))
+    return Actor(Qwen2Arch.from_hf(A.HF), groups, ActorSettings(**settings)), groups
 
 
-def _reference(root):
+def _reference(root, extra=None):
     from megatron_fipo.mcore import groups as G
 
-    actor, _ = _actor(1, 1, None, False)
+    actor, _ = _actor(1, 1, None, False, extra)
     prompts, responses = A._samples()
     actor.save(root + "/init")
     logp = actor.compute_logprobs(prompts, responses)
@@ -40,7 +40,7 @@ def _reference(root):
     return [lp.tolist() for lp in logp], second, [lp.tolist() for lp in after]
 
 
-def _layouts(root, reference_logp):
+def _layouts(root, reference_logp, extra=None):
     from megatron_fipo.mcore import groups as G
     from megatron_fipo.mcore.checkpoint import latest_checkpoint
 
@@ -48,7 +48,7 @@ def _layouts(root, reference_logp):
     per_token = A._per_token(responses, [torch.tensor(lp) for lp in reference_logp])
     out = []
     for layout in LAYOUTS:
-        actor, groups = _actor(*layout)
+        actor, groups = _actor(*layout, extra)
         actor.load(latest_checkpoint(root + "/init"), load_optimizer=False)
         logp = actor.compute_logprobs(prompts, responses)
         extra = actor.load(latest_checkpoint(root + "/step1"))

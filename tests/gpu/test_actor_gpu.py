@@ -31,3 +31,20 @@ def test_te_bf16_layouts_match_single_gpu():
             for s, r in zip(got["steps"], ref["steps"]):
                 assert s["loss"] == pytest.approx(r["loss"], rel=5e-2, abs=1e-2), layout
                 assert s["grad_norm"] == pytest.approx(r["grad_norm"], rel=5e-2), layout
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(900)
+@pytest.mark.skipif(not _enough_gpus(4), reason="needs 4 GPUs")
+def test_te_bf16_checkpoint_resharding(tmp_path):
+    pytest.importorskip("transformer_engine")
+    from tests.dist import test_actor_checkpoint as C
+
+    (ref,) = launch(C._reference, 1, str(tmp_path), BF16, timeout=300)
+    results = launch(C._layouts, 4, str(tmp_path), ref[0], BF16, timeout=600)
+    for rank_results in results:
+        for layout, (logp, second, _after, extra, steps) in zip(C.LAYOUTS, rank_results):
+            assert steps == 2 and extra == {"note": "after one step"}, layout
+            for a, b in zip(logp, ref[0]):
+                torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=0, atol=5e-2, msg=str(layout))
+            assert second["loss"] == pytest.approx(ref[1]["loss"], rel=5e-2, abs=1e-2), layout
