@@ -149,5 +149,5 @@ def _local_tensor(ckpt: HFCheckpoint, entry: M.Entry, layer, arch, padded_vocab,
     dim = entry.tp_dim
     parts = [ckpt.read(hf, dim, start, stop) if dim is not None else ckpt.read(hf)
              for hf, (start, stop) in zip(M.hf_names(entry, layer), ranges)]
-    return M.assemble_local(entry, parts, arch, padded_vocab, tp_size)
+    return M.assemble_local(entry, parts, arch, padded_vocab, tp_size, tp_rank)
 

@@ -218,6 +218,8 @@ def shard_rows(entry: Entry, arch, padded_vocab: int, tp_rank: int, tp_size: int
         return [(min(start, arch.vocab_size), min(start + rows, arch.vocab_size))]
     if entry.kind == QKV:  # whole query groups: q rows of the rank's heads, then its k and v rows
         check_tp(arch, tp_size)
+        if tp_size > arch.num_kv_heads:  # the rank's group (it holds a contiguous part of it)
+            tp_rank, tp_size = tp_rank // (tp_size // arch.num_kv_heads), arch.num_kv_heads
         d, gpr = arch.head_dim, arch.num_kv_heads // tp_size
         per = arch.num_heads // arch.num_kv_heads
         q0, kv0 = tp_rank * gpr * per * d, tp_rank * gpr * d
@@ -226,19 +228,24 @@ def shard_rows(entry: Entry, arch, padded_vocab: int, tp_rank: int, tp_size: int
 
 
 def check_tp(arch, tp_size: int) -> None:
-    """ValueError unless ``tp_size`` divides the kv heads (whole query groups per TP rank).
+    """ValueError unless ``tp_size`` divides the kv heads or is a multiple of them.
 
-    megatron-core also runs ``num_query_groups < tp`` (each rank then holds one replicated query
-    group); that layout is not mapped here yet.
+    With ``tp > kv heads`` megatron-core splits each query group's fused ``[q...; k; v]`` rows
+    contiguously over ``tp / kv`` ranks (and all-gathers them in attention).
     """
-    if arch.num_kv_heads % tp_size:
-        raise ValueError(f"the bridge needs tensor parallel size {tp_size} to divide the {arch.num_kv_heads} kv heads "
-                         "(replicated kv heads, tp > num_key_value_heads, are not supported yet)")
+    if arch.num_kv_heads % tp_size and tp_size % arch.num_kv_heads:
+        raise ValueError(f"tensor parallel size {tp_size} must divide the {arch.num_kv_heads} kv heads or be a "
+                         "multiple of them")
 
 
-def assemble_local(entry: Entry, parts: Sequence[torch.Tensor], arch, padded_vocab: int, tp_size: int) -> torch.Tensor:
+def assemble_local(entry: Entry, parts: Sequence[torch.Tensor], arch, padded_vocab: int, tp_size: int,
+                   tp_rank: int = 0) -> torch.Tensor:
     """One TP rank's Megatron tensor from the HF slices ``shard_rows`` named."""
     if entry.kind == QKV:
+        if tp_size > arch.num_kv_heads:  # parts are the rank's whole group: keep its contiguous share
+            split = tp_size // arch.num_kv_heads
+            group = merge_qkv(*parts, arch.num_heads // arch.num_kv_heads, 1, arch.head_dim)
+            return group.chunk(split, dim=0)[tp_rank % split].clone()
         return merge_qkv(*parts, arch.num_heads // tp_size, arch.num_kv_heads // tp_size, arch.head_dim)
     if entry.kind == FC1:
         return merge_fc1(*parts)

@@ -49,7 +49,7 @@ class _Arch:
     head_dim = 8
 
 
-@pytest.mark.parametrize("tp", [1, 2])
+@pytest.mark.parametrize("tp", [1, 2, 4, 8])  # 4 and 8 > the 2 kv heads: groups split over ranks
 def test_tp_shards_of_hf_slices_gather_back_to_the_full_tensor(tp):
     """assemble_local over shard_rows for each rank, then merge_tp_shards, equals the tp=1 tensor."""
     arch, padded = _Arch(), 1024
@@ -62,7 +62,7 @@ def test_tp_shards_of_hf_slices_gather_back_to_the_full_tensor(tp):
             ranges = M.shard_rows(entry, arch, padded, r, tp)
             dim = entry.tp_dim or 0
             parts = [t.narrow(dim, a, b - a) if entry.tp_dim is not None else t for t, (a, b) in zip(hf, ranges)]
-            shards.append(M.assemble_local(entry, parts, arch, padded, tp))
+            shards.append(M.assemble_local(entry, parts, arch, padded, tp, r))
         assert torch.equal(M.merge_tp_shards(entry, shards), full), entry.mcore
         back = M.to_hf(entry, full, arch)
         assert all(torch.equal(a, b) for a, b in zip(back, hf)), entry.mcore
@@ -133,8 +133,8 @@ def arch_config(d):
         return json.load(fh)
 
 
-def test_replicated_kv_heads_are_rejected_with_a_clear_error():
+def test_tp_neither_dividing_nor_a_multiple_of_kv_heads_is_rejected():
     arch = _Arch()
     entry, _ = M.match_mcore("decoder.layers.0.self_attention.linear_qkv.weight")
-    with pytest.raises(ValueError, match="tensor parallel size 4 to divide the 2 kv heads"):
-        M.shard_rows(entry, arch, 1024, 0, 4)
+    with pytest.raises(ValueError, match="tensor parallel size 3 must divide the 2 kv heads or be a multiple"):
+        M.shard_rows(entry, arch, 1024, 0, 3)
