@@ -1,4 +1,4 @@
-"""The benchmarks run (smoke test: small sizes; figures are reported, never asserted as timings)."""
+"""The benchmarks run (smoke tests at --quick size; figures are reported, never asserted as timings)."""
 
 import json
 import pathlib
@@ -10,16 +10,26 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.timeout(180)
-def test_future_kl_benchmark_quick(tmp_path):
-    out = tmp_path / "fkl.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "future_kl.py"), "--quick", "--json", str(out)],
+def run_quick(script: str, out: pathlib.Path) -> dict:
+    """Run ``benchmarks/<script> --quick --json out`` and return the JSON it wrote."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--json", str(out)],
                           capture_output=True, text=True, timeout=170, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "Summary" in proc.stdout
-    rows = json.loads(out.read_text())["results"]
+    return json.loads(out.read_text())
+
+
+@pytest.mark.timeout(180)
+def test_future_kl_benchmark_quick(tmp_path):
+    rows = run_quick("future_kl.py", tmp_path / "fkl.json")["results"]
     assert [r["length"] for r in rows] == [256, 1024]
     for row in rows:  # accuracy is a correctness property, unlike the timings
         assert row["accuracy_rel_max_err"]["ours_fp32"] < 1e-5
         assert row["accuracy_rel_max_err"]["ours_fp64"] < 1e-12
         assert row["time_ms"]["ours"] > 0 and row["time_ms"]["baseline"] > 0
+
+
+@pytest.mark.timeout(180)
+def test_bridge_benchmark_quick(tmp_path):
+    result = run_quick("bridge.py", tmp_path / "bridge.json")
+    assert result["hf_bytes"] > 0 and result["export_gbps"] > 0 and result["memcpy_gbps"] > 0
