@@ -51,12 +51,12 @@ def _layouts(root, reference_logp, extra=None):
         actor, groups = _actor(*layout, extra)
         actor.load(latest_checkpoint(root + "/init"), load_optimizer=False)
         logp = actor.compute_logprobs(prompts, responses)
-        extra = actor.load(latest_checkpoint(root + "/step1"))
+        saved_extra = actor.load(latest_checkpoint(root + "/step1"))
         mine = list(range(groups.dp_rank, len(prompts), groups.dp_size))
         second = actor.train_step([prompts[i] for i in mine], [responses[i] for i in mine],
                                   {k: [v[i] for i in mine] for k, v in per_token.items()}, A.LOSS)
         after = actor.compute_logprobs(prompts, responses)
-        out.append(([lp.tolist() for lp in logp], second, [lp.tolist() for lp in after], extra, actor.steps))
+        out.append(([lp.tolist() for lp in logp], second, [lp.tolist() for lp in after], saved_extra, actor.steps))
         G.destroy(process_group=False)
     G.destroy()
     return out
