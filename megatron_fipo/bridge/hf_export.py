@@ -47,6 +47,7 @@ def export_hf_state(
     dtype: torch.dtype | None = None,
     bucket_bytes: int = 512 << 20,
     spec: str = "mcore",
+    reuse_buffer: bool | torch.Tensor = False,
 ) -> Iterator[Bucket]:
     """Stream the full HF state dict of the model this rank is part of.
 
@@ -60,6 +61,12 @@ def export_hf_state(
         dtype: HF dtype (default: the parameters' dtype).
         bucket_bytes: byte budget of one bucket; a tensor larger than it gets a bucket of its own.
         spec: ``"mcore"`` or ``"te"`` parameter names.
+        reuse_buffer: write every bucket into one flat buffer: a 1-D tensor of ``dtype`` with at
+            least ``bucket_bytes`` bytes, kept by the caller across exports (weight syncs), or
+            True to allocate one for this call. Tensors larger than the bucket get their own.
+            A bucket's tensors are then valid only until the next bucket is requested, so the
+            consumer must be done with them (a sync that returns after the engine acknowledged).
+            False: every tensor is freshly allocated (what ``save_hf_checkpoint`` needs).
 
     Yields:
         lists of ``(hf_name, tensor)`` with full (unsharded, unpadded) tensors on the parameters'
@@ -75,27 +82,39 @@ def export_hf_state(
         plans = [None] * groups.pp_size
         dist.all_gather_object(plans, [(M.hf_names(e, layer), [tuple(s) for s in M.hf_shapes(e, arch)])
                                        for e, layer, _ in units], group=groups.pp)
+    flat = _bucket_buffer(reuse_buffer, bucket_bytes, dtype, device)
     bucket, size = [], 0
     for stage, plan in enumerate(plans):
         mine = groups.pp_size == 1 or stage == groups.pp_rank
         for i, (names, shapes) in enumerate(plan):
-            if mine:
-                entry, _, param = units[i]
-                tensors = M.to_hf(entry, _gather_tp(entry, param, groups), arch, dtype)
+            nbytes = sum(torch.Size(s).numel() for s in shapes) * dtype.itemsize
+            if bucket and size + nbytes > bucket_bytes:
+                yield bucket
+                bucket, size = [], 0
+            if flat is not None and nbytes <= bucket_bytes:
+                offsets = [size // dtype.itemsize + sum(torch.Size(x).numel() for x in shapes[:k]) for k in range(len(shapes))]
+                tensors = [flat[o:o + torch.Size(s).numel()].view(s) for o, s in zip(offsets, shapes)]
             else:
                 tensors = [torch.empty(s, dtype=dtype, device=device) for s in shapes]
+            if mine:
+                entry, _, param = units[i]
+                M.to_hf_into(entry, _gather_tp(entry, param, groups), arch, tensors)
             if groups.pp_size > 1:
                 for t in tensors:
                     dist.broadcast(t, src=groups.pp_global_ranks[stage], group=groups.pp)
-            for name, t in zip(names, tensors):
-                nbytes = t.numel() * t.element_size()
-                if bucket and size + nbytes > bucket_bytes:
-                    yield bucket
-                    bucket, size = [], 0
-                bucket.append((name, t))
-                size += nbytes
+            bucket.extend(zip(names, tensors))
+            size += nbytes
     if bucket:
         yield bucket
+
+
+def _bucket_buffer(reuse, bucket_bytes: int, dtype: torch.dtype, device) -> torch.Tensor | None:
+    if isinstance(reuse, torch.Tensor):
+        if reuse.dim() != 1 or reuse.dtype != dtype or reuse.numel() * reuse.element_size() < bucket_bytes:
+            raise ValueError(f"reuse_buffer must be a 1-D {dtype} tensor of at least bucket_bytes={bucket_bytes} bytes, "
+                             f"got {reuse.dtype} {tuple(reuse.shape)}")
+        return reuse
+    return torch.empty(bucket_bytes // dtype.itemsize, dtype=dtype, device=device) if reuse else None
 
 
 def _gather_tp(entry: M.Entry, param: torch.Tensor, groups) -> torch.Tensor:

@@ -167,11 +167,16 @@ def split_qkv(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: in
 
     ``dtype`` casts in the same single copy (default: keep the dtype).
     """
-    groups, per = num_kv_heads, num_heads // num_kv_heads
     rest = qkv.shape[1:]
-    grouped = qkv.reshape(groups, (per + 2) * head_dim, *rest)
-    q, k, v = torch.split(grouped, [per * head_dim, head_dim, head_dim], dim=1)
-    return tuple(_fresh(t, dtype).reshape(n * head_dim, *rest) for t, n in ((q, num_heads), (k, groups), (v, groups)))
+    views = _qkv_views(qkv, num_heads, num_kv_heads, head_dim)
+    return tuple(_fresh(t, dtype).reshape(-1, *rest) for t in views)
+
+
+def _qkv_views(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int):
+    """Views ``(q, k, v)`` of a grouped QKV tensor, each ``[kv_heads, rows_per_group, *rest]``."""
+    per = num_heads // num_kv_heads
+    grouped = qkv.reshape(num_kv_heads, (per + 2) * head_dim, *qkv.shape[1:])
+    return torch.split(grouped, [per * head_dim, head_dim, head_dim], dim=1)
 
 
 def _fresh(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
@@ -270,13 +275,23 @@ def to_hf(entry: Entry, full: torch.Tensor, arch, dtype: torch.dtype | None = No
     Each result is a fresh contiguous tensor in ``dtype`` (default: ``full``'s), made by one copy
     (split, trim and cast fused), so it never aliases a live parameter.
     """
+    outs = [torch.empty(shape, dtype=dtype or full.dtype, device=full.device) for shape in hf_shapes(entry, arch)]
+    return to_hf_into(entry, full, arch, outs)
+
+
+def to_hf_into(entry: Entry, full: torch.Tensor, arch, outs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Like ``to_hf``, writing into ``outs`` (HF-shaped, any dtype: the copy casts); returns ``outs``."""
     if entry.kind == QKV:
-        return list(split_qkv(full, arch.num_heads, arch.num_kv_heads, arch.head_dim, dtype))
-    if entry.kind == FC1:
-        return list(split_fc1(full, dtype))
-    if entry.kind == VOCAB:
-        return [trim_vocab(full, arch.vocab_size, dtype)]
-    return [_fresh(full, dtype)]
+        for out, part in zip(outs, _qkv_views(full, arch.num_heads, arch.num_kv_heads, arch.head_dim)):
+            out.view(part.shape).copy_(part)
+    elif entry.kind == FC1:
+        for out, half in zip(outs, full.chunk(2, dim=0)):
+            out.copy_(half)
+    elif entry.kind == VOCAB:
+        outs[0].copy_(full[:arch.vocab_size])
+    else:
+        outs[0].copy_(full)
+    return list(outs)
 
 
 def uniform_layer_offsets(num_layers: int, pp_rank: int, pp_size: int, vpp_size: int | None) -> list[int]:

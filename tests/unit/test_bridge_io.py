@@ -127,3 +127,27 @@ def test_import_errors_name_the_tensors(tmp_path):
         load(hf_dir, named + [n for n in named if n[0] == "decoder.final_layernorm.weight"])
     with pytest.raises(ValueError, match=r"decoder.layers.0.mlp.linear_fc2.weight: HF .* shape \(64, 96\)"):
         load(hf_dir, [(n, torch.zeros(3) if n.endswith("fc2.weight") else t) for n, t in named])
+
+
+def test_reused_bucket_buffer_streams_the_same_tensors(tmp_path):
+    """reuse_buffer: each bucket, consumed before the next is requested, equals the fresh export."""
+    hf_dir = tiny_hf_model(str(tmp_path / "hf"), **CASES["untied_gqa4to2"])
+    arch = _arch(hf_dir)
+    named = _fake_params(arch)
+    load_hf_into_chunks(hf_dir, named, arch, tp_rank=0, tp_size=1, padded_vocab=PADDED, layer_offsets=[0])
+    bucket_bytes = 48 << 10  # smaller than the embedding: that one gets its own tensor
+    fresh = {n: t for b in export_hf_state(named, arch, groups=SINGLE, layer_offsets=[0], bucket_bytes=bucket_bytes)
+             for n, t in b}
+    buffer = torch.full((bucket_bytes // 4,), float("nan"))
+    streamed, buckets = {}, 0
+    for _ in range(2):  # the same buffer serves a second sync
+        for bucket in export_hf_state(named, arch, groups=SINGLE, layer_offsets=[0], bucket_bytes=bucket_bytes,
+                                      reuse_buffer=buffer):
+            assert sum(t.numel() * 4 for _, t in bucket) <= bucket_bytes or len(bucket) == 1
+            streamed.update({n: t.clone() for n, t in bucket})  # consumed before the next bucket
+            buckets += 1
+    assert buckets > 4 and sorted(streamed) == sorted(fresh)
+    assert all(torch.equal(streamed[n], fresh[n]) for n in fresh)
+    with pytest.raises(ValueError, match="reuse_buffer"):
+        next(export_hf_state(named, arch, groups=SINGLE, layer_offsets=[0], bucket_bytes=bucket_bytes,
+                             reuse_buffer=torch.zeros(10)))
