@@ -59,9 +59,11 @@ def convert(args) -> int:
     try:
         actor = Actor(arch, groups)
         offsets = [c.module.decoder.layers[0].layer_number - 1 for c in actor.chunks]
+        spec = "te" if actor.use_te else "mcore"  # parameter names of the layer spec in use
         if args.from_hf:
             load_hf_into_chunks(args.from_hf, actor.named_local_parameters(), arch, tp_rank=groups.tp_rank,
-                                tp_size=groups.tp_size, padded_vocab=actor.padded_vocab, layer_offsets=offsets)
+                                tp_size=groups.tp_size, padded_vocab=actor.padded_vocab, layer_offsets=offsets,
+                                spec=spec)
             out = actor.save(args.to_mcore, extra={"hf_config": hf_config, "hf_source": source})
             if args.verify:
                 report["verify_max_abs_diff"] = verify_against_hf(actor, args.from_hf, tol=args.verify_tol)
@@ -71,7 +73,7 @@ def convert(args) -> int:
             actor.load(path, load_optimizer=False)
             dtype = getattr(torch, args.dtype or hf_config.get("torch_dtype") or hf_config.get("dtype") or "float32")
             buckets = export_hf_state(actor.named_local_parameters(), arch, groups=groups, layer_offsets=offsets,
-                                      dtype=dtype)
+                                      dtype=dtype, spec=spec)
             if groups.rank == 0:
                 save_hf_checkpoint(buckets, args.to_hf, hf_config, source if source and os.path.isdir(source) else None)
             else:
