@@ -161,17 +161,6 @@ def merge_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int,
     return torch.cat([qg, kg, vg], dim=1).reshape(groups * (per + 2) * head_dim, *rest)
 
 
-def split_qkv(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int,
-              dtype: torch.dtype | None = None):
-    """Inverse of ``merge_qkv``: Megatron grouped QKV -> (q, k, v), each a fresh contiguous tensor.
-
-    ``dtype`` casts in the same single copy (default: keep the dtype).
-    """
-    rest = qkv.shape[1:]
-    views = _qkv_views(qkv, num_heads, num_kv_heads, head_dim)
-    return tuple(_fresh(t, dtype).reshape(-1, *rest) for t in views)
-
-
 def _qkv_views(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int):
     """Views ``(q, k, v)`` of a grouped QKV tensor, each ``[kv_heads, rows_per_group, *rest]``."""
     per = num_heads // num_kv_heads
@@ -179,20 +168,9 @@ def _qkv_views(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: i
     return torch.split(grouped, [per * head_dim, head_dim, head_dim], dim=1)
 
 
-def _fresh(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-    """One copy of ``t`` (cast to ``dtype``), contiguous, sharing no storage with ``t``."""
-    return t.to(dtype=dtype or t.dtype, memory_format=torch.contiguous_format, copy=True)
-
-
 def merge_fc1(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """HF gate/up ``[ffn, hidden]`` -> Megatron ``linear_fc1`` ``[2*ffn, hidden]`` (of one TP rank's halves)."""
     return torch.cat([gate, up], dim=0)
-
-
-def split_fc1(fc1: torch.Tensor, dtype: torch.dtype | None = None):
-    """Inverse of ``merge_fc1``: ``(gate, up)`` as fresh tensors (cast to ``dtype`` in the same copy)."""
-    gate, up = fc1.chunk(2, dim=0)
-    return _fresh(gate, dtype), _fresh(up, dtype)
 
 
 def pad_vocab(weight: torch.Tensor, padded_vocab: int) -> torch.Tensor:
@@ -201,11 +179,6 @@ def pad_vocab(weight: torch.Tensor, padded_vocab: int) -> torch.Tensor:
     if extra < 0:
         raise ValueError(f"vocab {weight.shape[0]} is larger than the padded vocab {padded_vocab}")
     return torch.cat([weight, weight.new_zeros(extra, *weight.shape[1:])]) if extra else weight
-
-
-def trim_vocab(weight: torch.Tensor, vocab_size: int, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Drop the padded rows (a fresh tensor, cast to ``dtype`` in the same copy)."""
-    return _fresh(weight[:vocab_size], dtype)
 
 
 def shard_rows(entry: Entry, arch, padded_vocab: int, tp_rank: int, tp_size: int) -> list[tuple[int, int]]:
@@ -272,8 +245,9 @@ def merge_tp_shards(entry: Entry, shards: Sequence[torch.Tensor]) -> torch.Tenso
 def to_hf(entry: Entry, full: torch.Tensor, arch, dtype: torch.dtype | None = None) -> list[torch.Tensor]:
     """Full Megatron tensor -> HF tensors of ``entry`` (split, vocab-trimmed), in ``entry.hf`` order.
 
-    Each result is a fresh contiguous tensor in ``dtype`` (default: ``full``'s), made by one copy
-    (split, trim and cast fused), so it never aliases a live parameter.
+    The inverse of ``merge_qkv`` / ``merge_fc1`` / ``pad_vocab``. Each result is a fresh contiguous
+    tensor in ``dtype`` (default: ``full``'s), made by one copy (split, trim and cast fused), so it
+    never aliases a live parameter.
     """
     outs = [torch.empty(shape, dtype=dtype or full.dtype, device=full.device) for shape in hf_shapes(entry, arch)]
     return to_hf_into(entry, full, arch, outs)

@@ -6,6 +6,19 @@ import torch
 from megatron_fipo.bridge import qwen2_mapping as M
 
 
+def _split(name, fused, **arch):
+    """``to_hf`` (the export path) of one table entry, for an architecture given by its fields."""
+    from types import SimpleNamespace
+
+    fields = dict(hidden_size=fused.shape[-1], ffn_hidden_size=1, vocab_size=1, num_heads=1, num_kv_heads=1,
+                  head_dim=1)
+    entry, _ = M.match_mcore(name)
+    return M.to_hf(entry, fused, SimpleNamespace(**{**fields, **arch}))
+
+
+QKV_W, QKV_B = "decoder.layers.0.self_attention.linear_qkv.weight", "decoder.layers.0.self_attention.linear_qkv.bias"
+
+
 def _naive_merge_qkv(q, k, v, heads, groups, d):
     rows = []
     per = heads // groups
@@ -28,18 +41,20 @@ def test_qkv_merge_matches_naive_and_split_inverts(heads, groups, bias):
     q, k, v = (torch.randn(shape(n), generator=gen) for n in (heads, groups, groups))
     fused = M.merge_qkv(q, k, v, heads, groups, d)
     assert torch.equal(fused, _naive_merge_qkv(q, k, v, heads, groups, d))
-    q2, k2, v2 = M.split_qkv(fused, heads, groups, d)
+    split = {"num_heads": heads, "num_kv_heads": groups, "head_dim": d}
+    name = QKV_B if bias else QKV_W
+    q2, k2, v2 = _split(name, fused, **split)
     assert torch.equal(q2, q) and torch.equal(k2, k) and torch.equal(v2, v)
     # split of a random fused tensor then merge is the identity as well
     other = torch.randn_like(fused)
-    assert torch.equal(M.merge_qkv(*M.split_qkv(other, heads, groups, d), heads, groups, d), other)
+    assert torch.equal(M.merge_qkv(*_split(name, other, **split), heads, groups, d), other)
 
 
 def test_fc1_merge_split_identity():
     gate, up = torch.randn(12, 5), torch.randn(12, 5)
     fused = M.merge_fc1(gate, up)
     assert torch.equal(fused[:12], gate) and torch.equal(fused[12:], up)
-    g2, u2 = M.split_fc1(fused)
+    g2, u2 = _split("decoder.layers.0.mlp.linear_fc1.weight", fused, ffn_hidden_size=12)
     assert torch.equal(g2, gate) and torch.equal(u2, up)
 
 
@@ -72,7 +87,8 @@ def test_vocab_is_padded_with_zeros_and_trimmed():
     w = torch.randn(37, 4)
     padded = M.pad_vocab(w, 1024)
     assert padded.shape == (1024, 4) and torch.equal(padded[:37], w) and not padded[37:].any()
-    assert torch.equal(M.trim_vocab(padded, 37), w)
+    (trimmed,) = _split("embedding.word_embeddings.weight", padded, vocab_size=37)
+    assert torch.equal(trimmed, w)
     with pytest.raises(ValueError, match="larger than the padded vocab"):
         M.pad_vocab(w, 16)
 
