@@ -15,9 +15,14 @@ setup(
         "psutil",  # without it dist_checkpointing's forked writers die silently and saves hang
         "numpy",
         "safetensors",  # HF checkpoints in the weight bridge
+        "transformers>=4.50",  # the CPU rollout engine's Qwen2 (and tiny models in tests)
+        "tqdm",  # progress bars
+        "pyyaml",  # configs
+        "tensorboard",  # training curves (torch.utils.tensorboard)
+        "pyarrow",  # parquet datasets (DAPO-Math-17k, AIME)
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "transformers>=4.50"],  # tiny HF Qwen2 models in tests
+        "test": ["pytest>=8", "pytest-timeout>=2.3"],
         # GPU-only: never installed on the CPU development machines (see Dockerfile).
         "gpu": ["transformer-engine[pytorch]", "sglang"],
     },

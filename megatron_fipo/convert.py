@@ -10,18 +10,6 @@ from __future__ import annotations
 
 import json
 
-def _single_process_env() -> None:
-    """The torchrun environment of a one-process world, when not launched by torchrun."""
-    import os
-    import socket
-
-    if "RANK" in os.environ:
-        return
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
-
 
 def convert(args) -> int:
     """HF directory -> Megatron checkpoint root, or Megatron checkpoint -> HF directory.
@@ -34,7 +22,9 @@ def convert(args) -> int:
     if bool(args.from_hf) == bool(args.from_mcore) or bool(args.to_mcore) != bool(args.from_hf) \
             or bool(args.to_hf) != bool(args.from_mcore):
         raise ValueError("use either --from-hf DIR --to-mcore DIR or --from-mcore DIR --to-hf DIR")
-    _single_process_env()
+    from megatron_fipo.mcore.groups import single_process_env
+
+    single_process_env()
     from megatron_fipo.bridge.hf_export import export_hf_state, save_hf_checkpoint
     from megatron_fipo.bridge.hf_import import load_hf_into_chunks
     from megatron_fipo.mcore import groups as G

@@ -70,6 +70,19 @@ class ParallelGroups:
         )
 
 
+def single_process_env() -> None:
+    """The torchrun environment of a one-process world, when not launched by torchrun."""
+    import os
+    import socket
+
+    if "RANK" in os.environ:
+        return
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+
+
 def _init_process_group(backend: str | None, timeout_minutes: int) -> None:
     if dist.is_initialized():
         return

@@ -20,10 +20,16 @@ ALLOWED = {
     "bridge": {"algo", "parallel"},
     "rollout": {"algo", "bridge"},
     "data": {"algo"},
-    "trainer": {"algo", "parallel", "mcore", "bridge", "rollout", "data", "config"},
+    "experience": {"algo", "rollout"},  # the trainer's rollout phase (rank 0)
+    "tracking": set(),
+    "trainer_setup": {"algo", "parallel", "mcore", "bridge", "rollout", "data", "config", "experience", "tracking"},
+    "trainer": {"algo", "parallel", "mcore", "bridge", "rollout", "data", "config", "experience", "trainer_setup"},
     "config": set(),
+    "plan": {"config"},
     "convert": {"algo", "parallel", "mcore", "bridge", "data"},
-    "cli": {"algo", "parallel", "mcore", "bridge", "rollout", "data", "trainer", "config", "convert"},
+    "evaluation": {"algo", "rollout", "data", "config", "experience", "trainer_setup", "convert"},
+    "cli": {"algo", "parallel", "mcore", "bridge", "rollout", "data", "trainer", "config", "convert", "plan",
+            "evaluation"},
     "__main__": {"cli"},
     "__init__": set(),
 }
@@ -32,7 +38,7 @@ RESTRICTED = {
     "megatron": ("mcore",),
     "transformer_engine": ("mcore",),
     "sglang": ("rollout/sglang_engine.py",),
-    "torch.distributed": ("parallel", "mcore", "bridge", "rollout", "trainer", "cli", "convert"),
+    "torch.distributed": ("parallel", "mcore", "bridge", "rollout", "trainer", "trainer_setup", "cli", "convert"),
 }
 
 

@@ -1,0 +1,348 @@
+"""Run configuration: frozen dataclasses, YAML + dotted overrides, validation before any process starts.
+
+Owns the schema (``Config`` and its sections), ``load_config(path, overrides)``, ``apply_overrides``,
+``validate(config, world_size=None)`` and ``to_dict`` / ``save_config``. Must not import torch,
+megatron, sglang or any other project module: it is read by ``plan`` on a laptop and by every
+launcher before anything heavy starts.
+
+Departures: pass-through dicts (``model.transformer_overrides``, ``rollout.sglang``) are not
+checked here; their owners (megatron-core, SGLang) validate them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional, Sequence
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    hf_path: str = ""  # HF Qwen2 checkpoint: the initial weights, architecture and tokenizer
+    tokenizer: Optional[str] = None  # default: hf_path
+    params_dtype: str = "float32"  # "bfloat16" on GPU
+    use_te: Optional[bool] = None  # Transformer Engine spec; default: when importable with CUDA
+    transformer_overrides: Mapping[str, Any] = field(default_factory=dict)  # TransformerConfig fields
+    recompute: Mapping[str, Any] = field(default_factory=dict)  # recompute_granularity / method / num_layers
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    tp: int = 1
+    pp: int = 1
+    vpp: Optional[int] = None  # virtual pipeline chunks per stage (interleaved 1F1B)
+    cp: int = 1
+    sequence_parallel: bool = False
+    backend: Optional[str] = None  # "nccl" with CUDA, else "gloo"
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    engine: str = "cpu"  # "cpu" (transformers) or "sglang"
+    mode: str = "colocated"  # or "disaggregated" (SGLang on separate GPUs / nodes)
+    n: int = 16  # samples per prompt
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_prompt_length: int = 2048
+    max_response_length: int = 20480
+    stop_token_ids: Sequence[int] = ()  # default: the tokenizer's eos
+    bucket_mb: int = 512  # weight-sync bucket size
+    replicas: int = 1  # SGLang servers (each with its own TP)
+    urls: Sequence[str] = ()  # attach to running SGLang servers instead of launching
+    max_restarts: int = 1
+    cpu_max_batch_rows: int = 64
+    sglang: Mapping[str, Any] = field(default_factory=dict)  # SGLang server arguments, passed through
+
+
+@dataclass(frozen=True)
+class AlgoConfig:
+    use_influence: bool = True  # False: DAPO
+    decay_rate: float = 32.0
+    clip_low: float = 0.2
+    clip_high: float = 0.28
+    dual_clip_c: Optional[float] = 10.0  # None: no dual clip (GRPO)
+    future_kl_clip_ratio: float = 0.2  # influence weight clipped to [1.0, 1.2]
+    future_kl_clip_high_only: bool = True
+    safety_thresh: float = 10.0
+    negative_only_mask: bool = False
+    reward_fn: str = "dapo_math"
+    normalize_adv_std: bool = True  # False: Dr.GRPO
+    overlong_buffer: int = 4096  # 0 disables the overlong penalty
+    overlong_penalty_factor: float = 1.0
+    dynamic_sampling: bool = True
+    max_gen_rounds: int = 10
+    filter_metric: str = "acc"  # "acc" or "score"
+    on_exhausted: str = "train_short"  # or "error": what to do when max_gen_rounds leaves the batch short
+
+    def loss_kwargs(self) -> dict:
+        names = ("use_influence", "decay_rate", "clip_low", "clip_high", "dual_clip_c", "future_kl_clip_ratio",
+                 "future_kl_clip_high_only", "safety_thresh", "negative_only_mask")
+        return {k: getattr(self, k) for k in names}
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 1e-6
+    warmup_steps: int = 10
+    weight_decay: float = 0.1
+    clip_grad: float = 1.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    max_tokens_per_micro_batch: int = 24576  # >= one full prompt + response
+    logprob_chunk_tokens: int = 4096
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train_files: Sequence[str] = ()
+    on_bad_row: str = "error"  # or "skip"
+    on_too_long: str = "error"  # or "skip"
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 100
+    prompts_per_step: int = 512
+    mini_batch_prompts: int = 64
+    seed: int = 1234
+    run_dir: str = "runs/fipo"
+    reward_workers: int = 4
+    reward_timeout_s: float = 10.0
+    max_nonfinite_steps: int = 3  # consecutive skipped steps before the run stops
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    files: Sequence[str] = ()
+    every_steps: int = 0  # 0: only at start / end
+    at_start: bool = True
+    at_end: bool = True
+    n: int = 32
+    temperature: float = 1.0
+    top_p: float = 0.7
+    max_response_length: Optional[int] = None  # default: rollout.max_response_length
+    max_problems: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    tensorboard: bool = True
+    wandb_project: Optional[str] = None
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every_steps: int = 50  # 0: only at the end
+    keep_last: Optional[int] = 2
+    resume: str = "auto"  # "auto" (latest complete checkpoint in run_dir), "never", or a checkpoint path
+    export_hf: bool = True  # write run_dir/hf at the end
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+# ---------------------------------------------------------------------------------------------- validation
+def validate(config: Config, world_size: Optional[int] = None, hf_config: Optional[Mapping[str, Any]] = None,
+             *, for_training: bool = True) -> list[str]:
+    """Cross-field checks; raises ``ValueError`` listing every problem, returns warnings.
+
+    Args:
+        config: the resolved config.
+        world_size: number of training processes, checked against ``tp * pp * cp`` and the batch.
+        hf_config: the model's HF ``config.json`` (heads and layers checked against tp / pp).
+        for_training: also require what ``train`` needs (model path, data files).
+    """
+    errors, warnings = [], []
+    par, ro, algo, tr = config.parallel, config.rollout, config.algo, config.train
+
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            errors.append(msg)
+
+    for name in ("tp", "pp", "cp"):
+        need(getattr(par, name) >= 1, f"parallel.{name} must be >= 1")
+    need(par.vpp is None or (par.vpp >= 2 and par.pp >= 2), "parallel.vpp needs parallel.pp >= 2 and vpp >= 2 (or null)")
+    need(par.cp == 1, "parallel.cp > 1: context parallelism is not available in this version yet")
+    need(par.backend in (None, "nccl", "gloo"), f"parallel.backend must be nccl, gloo or null, got {par.backend!r}")
+    if par.sequence_parallel and par.tp == 1:
+        warnings.append("parallel.sequence_parallel has no effect with parallel.tp=1")
+    model_parallel = par.tp * par.pp * par.cp
+    dp = None
+    if world_size is not None:
+        need(world_size % model_parallel == 0, f"world size {world_size} is not a multiple of tp*pp*cp = "
+             f"{par.tp}*{par.pp}*{par.cp} = {model_parallel}")
+        dp = max(world_size // model_parallel, 1)
+    need(ro.engine in ("cpu", "sglang"), f"rollout.engine must be 'cpu' or 'sglang', got {ro.engine!r}")
+    need(ro.mode in ("colocated", "disaggregated"), f"rollout.mode must be colocated or disaggregated, got {ro.mode!r}")
+    need(not (ro.engine == "cpu" and ro.mode != "colocated"), "rollout.engine=cpu runs colocated only")
+    need(ro.n >= 1, "rollout.n must be >= 1")
+    if ro.n == 1:
+        warnings.append("rollout.n=1: every GRPO group has one sample, so every advantage is 0")
+    need(ro.temperature > 0, "rollout.temperature must be > 0")
+    need(0 < ro.top_p <= 1, "rollout.top_p must be in (0, 1]")
+    need(ro.top_k >= 0, "rollout.top_k must be >= 0 (0 disables it)")
+    need(ro.max_prompt_length >= 1 and ro.max_response_length >= 1, "rollout lengths must be >= 1")
+    need(ro.bucket_mb >= 1, "rollout.bucket_mb must be >= 1")
+    need(0 <= algo.overlong_buffer <= ro.max_response_length,
+         f"algo.overlong_buffer must be in [0, rollout.max_response_length={ro.max_response_length}]")
+    need(algo.decay_rate > 0, "algo.decay_rate must be > 0")
+    need(algo.clip_low >= 0 and algo.clip_high >= 0, "algo.clip_low / clip_high must be >= 0")
+    need(algo.dual_clip_c is None or algo.dual_clip_c > 1, "algo.dual_clip_c must be > 1 or null")
+    need(algo.filter_metric in ("acc", "score"), "algo.filter_metric must be 'acc' or 'score'")
+    need(algo.on_exhausted in ("train_short", "error"), "algo.on_exhausted must be 'train_short' or 'error'")
+    need(algo.max_gen_rounds >= 1, "algo.max_gen_rounds must be >= 1")
+    need(tr.steps >= 1 and tr.prompts_per_step >= 1 and tr.mini_batch_prompts >= 1,
+         "train.steps, prompts_per_step and mini_batch_prompts must be >= 1")
+    need(tr.mini_batch_prompts <= tr.prompts_per_step and tr.prompts_per_step % tr.mini_batch_prompts == 0,
+         f"train.prompts_per_step ({tr.prompts_per_step}) must be a multiple of train.mini_batch_prompts "
+         f"({tr.mini_batch_prompts})")
+    if dp is not None:
+        need((tr.mini_batch_prompts * ro.n) % dp == 0,
+             f"a mini-batch of {tr.mini_batch_prompts} prompts x {ro.n} samples does not split over "
+             f"{dp} data-parallel ranks")
+    need(tr.max_nonfinite_steps >= 1 and tr.reward_workers >= 1, "train.max_nonfinite_steps / reward_workers must be >= 1")
+    need(config.optim.lr > 0 and config.optim.max_tokens_per_micro_batch >= 1, "optim.lr and token budget must be > 0")
+    need(config.optim.max_tokens_per_micro_batch >= ro.max_prompt_length + ro.max_response_length,
+         f"optim.max_tokens_per_micro_batch ({config.optim.max_tokens_per_micro_batch}) must hold one full "
+         f"sequence (rollout.max_prompt_length + max_response_length = {ro.max_prompt_length + ro.max_response_length})")
+    need(config.eval.n >= 1 and config.eval.every_steps >= 0, "eval.n must be >= 1 and eval.every_steps >= 0")
+    need(config.checkpoint.every_steps >= 0, "checkpoint.every_steps must be >= 0")
+    need(config.data.on_bad_row in ("error", "skip") and config.data.on_too_long in ("error", "skip"),
+         "data.on_bad_row / on_too_long must be 'error' or 'skip'")
+    need(config.model.params_dtype in ("float32", "bfloat16"), "model.params_dtype must be float32 or bfloat16")
+    if for_training:
+        need(bool(config.model.hf_path), "model.hf_path is required (an HF Qwen2 checkpoint directory)")
+        need(bool(config.data.train_files), "data.train_files is required")
+    if hf_config is not None:
+        heads, kv = hf_config.get("num_attention_heads", 0), hf_config.get("num_key_value_heads", 0)
+        layers = hf_config.get("num_hidden_layers", 0)
+        need(heads % par.tp == 0, f"parallel.tp={par.tp} does not divide the model's {heads} attention heads")
+        need(kv % par.tp == 0 or par.tp % kv == 0, f"parallel.tp={par.tp} and the model's {kv} KV heads "
+             "must divide one another")
+        need(layers % (par.pp * (par.vpp or 1)) == 0,
+             f"the model's {layers} layers do not split into pp*vpp = {par.pp * (par.vpp or 1)} stages")
+    if errors:
+        raise ValueError("invalid config:\n  - " + "\n  - ".join(errors))
+    return warnings
+
+
+# ---------------------------------------------------------------------------------------------- loading
+def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Config:
+    """YAML file (optional) + ``key=value`` dotted overrides -> a ``Config`` (not yet validated).
+
+    Paths inside the YAML are taken relative to the working directory, like every CLI path.
+    """
+    raw: dict = {}
+    if path:
+        import yaml
+
+        if not os.path.exists(path):
+            raise ValueError(f"config file {path!r} does not exist")
+        with open(path, encoding="utf-8") as fh:
+            raw = yaml.safe_load(fh) or {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    return from_dict(apply_overrides(raw, overrides))
+
+
+def apply_overrides(raw: Mapping[str, Any], overrides: Sequence[str]) -> dict:
+    """``["parallel.tp=2", "algo.use_influence=false"]`` applied to a nested dict (values parsed as YAML)."""
+    import yaml
+
+    out = json.loads(json.dumps(raw))  # deep copy of plain data
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"override {item!r} must look like section.key=value")
+        parts = key.strip().split(".")
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r}: {p!r} is not a section")
+        node[parts[-1]] = yaml.safe_load(value) if value.strip() else ""
+    return out
+
+
+def from_dict(raw: Mapping[str, Any]) -> Config:
+    """Nested plain data -> ``Config``; unknown keys raise ``ValueError`` with the closest valid name."""
+    return _build(Config, raw, "")
+
+
+def _build(cls, raw, where: str):
+    if not isinstance(raw, Mapping):
+        raise ValueError(f"{where or 'config'} must be a mapping, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in raw.items():
+        name = f"{where}{key}"
+        if key not in fields:
+            hint = difflib.get_close_matches(str(key), list(fields), n=1)
+            raise ValueError(f"unknown config key {name!r}" + (f"; did you mean '{where}{hint[0]}'?" if hint else
+                             f"; valid keys: {sorted(fields)}"))
+        ftype = fields[key].type
+        sub = _SECTIONS.get(ftype) if cls is Config else None
+        kwargs[key] = _build(sub, value or {}, f"{name}.") if sub else _coerce(value, ftype, name)
+    return cls(**kwargs)
+
+
+def _coerce(value, ftype: str, name: str):
+    t = ftype.replace("Optional[", "").rstrip("]") if ftype.startswith("Optional[") else ftype
+    if value is None:
+        if ftype.startswith("Optional["):
+            return None
+        raise ValueError(f"{name} must not be null")
+    if t == "bool" and not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+    if t == "int" and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if t == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{name} must be a number, got {value!r}")
+        return float(value)
+    if t == "str" and not isinstance(value, str):
+        raise ValueError(f"{name} must be a string, got {value!r}")
+    if t.startswith("Sequence"):
+        if isinstance(value, (str, int)):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{name} must be a list, got {value!r}")
+        return tuple(value)
+    if t.startswith("Mapping") and not isinstance(value, Mapping):
+        raise ValueError(f"{name} must be a mapping, got {value!r}")
+    return value
+
+
+_SECTIONS = {f.type: f.default_factory for f in dataclasses.fields(Config)}
+
+
+def to_dict(config: Config) -> dict:
+    """Plain nested data (tuples as lists), loadable again by ``from_dict``."""
+    return json.loads(json.dumps(dataclasses.asdict(config), default=list))
+
+
+def save_config(config: Config, path: str) -> None:
+    """Write the resolved config as YAML (atomic)."""
+    import yaml
+
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        yaml.safe_dump(to_dict(config), fh, sort_keys=False)
+    os.replace(tmp, path)

@@ -1,0 +1,230 @@
+"""One training step's experience: generation rounds, rewards, overlong shaping, GRPO advantages, dynamic sampling.
+
+Owns ``collect_experience`` (run on global rank 0, which drives the rollout engine), the
+``Experience`` it returns, ``rollout_seed`` and ``shard_for_rank`` (the data-parallel split of a
+mini-batch). Composition of ``algo`` functions and a ``RolloutEngine``; no megatron, no process
+groups.
+
+DAPO's loop, as in the spec: draw ``prompts_per_step`` prompts, sample ``n`` responses each,
+score them, add the overlong penalty, drop groups whose ``acc`` (or score) does not vary, and
+repeat with fresh prompts (at most ``max_gen_rounds`` rounds) until ``prompts_per_step`` groups
+are kept; the kept groups are trimmed to that target. Advantages are computed on the kept groups
+(a group's advantage depends only on its own rewards, so this equals computing them first).
+Departure: every round draws ``prompts_per_step`` prompts (DAPO draws a 3x larger first batch).
+"""
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+
+from megatron_fipo.algo.advantages import (
+    dynamic_sampling_filter,
+    dynamic_sampling_step,
+    grpo_advantages,
+    overlong_penalty,
+)
+from megatron_fipo.rollout.engine import GenerationRequest, SamplingParams
+
+
+@dataclass
+class PromptItem:
+    """A tokenized problem: what the loader hands to the rollout."""
+
+    prompt_ids: tuple
+    ground_truth: str
+    uid: str = ""
+
+
+@dataclass
+class Experience:
+    """The kept groups of one step, ``n`` consecutive samples per prompt.
+
+    Attributes:
+        prompts, responses: token ids per sample.
+        rollout_logp: the engine's log-prob of every response token, per sample (float32).
+        advantages: ``[N]`` float32 GRPO advantage per sample.
+        n: samples per prompt.
+        metrics: ``train/...`` rollout metrics (over every generated sample, all rounds).
+    """
+
+    prompts: list = field(default_factory=list)
+    responses: list = field(default_factory=list)
+    rollout_logp: list = field(default_factory=list)
+    advantages: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
+    n: int = 1
+    metrics: dict = field(default_factory=dict)
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.prompts) // self.n
+
+
+def rollout_seed(base: int, step: int, round_: int, index: int, n: int) -> int:
+    """Seed of request ``index`` of generation round ``round_`` of ``step`` (its sample j uses ``+ j``).
+
+    Deterministic in its arguments, so a resumed run samples exactly what the interrupted one would.
+    """
+    return ((((base * 1_000_003 + step) * 131 + round_) * 1_000_033 + index * n) % (1 << 62))
+
+
+def collect_experience(engine, draw: Callable[[int], Sequence[Any]], score: Callable, decode: Callable,
+                       config, step: int, *, dp_size: int = 1, progress: bool = False) -> Experience:
+    """Generate, score and filter until a step's worth of informative groups is collected.
+
+    Args:
+        engine: a ``RolloutEngine`` holding the current weights.
+        draw: ``draw(k)`` -> ``k`` prompt items (``.prompt_ids``, ``.ground_truth``) from the loader.
+        score: ``score(texts, ground_truths)`` -> ``RewardResult`` list (the reward pool).
+        decode: token ids -> text.
+        config: the run ``Config`` (``rollout``, ``algo``, ``train`` sections).
+        step: the training step (seeds the sampling).
+        dp_size: data-parallel size; the kept groups are trimmed to a multiple that splits evenly.
+        progress: show the engine's progress bar.
+
+    Returns:
+        ``Experience`` (possibly with zero groups when nothing informative was generated).
+    """
+    ro, algo, target = config.rollout, config.algo, config.train.prompts_per_step
+    kept, stats, rounds = [], _RoundStats(), 0
+    while True:
+        rounds += 1
+        items = list(draw(target))
+        groups = _generate_round(engine, items, config, step, rounds, progress)
+        texts = [decode(s.token_ids) for g in groups for s in g]
+        results = score(texts, [it.ground_truth for it in items for _ in range(ro.n)])
+        lengths = torch.tensor([len(s.token_ids) for g in groups for s in g], dtype=torch.float64)
+        scores = torch.tensor([r.score for r in results], dtype=torch.float64)
+        if algo.overlong_buffer > 0:
+            scores = scores + overlong_penalty(lengths, max_response_length=ro.max_response_length,
+                                               buffer_length=algo.overlong_buffer,
+                                               penalty_factor=algo.overlong_penalty_factor).double()
+        acc = torch.tensor([float(r.acc) for r in results], dtype=torch.float64)
+        stats.add(scores, acc, lengths, [s.finish_reason for g in groups for s in g], ro.n)
+        metric = acc if algo.filter_metric == "acc" else scores
+        keep = dynamic_sampling_filter(metric, ro.n).keep_groups if algo.dynamic_sampling \
+            else torch.ones(len(groups), dtype=torch.bool)
+        kept += [(groups[g], scores[g * ro.n:(g + 1) * ro.n]) for g in range(len(groups)) if keep[g]]
+        if not algo.dynamic_sampling:
+            break
+        decision = dynamic_sampling_step(kept, target_num_groups=target, rounds_done=rounds,
+                                         max_rounds=algo.max_gen_rounds)
+        if not decision.generate_more:
+            break
+    if len(kept) < target and algo.dynamic_sampling:
+        if algo.on_exhausted == "error":
+            raise RuntimeError(f"step {step}: only {len(kept)} of {target} prompt groups had varying rewards after "
+                               f"{rounds} generation rounds (algo.max_gen_rounds); raise it or set "
+                               "algo.on_exhausted=train_short")
+        warnings.warn(f"step {step}: dynamic sampling kept {len(kept)} of {target} groups after {rounds} rounds; "
+                      "training on the short batch", stacklevel=2)
+    kept = kept[:_even_groups(min(len(kept), target), ro.n, dp_size)]
+    exp = _assemble(kept, ro.n, algo)
+    exp.metrics = {**stats.summary(), "train/gen_rounds": float(rounds), "train/kept_groups": float(len(kept))}
+    return exp
+
+
+def _generate_round(engine, items, config, step: int, round_: int, progress: bool):
+    ro = config.rollout
+    requests = [GenerationRequest(it.prompt_ids, SamplingParams(
+        n=ro.n, temperature=ro.temperature, top_p=ro.top_p, top_k=ro.top_k, max_new_tokens=ro.max_response_length,
+        stop_token_ids=tuple(ro.stop_token_ids), seed=rollout_seed(config.train.seed, step, round_, i, ro.n)))
+        for i, it in enumerate(items)]
+    return engine.generate(requests, progress=progress)
+
+
+def _even_groups(num_groups: int, n: int, dp_size: int) -> int:
+    """Largest group count <= num_groups whose samples split evenly over dp_size ranks."""
+    quantum = dp_size // math.gcd(n, dp_size)
+    return num_groups - num_groups % quantum
+
+
+def _assemble(kept, n: int, algo) -> Experience:
+    exp = Experience(n=n)
+    if not kept:
+        return exp
+    for samples, _ in kept:
+        for s in samples:
+            exp.prompts.append(list(s.prompt_ids))
+            exp.responses.append(list(s.token_ids))
+            exp.rollout_logp.append(torch.tensor(s.logprobs, dtype=torch.float32))
+    scores = torch.cat([sc for _, sc in kept])
+    exp.advantages = grpo_advantages(scores, n, normalize_std=algo.normalize_adv_std).float()
+    return exp
+
+
+class _RoundStats:
+    """Rollout metrics over every sample generated this step (all rounds)."""
+
+    def __init__(self):
+        self.scores, self.acc, self.lengths, self.truncated, self.group_acc = [], [], [], 0, []
+        self.start = time.perf_counter()
+
+    def add(self, scores, acc, lengths, finish_reasons, n: int) -> None:
+        self.scores.append(scores)
+        self.acc.append(acc)
+        self.lengths.append(lengths)
+        self.truncated += sum(r == "length" for r in finish_reasons)
+        self.group_acc.append(acc.view(-1, n).mean(dim=1))
+
+    def summary(self) -> dict:
+        scores, acc, lengths = torch.cat(self.scores), torch.cat(self.acc), torch.cat(self.lengths)
+        group_acc = torch.cat(self.group_acc)
+        return {
+            "train/reward_mean": float(scores.mean()), "train/acc_mean": float(acc.mean()),
+            "train/response_length_mean": float(lengths.mean()), "train/response_length_max": float(lengths.max()),
+            "train/truncated_frac": self.truncated / max(len(lengths), 1),
+            "train/solve_all_frac": float((group_acc == 1).double().mean()),
+            "train/solve_none_frac": float((group_acc == 0).double().mean()),
+            "train/generated_samples": float(len(lengths)),
+            "time/generate_s": time.perf_counter() - self.start,
+        }
+
+
+def shard_for_rank(num_samples: int, n: int, mini_batch_prompts: int, dp_size: int, dp_rank: int) -> list[list[int]]:
+    """Sample indices of this data-parallel rank, per mini-batch.
+
+    Mini-batch ``m`` holds prompt groups ``[m * M, (m + 1) * M)``; its samples are dealt to the
+    data-parallel ranks round-robin (so every rank sees every group's samples spread evenly).
+    """
+    per_mb = mini_batch_prompts * n
+    out = []
+    for start in range(0, num_samples, per_mb):
+        idx = list(range(start, min(start + per_mb, num_samples)))
+        out.append(idx[dp_rank::dp_size])
+    return out
+
+
+def evaluate_items(engine, items: Sequence[Any], score: Callable, decode: Callable, *, n: int, temperature: float,
+                   top_p: float, max_new_tokens: int, stop_token_ids: Sequence[int], seed: int,
+                   progress: bool = False) -> tuple[dict, list]:
+    """Avg@n / Cons@n / Pass@n of the engine's weights on ``items`` (the same seeds at every call).
+
+    Returns:
+        ``({"eval/avg@n": ..., "eval/cons@n": ..., "eval/pass@n": ..., "eval/response_length_mean": ...},
+        per-problem records ``{"uid", "ground_truth", "responses", "preds", "acc"}``).
+    """
+    from megatron_fipo.algo.metrics import eval_metrics
+    from megatron_fipo.rollout.engine import check_weight_version
+
+    params = dict(n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+                  stop_token_ids=tuple(stop_token_ids))
+    requests = [GenerationRequest(it.prompt_ids, SamplingParams(**params, seed=rollout_seed(seed, 0, 0, i, n)))
+                for i, it in enumerate(items)]
+    groups = engine.generate(requests, progress=progress)
+    check_weight_version(groups, engine.weight_version)
+    texts = [decode(x.token_ids) for g in groups for x in g]
+    results = score(texts, [it.ground_truth for it in items for _ in range(n)])
+    records = []
+    for i, it in enumerate(items):
+        rs = results[i * n:(i + 1) * n]
+        records.append({"uid": getattr(it, "uid", str(i)), "ground_truth": it.ground_truth,
+                        "responses": texts[i * n:(i + 1) * n], "preds": [r.pred for r in rs], "acc": [r.acc for r in rs]})
+    out = {f"eval/{k}": v for k, v in eval_metrics([list(zip(r["preds"], r["acc"])) for r in records], k=n).items()}
+    lengths = [len(x.token_ids) for g in groups for x in g]
+    out["eval/response_length_mean"] = sum(lengths) / max(len(lengths), 1)
+    return out, records

@@ -1,0 +1,115 @@
+"""``megatron-fipo plan``: the rank layout and a per-GPU memory estimate of a config, without GPUs.
+
+Owns ``rank_layout`` (Megatron's default ``tp-cp-dp-pp`` rank order) and ``estimate_memory`` (a
+first-order model: parameters, gradients, optimizer state, activations of the in-flight
+micro-batches, the chunked log-prob buffers) and ``plan`` (validation + report). Imports only the
+config module: it must run on a laptop.
+
+The estimate is an upper-bound style budget for planning, not a measurement: bf16 weights, fp32
+gradients (``grad_reduce_in_fp32``), fp32 main weights + Adam moments sharded over data
+parallel (distributed optimizer), activations per Korthikanti et al. (sequence parallel,
+flash attention: ``34 * T * h / tp`` bytes per layer without recompute, ``2 * T * h`` with
+full recompute) for the micro-batches in flight on the first pipeline stage.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Mapping
+
+from megatron_fipo.config import Config, validate
+
+GiB = float(1 << 30)
+
+
+def rank_layout(world: int, tp: int, pp: int, cp: int = 1, gpus_per_node: int = 8) -> list[dict]:
+    """Parallel ranks of every global rank (Megatron's default order: tp fastest, then cp, dp, pp)."""
+    dp = world // (tp * pp * cp)
+    out = []
+    for r in range(world):
+        out.append({"rank": r, "node": r // gpus_per_node, "gpu": r % gpus_per_node, "tp": r % tp,
+                    "cp": (r // tp) % cp, "dp": (r // (tp * cp)) % dp, "pp": r // (tp * cp * dp)})
+    return out
+
+
+def parameter_counts(hf: Mapping[str, Any]) -> dict:
+    """Parameters of a Qwen2 model from its HF config: total, per transformer layer, embedding."""
+    h, layers, ffn, vocab = hf["hidden_size"], hf["num_hidden_layers"], hf["intermediate_size"], hf["vocab_size"]
+    heads, kv = hf["num_attention_heads"], hf.get("num_key_value_heads", hf["num_attention_heads"])
+    hd = hf.get("head_dim") or h // heads
+    attn = h * heads * hd + heads * hd + 2 * (h * kv * hd + kv * hd) + heads * hd * h
+    layer = attn + 3 * h * ffn + 2 * h
+    embed = vocab * h
+    total = layers * layer + embed * (1 if hf.get("tie_word_embeddings") else 2) + h
+    return {"total": total, "per_layer": layer, "embedding": embed}
+
+
+def estimate_memory(config: Config, hf: Mapping[str, Any], world: int) -> dict:
+    """Per-GPU bytes of the busiest training rank (first pipeline stage), in GiB, by component."""
+    par, o = config.parallel, config.optim
+    dp = world // (par.tp * par.pp * par.cp)
+    counts = parameter_counts(hf)
+    layers_per_stage = hf["num_hidden_layers"] / par.pp
+    params = (layers_per_stage * counts["per_layer"] + counts["embedding"]) / par.tp
+    if par.pp == 1 and not hf.get("tie_word_embeddings"):
+        params += counts["embedding"] / par.tp
+    bf16 = config.model.params_dtype == "bfloat16"
+    weights = params * (2 if bf16 else 4)
+    grads = params * 4
+    optimizer = params * (12 if bf16 else 8) / dp
+    tokens = o.max_tokens_per_micro_batch / par.cp
+    h = hf["hidden_size"]
+    full_recompute = config.model.recompute.get("recompute_granularity") == "full"
+    per_layer = (2 * tokens * h) if full_recompute else 34 * tokens * h / par.tp
+    activations = per_layer * layers_per_stage * par.pp  # 1F1B: pp micro-batches in flight on stage 0
+    logits = min(o.logprob_chunk_tokens, tokens) * hf["vocab_size"] / par.tp * 4 * 3
+    parts = {"weights": weights, "grads": grads, "optimizer": optimizer, "activations": activations,
+             "logprob_chunk": logits}
+    out = {k: v / GiB for k, v in parts.items()}
+    out["total"] = sum(out.values())
+    out["params_per_gpu"] = params
+    out["params_total"] = counts["total"]
+    return out
+
+
+def plan(config: Config, world: int, hf: Mapping[str, Any], *, gpus_per_node: int = 8,
+         gpu_gib: float = 80.0) -> dict:
+    """Validate the config for ``world`` ranks and the model; return the layout summary and memory estimate."""
+    warnings = validate(config, world_size=world, hf_config=hf, for_training=False)
+    par = config.parallel
+    dp = world // (par.tp * par.pp * par.cp)
+    mem = estimate_memory(config, hf, world)
+    layout = rank_layout(world, par.tp, par.pp, par.cp, gpus_per_node)
+    if par.tp > gpus_per_node:
+        warnings.append(f"tp={par.tp} spans more than one {gpus_per_node}-GPU node: tensor parallelism over "
+                        "the inter-node network is slow")
+    if mem["total"] > gpu_gib:
+        warnings.append(f"estimated {mem['total']:.1f} GiB per GPU exceeds {gpu_gib:.0f} GiB: raise tp/pp/cp, "
+                        "enable recompute, or lower optim.max_tokens_per_micro_batch")
+    return {"world": world, "nodes": -(-world // gpus_per_node), "tp": par.tp, "pp": par.pp, "cp": par.cp,
+            "dp": dp, "vpp": par.vpp, "memory_gib": {k: round(v, 2) for k, v in mem.items()
+                                                     if k not in ("params_per_gpu", "params_total")},
+            "params_total_b": round(mem["params_total"] / 1e9, 3), "params_per_gpu_b": round(mem["params_per_gpu"] / 1e9, 3),
+            "first_node": layout[:gpus_per_node], "warnings": warnings}
+
+
+def read_hf_config(path: str) -> dict:
+    """``config.json`` of an HF model directory (or the file itself)."""
+    path = os.path.join(path, "config.json") if os.path.isdir(path) else path
+    if not os.path.isfile(path):
+        raise ValueError(f"no HF config at {path!r}: pass --hf-config with a config.json of the model")
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def format_plan(report: dict) -> str:
+    """Human-readable report."""
+    lines = [f"world {report['world']} ranks on {report['nodes']} node(s): tp={report['tp']} pp={report['pp']} "
+             f"cp={report['cp']} dp={report['dp']}" + (f" vpp={report['vpp']}" if report["vpp"] else ""),
+             f"model: {report['params_total_b']} B parameters, {report['params_per_gpu_b']} B per GPU",
+             "memory per GPU (GiB, estimate): " + ", ".join(f"{k} {v}" for k, v in report["memory_gib"].items()),
+             "first node:  rank  gpu  tp  cp  dp  pp"]
+    for r in report["first_node"]:
+        lines.append(f"             {r['rank']:4d} {r['gpu']:4d} {r['tp']:3d} {r['cp']:3d} {r['dp']:3d} {r['pp']:3d}")
+    lines += [f"warning: {w}" for w in report["warnings"]]
+    return "\n".join(lines)

@@ -1,0 +1,134 @@
+"""experience: generation rounds, dynamic sampling, overlong shaping and advantages against direct computation."""
+import random
+
+import pytest
+import torch
+
+from megatron_fipo.algo.advantages import grpo_advantages, overlong_penalty
+from megatron_fipo.algo.rewards import make_result
+from megatron_fipo.config import load_config
+from megatron_fipo.experience import (
+    PromptItem,
+    collect_experience,
+    rollout_seed,
+    shard_for_rank,
+)
+from megatron_fipo.rollout.engine import RolloutEngine, Sample
+
+
+class FakeEngine(RolloutEngine):
+    """Samples answer tokens: ``[correct_answer]`` with prob p(prompt), random garbage otherwise."""
+
+    def __init__(self):
+        self.calls = []
+
+    def generate(self, requests, *, progress=False):
+        self.calls.append(requests)
+        out = []
+        for ri, req in enumerate(requests):
+            group = []
+            for j in range(req.params.n):
+                rng = random.Random(req.params.seed + j)
+                kind = req.prompt_ids[0]  # 0: always right, 1: always wrong, 2: mixed
+                right = kind == 0 or (kind == 2 and rng.random() < 0.5)
+                length = rng.randint(1, req.params.max_new_tokens)
+                toks = [1 if right else 2] + [3] * (length - 1)
+                group.append(Sample(req.prompt_ids, toks, [-0.1] * length, "stop", 0, ri, j))
+            out.append(group)
+        return out
+
+    def update_weights(self, stream, version):
+        raise AssertionError
+
+    def health(self):
+        return {"ok": True}
+
+    def shutdown(self):
+        pass
+
+
+def _score(texts, gts):
+    return [make_result(t.startswith("R"), "x") for t in texts]
+
+
+def _decode(ids):
+    return "R" if ids[0] == 1 else "W"
+
+
+def _drawer(kinds):
+    it = iter(kinds)
+    return lambda k: [PromptItem((next(it), 9), "1", "") for _ in range(k)]
+
+
+def _cfg(*extra):
+    return load_config(None, ["rollout.n=4", "train.prompts_per_step=4", "train.mini_batch_prompts=2",
+                              "rollout.max_response_length=40", "algo.overlong_buffer=10", *extra])
+
+
+def test_dynamic_sampling_rounds_and_trim():
+    kinds = [0, 2, 1, 2] + [2, 2, 0, 2] + [2] * 40
+    exp = collect_experience(FakeEngine(), _drawer(kinds), _score, _decode, _cfg(), step=3)
+    # a mixed group is only "kept" if its 4 samples disagree: count directly
+    assert exp.num_groups == 4 and len(exp.prompts) == 16
+    assert all(p[0] == 2 for p in exp.prompts)  # all-right / all-wrong groups are filtered
+    assert exp.metrics["train/gen_rounds"] >= 2 and exp.metrics["train/kept_groups"] == 4
+    for g in range(4):  # group structure: n consecutive samples of one prompt
+        assert len({tuple(p) for p in exp.prompts[4 * g:4 * g + 4]}) == 1
+
+
+def test_advantages_equal_direct_computation():
+    cfg = _cfg()
+    exp = collect_experience(FakeEngine(), _drawer([2] * 200), _score, _decode, cfg, step=1)
+    scores = torch.tensor([1.0 if r[0] == 1 else -1.0 for r in exp.responses], dtype=torch.float64)
+    lengths = torch.tensor([len(r) for r in exp.responses], dtype=torch.float64)
+    scores = scores + overlong_penalty(lengths, max_response_length=40, buffer_length=10).double()
+    assert torch.allclose(exp.advantages, grpo_advantages(scores, 4).float())
+    assert all(len(lp) == len(r) for lp, r in zip(exp.rollout_logp, exp.responses))
+
+
+def test_no_dynamic_sampling_keeps_everything_in_one_round():
+    eng = FakeEngine()
+    exp = collect_experience(eng, _drawer([0, 1, 2, 2]), _score, _decode, _cfg("algo.dynamic_sampling=false", "algo.overlong_buffer=0"),
+                             step=1)
+    assert len(eng.calls) == 1 and exp.num_groups == 4
+    assert exp.advantages[:8].abs().sum() == 0  # constant groups: zero advantage
+
+
+def test_exhausted_rounds():
+    cfg = _cfg("algo.max_gen_rounds=2")
+    with pytest.warns(UserWarning, match="kept 0 of 4"):
+        exp = collect_experience(FakeEngine(), _drawer([0] * 8), _score, _decode, cfg, step=1)
+    assert exp.num_groups == 0 and exp.metrics["train/gen_rounds"] == 2
+    with pytest.raises(RuntimeError, match="max_gen_rounds"):
+        collect_experience(FakeEngine(), _drawer([0] * 8), _score, _decode, _cfg("algo.max_gen_rounds=2",
+                           "algo.on_exhausted=error"), step=1)
+
+
+def test_short_batch_trimmed_to_split_over_dp():
+    # n=3 and dp=2: group counts must be even
+    cfg = load_config(None, ["rollout.n=3", "train.prompts_per_step=4", "train.mini_batch_prompts=2",
+                             "rollout.max_response_length=8", "algo.overlong_buffer=0", "algo.max_gen_rounds=1"])
+    kinds = [2, 2, 2, 0]
+    with pytest.warns(UserWarning):
+        exp = collect_experience(FakeEngine(), _drawer(kinds), _score, _decode, cfg, step=5, dp_size=2)
+    assert len(exp.prompts) % 2 == 0 and exp.num_groups % 2 == 0
+
+
+def test_seeds_deterministic_and_distinct():
+    seeds = {rollout_seed(1, s, r, i, 16) for s in range(5) for r in range(1, 4) for i in range(50)}
+    assert len(seeds) == 5 * 3 * 50
+    a = collect_experience(FakeEngine(), _drawer([2] * 100), _score, _decode, _cfg(), step=7)
+    b = collect_experience(FakeEngine(), _drawer([2] * 100), _score, _decode, _cfg(), step=7)
+    assert a.responses == b.responses
+
+
+@pytest.mark.parametrize("num, n, m, dp", [(16, 4, 2, 2), (12, 3, 2, 2), (8, 4, 2, 4), (4, 4, 4, 1)])
+def test_shard_for_rank_partitions(num, n, m, dp):
+    shards = [shard_for_rank(num, n, m, dp, r) for r in range(dp)]
+    everything = sorted(i for s in shards for mb in s for i in mb)
+    assert everything == list(range(num))
+    for mb in range(len(shards[0])):  # each mini-batch splits evenly and stays within its groups
+        sizes = {len(s[mb]) for s in shards}
+        assert len(sizes) == 1
+        for s in shards:
+            assert all(mb * m * n <= i < (mb + 1) * m * n for i in s[mb])
