@@ -1,10 +1,11 @@
 """The ``megatron-fipo`` console entry point.
 
-Owns argument parsing and dispatch to subcommands. Subcommands available today:
-``score`` (reward and Avg@k / Cons@k / Pass@k for responses generated elsewhere) and ``convert``
-(HF safetensors <-> Megatron dist-checkpoint through the bridge and ``Actor.save`` / ``load``;
-single process by default, or under torchrun with ``--tp`` / ``--pp``). ``train``, ``eval`` and
-``plan`` are added with the trainer and launcher.
+Owns argument parsing and dispatch to subcommands:
+``train`` (a FIPO run from a YAML config plus ``key=value`` overrides; one process, or under
+``torchrun`` / ``srun``), ``eval`` (Avg@k / Cons@k / Pass@k of an HF model or Megatron
+checkpoint), ``plan`` (rank layout and per-GPU memory estimate, no GPUs needed), ``convert``
+(HF safetensors <-> Megatron dist-checkpoint) and ``score`` (rewards and @k metrics for
+responses generated elsewhere).
 """
 
 from __future__ import annotations
@@ -69,9 +70,87 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return convert(args)
 
 
+def _config(args):
+    from megatron_fipo.config import load_config
+
+    overrides = list(args.overrides)
+    if getattr(args, "resume", None):
+        overrides.append(f"checkpoint.resume={args.resume}")
+    return load_config(args.config, overrides)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """A FIPO training run (``megatron_fipo.trainer``)."""
+    from megatron_fipo.trainer import train
+
+    last = train(_config(args))
+    if last:
+        keys = [k for k in last if k.startswith(("train/reward", "train/acc", "eval/"))]
+        print(json.dumps({k: last[k] for k in keys}, indent=2))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """@k metrics of a model on a problem file (``megatron_fipo.evaluation``)."""
+    from megatron_fipo.evaluation import run_eval
+
+    return run_eval(args)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    """Rank layout and memory estimate (``megatron_fipo.plan``)."""
+    from megatron_fipo.plan import format_plan, plan, read_hf_config
+
+    config = _config(args)
+    hf = read_hf_config(args.hf_config or config.model.hf_path)
+    report = plan(config, args.world_size, hf, gpus_per_node=args.gpus_per_node, gpu_gib=args.gpu_gib)
+    print(json.dumps(report, indent=2) if args.json else format_plan(report))
+    return 0
+
+
+def _add_train_eval_plan(sub) -> None:
+    train = sub.add_parser("train", help="FIPO training from a YAML config (torchrun for several processes)")
+    train.add_argument("--config", required=True, help="YAML config (see examples/)")
+    train.add_argument("--resume", nargs="?", const="auto", default=None, metavar="PATH",
+                       help="resume from the latest complete checkpoint of the run (or from PATH); "
+                       "same as checkpoint.resume=auto, which is the default")
+    train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.tp=2 algo.use_influence=false")
+    train.set_defaults(func=cmd_train)
+    ev = sub.add_parser("eval", help="Avg@k / Cons@k / Pass@k of an HF model or Megatron checkpoint")
+    ev.add_argument("--model", help="HF model directory")
+    ev.add_argument("--checkpoint", help="Megatron checkpoint (root or iter_* directory; exported to HF first)")
+    ev.add_argument("--tokenizer", help="tokenizer directory (default: the model's)")
+    ev.add_argument("--data", nargs="+", required=True, help="parquet or jsonl problem files (DAPO / AIME layout)")
+    ev.add_argument("--n", type=int, default=32, help="samples per problem (the k of the metrics)")
+    ev.add_argument("--temperature", type=float, default=1.0)
+    ev.add_argument("--top-p", type=float, default=0.7)
+    ev.add_argument("--max-new-tokens", type=int, default=20480)
+    ev.add_argument("--max-prompt-tokens", type=int, default=2048)
+    ev.add_argument("--max-problems", type=int, default=None)
+    ev.add_argument("--stop-token-ids", type=int, nargs="*", default=None, help="default: the tokenizer's eos")
+    ev.add_argument("--engine", choices=["cpu", "sglang"], default="cpu")
+    ev.add_argument("--reward", default="dapo_math", choices=["dapo_math", "boxed_math"])
+    ev.add_argument("--workers", type=int, default=2, help="reward worker processes")
+    ev.add_argument("--timeout", type=float, default=10.0, help="seconds per response before it scores -1")
+    ev.add_argument("--on-bad-row", choices=["error", "skip"], default="error")
+    ev.add_argument("--seed", type=int, default=1234)
+    ev.add_argument("--output", help="write per-problem responses, preds and acc (jsonl)")
+    ev.set_defaults(func=cmd_eval)
+    pl = sub.add_parser("plan", help="rank layout and per-GPU memory estimate of a config (no GPUs needed)")
+    pl.add_argument("--config", required=True)
+    pl.add_argument("--world-size", type=int, required=True, help="number of training GPUs (processes)")
+    pl.add_argument("--hf-config", help="the model's config.json or directory (default: model.hf_path)")
+    pl.add_argument("--gpus-per-node", type=int, default=8)
+    pl.add_argument("--gpu-gib", type=float, default=80.0, help="memory per GPU to check the estimate against")
+    pl.add_argument("--json", action="store_true")
+    pl.add_argument("overrides", nargs="*")
+    pl.set_defaults(func=cmd_plan)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="megatron-fipo", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_train_eval_plan(sub)
     score = sub.add_parser("score", help="reward + Avg@k/Cons@k/Pass@k for a jsonl of responses")
     score.add_argument("input", help='jsonl, one problem per line: {"ground_truth": ..., "responses": [...]}')
     score.add_argument("--reward", default="dapo_math", choices=["dapo_math", "boxed_math"])

@@ -51,3 +51,41 @@ def test_module_entry_point_runs(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["avg@1"] == 1.0
+
+
+def _hf_config(tmp_path, **kw):
+    cfg = dict(hidden_size=3584, num_hidden_layers=28, intermediate_size=18944, vocab_size=152064,
+               num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False, **kw)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    return str(tmp_path / "config.json")
+
+
+def test_plan_prints_layout_and_memory(tmp_path, capsys):
+    (tmp_path / "c.yaml").write_text("parallel:\n  tp: 4\n  pp: 2\nmodel:\n  params_dtype: bfloat16\n")
+    assert main(["plan", "--config", str(tmp_path / "c.yaml"), "--world-size", "16",
+                 "--hf-config", _hf_config(tmp_path), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["dp"], report["nodes"], report["tp"]) == (2, 2, 4)
+    assert set(report["memory_gib"]) >= {"weights", "grads", "optimizer", "activations", "total"}
+    assert main(["plan", "--config", str(tmp_path / "c.yaml"), "--world-size", "16",
+                 "--hf-config", _hf_config(tmp_path), "parallel.pp=1"]) == 0
+    assert "tp=4 pp=1 cp=1 dp=4" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--world-size", "12"], "not a multiple of tp"),
+    (["--world-size", "16", "parallel.tp=8"], "does not divide the model's 28 attention heads"),
+    (["--world-size", "16", "parallel.tpp=8"], "did you mean 'parallel.tp'"),
+])
+def test_plan_rejects_impossible_layouts(tmp_path, capsys, args, message):
+    (tmp_path / "c.yaml").write_text("parallel:\n  tp: 4\n  pp: 2\n")
+    assert main(["plan", "--config", str(tmp_path / "c.yaml"), "--hf-config", _hf_config(tmp_path), *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_train_rejects_bad_config_before_starting(tmp_path, capsys):
+    (tmp_path / "c.yaml").write_text("algo:\n  use_influense: false\n")
+    assert main(["train", "--config", str(tmp_path / "c.yaml")]) == 2
+    assert "did you mean 'algo.use_influence'" in capsys.readouterr().err
+    assert main(["train", "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err

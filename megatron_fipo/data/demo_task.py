@@ -1,0 +1,162 @@
+"""The embedded demo's task: two-number addition answered as ``Answer: N``, a character tokenizer, a tiny Qwen2.
+
+Owns the problem generator (rows in the DAPO-Math-17k layout, scored by ``dapo_math_reward``),
+``build_tokenizer`` (an HF fast tokenizer with a chat template, built offline with
+``tokenizers``), ``build_base_model`` (a tiny random ``Qwen2ForCausalLM`` given a short supervised
+warm-up, so it starts with partial accuracy when sampling at temperature 1) and ``build_demo``
+(all of it written to a directory atomically and idempotently). Must not import megatron,
+torch.distributed or any trainer / rollout module.
+
+Why it is RL-learnable in minutes on a CPU: the warm-up stops early, so the base model often
+knows the answer (greedy accuracy well above its sampled accuracy) but spreads probability over
+wrong digits; FIPO / DAPO sharpen that distribution within a few dozen steps.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+from typing import Optional
+
+import torch
+
+SPECIAL = ("<|endoftext|>", "<|pad|>", "<|user|>", "<|assistant|>")
+CHARS = "0123456789+= Answer:"
+CHAT_TEMPLATE = ("{% for m in messages %}<|user|>{{ m['content'] }}{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+MODEL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             intermediate_size=192, max_position_embeddings=64, rms_norm_eps=1e-6, rope_theta=10000.0,
+             tie_word_embeddings=True, hidden_act="silu")
+INFO = "demo_info.json"
+
+
+def problems(seed: int, n_train: int, n_test: int, max_operand: int = 49) -> tuple[list[dict], list[dict]]:
+    """Disjoint train / test rows ``a+b=`` with ground truth ``a+b`` (DAPO-Math-17k layout)."""
+    pairs = [(a, b) for a in range(max_operand + 1) for b in range(max_operand + 1)]
+    if n_train + n_test > len(pairs):
+        raise ValueError(f"only {len(pairs)} distinct problems with operands <= {max_operand}")
+    random.Random(seed).shuffle(pairs)
+
+    def row(i, a, b):
+        return {"data_source": "demo_arith", "prompt": [{"role": "user", "content": f"{a}+{b}="}], "ability": "math",
+                "reward_model": {"style": "rule", "ground_truth": str(a + b)}, "extra_info": {"index": i}}
+
+    rows = [row(i, a, b) for i, (a, b) in enumerate(pairs[:n_train + n_test])]
+    return rows[:n_train], rows[n_train:]
+
+
+def build_tokenizer():
+    """Character-level ``PreTrainedTokenizerFast`` (eos ``<|endoftext|>``, pad ``<|pad|>``, chat template)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(list(SPECIAL) + sorted(set(CHARS)))}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<|pad|>"))
+    core.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    core.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|endoftext|>", pad_token="<|pad|>",
+                                  additional_special_tokens=["<|user|>", "<|assistant|>"])
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def response_text(answer: str) -> str:
+    return f"Answer: {answer}"
+
+
+def encode_pair(tokenizer, row: dict) -> tuple[list[int], list[int]]:
+    """Prompt ids (chat template) and response ids (answer + eos) of a row."""
+    prompt = tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=True)
+    if hasattr(prompt, "keys"):
+        prompt = prompt["input_ids"]
+    response = tokenizer.encode(response_text(row["reward_model"]["ground_truth"]), add_special_tokens=False)
+    return list(prompt), list(response) + [tokenizer.eos_token_id]
+
+
+def build_base_model(tokenizer, rows: list[dict], *, seed: int, warmup_steps: int, batch_size: int = 64,
+                     lr: float = 3e-3):
+    """A tiny random Qwen2 trained ``warmup_steps`` steps (teacher forcing, loss on response tokens)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen2Config(vocab_size=len(tokenizer), bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, **MODEL)
+    model = Qwen2ForCausalLM(config).float()
+    pairs = [encode_pair(tokenizer, r) for r in rows]
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    rng = random.Random(seed)
+    model.train()
+    for _ in range(warmup_steps):
+        batch = [pairs[rng.randrange(len(pairs))] for _ in range(batch_size)]
+        width = max(len(p) + len(r) for p, r in batch)
+        ids = torch.full((len(batch), width), tokenizer.pad_token_id)
+        labels = torch.full((len(batch), width), -100)
+        for i, (p, r) in enumerate(batch):
+            ids[i, :len(p) + len(r)] = torch.tensor(p + r)
+            labels[i, len(p):len(p) + len(r)] = torch.tensor(r)
+        loss = model(input_ids=ids, attention_mask=(labels != -100) | (ids != tokenizer.pad_token_id),
+                     labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def _complete(out_dir: str, spec: dict) -> bool:
+    try:
+        with open(os.path.join(out_dir, INFO), encoding="utf-8") as fh:
+            info = json.load(fh)
+    except (OSError, ValueError):
+        return False
+    files = ("train.jsonl", "test.jsonl", "base/config.json", "base/tokenizer.json")
+    return info.get("spec") == spec and all(os.path.exists(os.path.join(out_dir, f)) for f in files)
+
+
+def build_demo(out_dir: str, *, seed: int = 0, n_train: int = 2000, n_test: int = 200, warmup_steps: int = 650,
+               force: bool = False, evaluate=None) -> dict:
+    """Write ``base/`` (HF model + tokenizer), ``train.jsonl``, ``test.jsonl`` and ``demo_info.json``.
+
+    Idempotent (a complete directory built with the same arguments is reused unless ``force``)
+    and atomic (built in a temporary sibling directory, then renamed into place).
+
+    Args:
+        out_dir: target directory.
+        seed, n_train, n_test, warmup_steps: the build's specification.
+        force: rebuild even if complete.
+        evaluate: optional ``fn(base_dir, test_rows) -> dict`` whose result is stored in the info.
+
+    Returns:
+        the ``demo_info.json`` contents.
+    """
+    spec = {"seed": seed, "n_train": n_train, "n_test": n_test, "warmup_steps": warmup_steps, "model": MODEL}
+    if not force and _complete(out_dir, spec):
+        with open(os.path.join(out_dir, INFO), encoding="utf-8") as fh:
+            return json.load(fh)
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".demo-build-", dir=parent)
+    try:
+        train, test = problems(seed, n_train, n_test)
+        for name, rows in (("train.jsonl", train), ("test.jsonl", test)):
+            with open(os.path.join(tmp, name), "w", encoding="utf-8") as fh:
+                fh.writelines(json.dumps(r) + "\n" for r in rows)
+        tokenizer = build_tokenizer()
+        model = build_base_model(tokenizer, train, seed=seed, warmup_steps=warmup_steps)
+        model.save_pretrained(os.path.join(tmp, "base"))
+        tokenizer.save_pretrained(os.path.join(tmp, "base"))
+        info = {"spec": spec, **(evaluate(os.path.join(tmp, "base"), test) if evaluate else {})}
+        with open(os.path.join(tmp, INFO), "w", encoding="utf-8") as fh:
+            json.dump(info, fh, indent=2)
+        if os.path.exists(out_dir):
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+    return info
+
+
+def default_out_dir(root: Optional[str] = None) -> str:
+    return os.path.join(root or os.getcwd(), "build", "demo")

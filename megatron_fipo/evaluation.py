@@ -1,0 +1,66 @@
+"""``megatron-fipo eval``: Avg@k / Cons@k / Pass@k of an HF model or a Megatron checkpoint on a problem file.
+
+Owns ``run_eval(args)``. A Megatron checkpoint is first exported to a temporary HF directory
+(``convert``), then served by the rollout engine (the CPU engine, or SGLang on GPUs) exactly as
+the trainer's periodic evaluation does (``experience.evaluate_items``, same seeds).
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+
+def run_eval(args) -> int:
+    """Evaluate; prints the metrics as JSON and optionally writes per-problem records (jsonl)."""
+    from transformers import AutoTokenizer
+
+    from megatron_fipo.algo.reward_pool import RewardPool
+    from megatron_fipo.experience import evaluate_items
+    from megatron_fipo.trainer_setup import encode_items
+
+    if bool(args.model) == bool(args.checkpoint):
+        raise ValueError("pass exactly one of --model HF_DIR or --checkpoint MEGATRON_DIR")
+    with tempfile.TemporaryDirectory(prefix="fipo-eval-") as tmp:
+        model_dir = args.model or _export(args.checkpoint, os.path.join(tmp, "hf"))
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or model_dir)
+        items = encode_items(args.data, tokenizer, max_prompt_tokens=args.max_prompt_tokens,
+                             on_bad_row=args.on_bad_row, on_too_long="error")[:args.max_problems]
+        stop = args.stop_token_ids or ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
+        engine = _engine(args, model_dir)
+        try:
+            with RewardPool(args.workers, args.timeout) as pool:
+                metrics, records = evaluate_items(
+                    engine, items, lambda t, g: pool.score(args.reward, t, g),
+                    lambda ids: tokenizer.decode(ids, skip_special_tokens=True), n=args.n,
+                    temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
+                    stop_token_ids=stop, seed=args.seed, progress=True)
+        finally:
+            engine.shutdown()
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as fh:
+            for rec in records:
+                fh.write(json.dumps(rec) + "\n")
+    print(json.dumps({"problems": len(items), **metrics}, indent=2))
+    return 0
+
+
+def _engine(args, model_dir: str):
+    if args.engine == "cpu":
+        from megatron_fipo.rollout.cpu_engine import CPUEngine
+
+        return CPUEngine(model_dir)
+    from megatron_fipo.config import RolloutConfig
+    from megatron_fipo.rollout.sglang_engine import SGLangEngine
+
+    return SGLangEngine.from_config(model_dir, RolloutConfig(engine="sglang"))
+
+
+def _export(checkpoint: str, out_dir: str) -> str:
+    import argparse
+
+    from megatron_fipo.convert import convert
+
+    convert(argparse.Namespace(from_hf=None, to_mcore=None, from_mcore=checkpoint, to_hf=out_dir, hf_config=None,
+                               tokenizer=None, dtype=None, tp=1, pp=1, verify=False, verify_tol=1e-3))
+    return out_dir

@@ -1,0 +1,201 @@
+"""The FIPO training loop: composition of the actor, the rollout engine, the data and the algorithm.
+
+Owns ``train(config)`` and the ``Trainer`` behind it. Per step: collect experience on global
+rank 0 (generation rounds, rewards, overlong shaping, GRPO advantages, dynamic sampling:
+``experience``), scatter each data-parallel rank its samples, recompute the old log-probs with
+the actor (and the trainer-vs-rollout mismatch), run one optimizer step per mini-batch with the
+FIPO loss (DAPO / GRPO by settings), sync the weights to the engine, evaluate, log, checkpoint.
+No tensor math here.
+
+Rank roles: global rank 0 drives the engine, the reward pool, the data loader and the logs; the
+ranks of its model-parallel group take part in the weight export (collectives); every rank
+trains. Colocated engines release their memory while the actor trains.
+
+Safety: a step whose old log-probs or loss are not finite is skipped (weights untouched) with a
+warning and counted; ``train.max_nonfinite_steps`` in a row stop the run with an error before
+any checkpoint of the broken state is written. Checkpoints (model, optimizer, scheduler, RNG,
+data position, step) are atomic; ``checkpoint.resume=auto`` continues from the latest complete one
+and reproduces the uninterrupted run on CPU (sampling seeds derive from the step).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+import warnings
+
+import torch
+
+from megatron_fipo.algo.mismatch import (
+    MAX_KEYS,
+    SUM_KEYS,
+    logprob_mismatch_sums,
+    summarize_mismatch,
+)
+from megatron_fipo.config import Config, save_config, validate
+from megatron_fipo.experience import collect_experience
+from megatron_fipo.parallel.metrics import reduce_metrics
+from megatron_fipo.rollout.engine import EngineError
+from megatron_fipo.trainer_setup import RunState, build_run, evaluate, sync_weights
+
+
+def train(config: Config) -> dict:
+    """Run (or resume) a FIPO training run; returns the last step's metrics on rank 0 ({} elsewhere)."""
+    from megatron_fipo.mcore import groups as G
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    hf_config = _read_hf_config(config.model.hf_path)
+    for message in validate(config, world_size=world, hf_config=hf_config):
+        warnings.warn(message, stacklevel=2)
+    G.single_process_env()
+    par = config.parallel
+    groups = G.init_distributed(tp=par.tp, pp=par.pp, vpp=par.vpp, cp=par.cp, seed=config.train.seed,
+                                backend=par.backend)
+    trainer = None
+    try:
+        trainer = Trainer(config, groups, hf_config)
+        return trainer.run()
+    finally:
+        if trainer is not None:
+            trainer.close()
+        G.destroy()
+
+
+def _read_hf_config(path: str) -> dict:
+    cfg = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg):
+        raise ValueError(f"model.hf_path={path!r}: no config.json there (an HF Qwen2 checkpoint directory is needed)")
+    with open(cfg, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+class Trainer:
+    """One rank's part of a run (see the module docstring); ``run()`` is the loop."""
+
+    def __init__(self, config: Config, groups, hf_config: dict):
+        self.groups = groups
+        self.s: RunState = build_run(config, groups, hf_config)
+        self.config = config = self.s.config  # with the resolved stop tokens
+        if groups.rank == 0:
+            save_config(config, os.path.join(config.train.run_dir, "config.yaml"))
+
+    def run(self) -> dict:
+        cfg, s = self.config, self.s
+        last: dict = {}
+        if s.step == 0 and cfg.eval.at_start and s.eval_items:
+            self._log(0, evaluate(s, cfg, step=0))
+        bar = s.progress_bar(initial=s.step, total=cfg.train.steps)
+        while s.step < cfg.train.steps:
+            step = s.step + 1
+            start = time.perf_counter()
+            metrics = self._train_step(step)
+            if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 or step == cfg.train.steps and cfg.eval.at_end:
+                metrics.update(evaluate(s, cfg, step=step))
+            s.step = step
+            if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 or step == cfg.train.steps:
+                metrics["time/save_s"] = self._save(step)
+            metrics["time/step_s"] = time.perf_counter() - start
+            metrics["perf/tokens_per_s"] = metrics.pop("train/_tokens", 0.0) / metrics["time/step_s"]
+            self._log(step, metrics)
+            last = metrics
+            bar.update(1)
+            bar.set_postfix(reward=f"{metrics.get('train/reward_mean', float('nan')):.3f}",
+                            acc=f"{metrics.get('train/acc_mean', float('nan')):.3f}")
+        bar.close()
+        if cfg.checkpoint.export_hf:
+            s.export_hf(os.path.join(cfg.train.run_dir, "hf"))
+        return last if self.groups.rank == 0 else {}
+
+    # ------------------------------------------------------------------ one step
+    def _train_step(self, step: int) -> dict:
+        cfg, s, g = self.config, self.s, self.groups
+        metrics: dict = {}
+        exp = None
+        if g.rank == 0:
+            if s.engine.weight_version != s.synced_version:
+                raise EngineError(f"the engine holds weight version {s.engine.weight_version}, the actor synced "
+                                  f"{s.synced_version}: a weight update was lost")
+            exp = collect_experience(s.engine, s.draw, s.score, s.decode, cfg, step, dp_size=g.dp_size,
+                                     progress=cfg.log.progress)
+            metrics.update(exp.metrics)
+        share = s.scatter(exp)  # this data-parallel rank's samples, per mini-batch
+        if not share["prompts"]:
+            return self._skip(step, metrics, "no prompt group with varying rewards was generated")
+        s.engine_release()
+        t = time.perf_counter()
+        old_logp = s.actor.compute_logprobs(share["prompts"], share["responses"])
+        metrics["time/old_logp_s"] = time.perf_counter() - t
+        metrics.update(self._mismatch(old_logp, share["rollout_logp"]))
+        if not s.all_finite(old_logp):
+            s.engine_resume()
+            return self._skip(step, metrics, "non-finite old log-probs")
+        t = time.perf_counter()
+        per_mb = []
+        for idx in share["mini_batches"]:
+            per_token = {"old_logp": [old_logp[i] for i in idx],
+                         "advantages": [share["advantages"][i].expand(len(share["responses"][i])) for i in idx]}
+            per_mb.append(s.actor.train_step([share["prompts"][i] for i in idx], [share["responses"][i] for i in idx],
+                                             per_token, cfg.algo.loss_kwargs()))
+        metrics["time/train_s"] = time.perf_counter() - t
+        metrics.update(_mean_metrics(per_mb))
+        metrics["train/_tokens"] = s.global_tokens(share)
+        s.engine_resume()
+        if any(m.get("skipped", 0.0) for m in per_mb):
+            s.nonfinite += 1
+            self._check_nonfinite(step, "a non-finite loss or gradient")
+        else:
+            s.nonfinite = 0
+        metrics["time/sync_s"] = sync_weights(s, version=step)
+        metrics["train/nonfinite_skipped_total"] = float(s.nonfinite_total)
+        return metrics
+
+    def _mismatch(self, old_logp, rollout_logp) -> dict:
+        if not old_logp:
+            return {}
+        trainer, rollout = torch.cat(old_logp), torch.cat(rollout_logp)
+        sums = logprob_mismatch_sums(trainer, rollout)
+        sums, maxes, _ = reduce_metrics({k: float(sums[k]) for k in SUM_KEYS}, {k: float(sums[k]) for k in MAX_KEYS},
+                                        {}, sum_keys=SUM_KEYS, max_keys=MAX_KEYS, min_keys=(),
+                                        groups=(self.groups.dp,), device=trainer.device)
+        return summarize_mismatch({**sums, **maxes})
+
+    def _skip(self, step: int, metrics: dict, why: str) -> dict:
+        if why.startswith("non-finite"):
+            self.s.nonfinite += 1
+            self._check_nonfinite(step, why)
+        if self.groups.rank == 0:
+            warnings.warn(f"step {step}: skipped ({why}); weights unchanged", stacklevel=2)
+        metrics.update({"train/skipped": 1.0, "train/nonfinite_skipped_total": float(self.s.nonfinite_total)})
+        return metrics
+
+    def _check_nonfinite(self, step: int, why: str) -> None:
+        s = self.s
+        s.nonfinite_total += 1
+        if s.nonfinite >= self.config.train.max_nonfinite_steps:
+            raise RuntimeError(f"step {step}: {why} in {s.nonfinite} consecutive steps "
+                               f"(train.max_nonfinite_steps={self.config.train.max_nonfinite_steps}); stopping. "
+                               f"The last good checkpoint is in {s.checkpoint_root}; lower optim.lr or check the data.")
+
+    def _save(self, step: int) -> float:
+        t = time.perf_counter()
+        self.s.save(step)
+        return time.perf_counter() - t
+
+    def _log(self, step: int, metrics: dict) -> None:
+        if self.groups.rank == 0:
+            self.s.logger.log(step, metrics)
+
+    def close(self) -> None:
+        self.s.close()
+
+
+def _mean_metrics(per_mb: list) -> dict:
+    """Mini-batch metrics -> step metrics: means (maxima for ``*_max``), ``train/`` prefixed."""
+    if not per_mb:
+        return {}
+    out = {}
+    for key in per_mb[0]:
+        values = [m[key] for m in per_mb if key in m]
+        out[f"train/{key}"] = max(values) if key.endswith("_max") else sum(values) / len(values)
+    out["train/optimizer_steps"] = float(len(per_mb))
+    return out

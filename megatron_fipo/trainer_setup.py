@@ -1,0 +1,288 @@
+"""What a training run holds besides the loop: built, resumed, synced, evaluated, saved and closed here.
+
+Owns ``RunState`` (actor, engine, data, reward pool, logger and counters of one rank),
+``build_run`` (fresh from the HF model, or resumed from the latest complete checkpoint),
+``sync_weights`` (actor -> engine through the bridge's bucket stream), ``evaluate`` (Avg@k /
+Cons@k / Pass@k with the engine) and the checkpoint / HF export calls. Composition only.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_fipo.experience import PromptItem, evaluate_items, shard_for_rank
+from megatron_fipo.rollout.engine import EngineError
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class RunState:
+    config: Any
+    groups: Any
+    arch: Any
+    hf_config: dict
+    actor: Any
+    offsets: list
+    spec: str
+    checkpoint_root: str
+    step: int = 0
+    synced_version: int = 0  # weight version the engine holds
+    nonfinite: int = 0
+    nonfinite_total: int = 0
+    engine: Any = None  # rank 0 only (the other ranks: None)
+    tokenizer: Any = None
+    loader: Any = None
+    eval_items: list = field(default_factory=list)
+    pool: Any = None
+    logger: Any = None
+    dp_of_rank: list = field(default_factory=list)
+    sync_buffer: Optional[torch.Tensor] = None
+
+    # ------------------------------------------------------------------ rank 0 callables for experience
+    def draw(self, k: int):
+        return self.loader.next_batch(k)
+
+    def score(self, texts, ground_truths):
+        return self.pool.score(self.config.algo.reward_fn, texts, ground_truths)
+
+    def decode(self, ids) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    # ------------------------------------------------------------------ collectives
+    def scatter(self, exp) -> dict:
+        """Rank 0's experience -> this rank's samples (identical within a model-parallel group)."""
+        payloads = None
+        if self.groups.rank == 0:
+            cfg = self.config
+            shares = [_share(exp, cfg, self.groups.dp_size, r) for r in range(self.groups.dp_size)]
+            payloads = [shares[self.dp_of_rank[w]] for w in range(self.groups.world_size)]
+        out = [None]
+        dist.scatter_object_list(out, payloads, src=0)
+        return out[0]
+
+    def all_finite(self, tensors) -> bool:
+        ok = torch.tensor([float(all(bool(torch.isfinite(t).all()) for t in tensors))])
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        return bool(ok.item())
+
+    def global_tokens(self, share: dict) -> float:
+        n = torch.tensor([float(sum(len(p) + len(r) for p, r in zip(share["prompts"], share["responses"])))])
+        dist.all_reduce(n, group=self.groups.dp)
+        return float(n.item())
+
+    def engine_release(self) -> None:
+        if self.engine is not None and self.config.rollout.mode == "colocated":
+            self.engine.release()
+
+    def engine_resume(self) -> None:
+        if self.engine is not None and self.config.rollout.mode == "colocated":
+            self.engine.resume()
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, step: int) -> str:
+        state = [{"step": step, "loader": self.loader.state_dict() if self.loader is not None else None,
+                  "nonfinite": self.nonfinite, "nonfinite_total": self.nonfinite_total}]
+        dist.broadcast_object_list(state, src=0)  # every rank passes the same extra
+        extra = {"hf_config": self.hf_config, "hf_source": os.path.abspath(self.config.model.hf_path),
+                 "trainer": state[0]}
+        self.actor.steps = step  # the checkpoint directory is named after the training step
+        return self.actor.save(self.checkpoint_root, extra=extra, keep_last=self.config.checkpoint.keep_last)
+
+    def export_hf(self, out_dir: str) -> None:
+        from megatron_fipo.bridge.hf_export import export_hf_state, save_hf_checkpoint
+
+        if self.groups.dp_rank != 0 or self.groups.cp_rank != 0:
+            dist.barrier()
+            return
+        buckets = export_hf_state(self.actor.named_local_parameters(), self.arch, groups=self.groups,
+                                  layer_offsets=self.offsets, dtype=_hf_dtype(self.hf_config), spec=self.spec)
+        if self.groups.rank == 0:
+            save_hf_checkpoint(buckets, out_dir, self.hf_config, self.config.model.tokenizer or self.config.model.hf_path)
+        else:
+            for _ in buckets:
+                pass
+        dist.barrier()
+
+    def progress_bar(self, initial: int, total: int):
+        from tqdm.auto import tqdm
+
+        return tqdm(initial=initial, total=total, desc="train", unit="step", dynamic_ncols=True,
+                    disable=self.groups.rank != 0 or not self.config.log.progress)
+
+    def close(self) -> None:
+        for obj in (self.engine, self.pool, self.logger):
+            if obj is not None:
+                (getattr(obj, "shutdown", None) or obj.close)()
+        self.engine = self.pool = self.logger = None
+
+
+def _share(exp, cfg, dp_size: int, dp_rank: int) -> dict:
+    mbs = shard_for_rank(len(exp.prompts), exp.n, cfg.train.mini_batch_prompts, dp_size, dp_rank)
+    order = [i for mb in mbs for i in mb]
+    local, pos = [], 0
+    for mb in mbs:
+        local.append(list(range(pos, pos + len(mb))))
+        pos += len(mb)
+    return {"prompts": [exp.prompts[i] for i in order], "responses": [exp.responses[i] for i in order],
+            "rollout_logp": [exp.rollout_logp[i] for i in order],
+            "advantages": exp.advantages[order] if order else torch.zeros(0), "mini_batches": local}
+
+
+def _hf_dtype(hf_config: dict) -> torch.dtype:
+    return getattr(torch, hf_config.get("torch_dtype") or hf_config.get("dtype") or "float32")
+
+
+def sync_weights(s: RunState, version: int) -> float:
+    """Stream the actor's weights to the engine (rank 0's model-parallel group exports); returns seconds."""
+    from megatron_fipo.bridge.hf_export import export_hf_state
+
+    start = time.perf_counter()
+    if s.groups.dp_rank == 0 and s.groups.cp_rank == 0:
+        dtype = _DTYPES[s.config.model.params_dtype]
+        bucket_bytes = s.config.rollout.bucket_mb << 20
+        if s.sync_buffer is None:  # one buffer for every bucket of every sync
+            s.sync_buffer = torch.empty(bucket_bytes // dtype.itemsize, dtype=dtype,
+                                        device=next(p for _, p in s.actor.named_local_parameters()).device)
+        stream = export_hf_state(s.actor.named_local_parameters(), s.arch, groups=s.groups, layer_offsets=s.offsets,
+                                 dtype=dtype, bucket_bytes=bucket_bytes, spec=s.spec, reuse_buffer=s.sync_buffer)
+        if s.engine is not None:
+            s.engine.update_weights(stream, version)
+            if s.engine.weight_version != version:
+                raise EngineError(f"the engine reports weight version {s.engine.weight_version} after syncing {version}")
+        else:
+            for _ in stream:  # the other ranks of the group take part in the collectives
+                pass
+    dist.barrier()
+    s.synced_version = version
+    return time.perf_counter() - start
+
+
+def evaluate(s: RunState, cfg, step: int) -> dict:
+    """Avg@k / Cons@k / Pass@k (k = ``eval.n``) of the engine's current weights on the eval set (rank 0)."""
+    if s.groups.rank != 0 or not s.eval_items:
+        return {}
+    ev, start = cfg.eval, time.perf_counter()
+    out, _ = evaluate_items(s.engine, s.eval_items, s.score, s.decode, n=ev.n, temperature=ev.temperature,
+                            top_p=ev.top_p, max_new_tokens=ev.max_response_length or cfg.rollout.max_response_length,
+                            stop_token_ids=cfg.rollout.stop_token_ids, seed=cfg.train.seed, progress=cfg.log.progress)
+    out["time/eval_s"] = time.perf_counter() - start
+    return out
+
+
+def build_run(config, groups, hf_config: dict) -> RunState:
+    """Actor (from HF or the latest checkpoint), and on rank 0 the engine, data, reward pool and logger."""
+    from megatron_fipo.mcore.actor import Actor, ActorSettings
+    from megatron_fipo.mcore.model import Qwen2Arch
+
+    arch = Qwen2Arch.from_hf(hf_config)
+    o, m = config.optim, config.model
+    settings = ActorSettings(lr=o.lr, warmup_steps=o.warmup_steps, weight_decay=o.weight_decay, clip_grad=o.clip_grad,
+                             adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
+                             max_tokens_per_micro_batch=o.max_tokens_per_micro_batch,
+                             logprob_chunk_tokens=o.logprob_chunk_tokens, params_dtype=m.params_dtype,
+                             sequence_parallel=config.parallel.sequence_parallel, recompute=dict(m.recompute),
+                             transformer_overrides=dict(m.transformer_overrides))
+    actor = Actor(arch, groups, settings, use_te=m.use_te)
+    root = os.path.join(config.train.run_dir, "checkpoints")
+    s = RunState(config, groups, arch, hf_config, actor, [c.module.decoder.layers[0].layer_number - 1 for c in actor.chunks],
+                 "te" if actor.use_te else "mcore", root)
+    path = _resume_path(config.checkpoint.resume, root)
+    trainer_state = _load_weights(s, path)
+    s.step = trainer_state.get("step", 0)
+    s.nonfinite, s.nonfinite_total = trainer_state.get("nonfinite", 0), trainer_state.get("nonfinite_total", 0)
+    dp_of = [None] * groups.world_size
+    dist.all_gather_object(dp_of, groups.dp_rank)
+    s.dp_of_rank = dp_of
+    if groups.rank == 0:
+        _build_rank0(s, config, trainer_state)
+    if path is not None:
+        sync_weights(s, version=s.step)  # the engine started from the HF weights
+    return s
+
+
+def _resume_path(resume: str, root: str) -> Optional[str]:
+    from megatron_fipo.mcore.checkpoint import latest_checkpoint
+
+    if resume == "never":
+        if latest_checkpoint(root):
+            raise ValueError(f"{root} already holds checkpoints and checkpoint.resume=never: choose another "
+                             "train.run_dir, delete it, or resume (checkpoint.resume=auto / --resume)")
+        return None
+    if resume == "auto":
+        return latest_checkpoint(root)
+    if not os.path.isdir(resume):
+        raise ValueError(f"checkpoint.resume={resume!r} is neither 'auto', 'never' nor a checkpoint directory")
+    return latest_checkpoint(resume) or resume
+
+
+def _load_weights(s: RunState, path: Optional[str]) -> dict:
+    if path is None:
+        from megatron_fipo.bridge.hf_import import load_hf_into_chunks
+
+        load_hf_into_chunks(s.config.model.hf_path, s.actor.named_local_parameters(), s.arch,
+                            tp_rank=s.groups.tp_rank, tp_size=s.groups.tp_size, padded_vocab=s.actor.padded_vocab,
+                            layer_offsets=s.offsets, spec=s.spec)
+        return {}
+    extra = s.actor.load(path)
+    if s.groups.rank == 0:
+        print(f"resumed from {path} (step {extra.get('trainer', {}).get('step')})", flush=True)
+    return extra.get("trainer", {})
+
+
+def _build_rank0(s: RunState, config, trainer_state: dict) -> None:
+    from transformers import AutoTokenizer
+
+    from megatron_fipo.algo.reward_pool import RewardPool
+    from megatron_fipo.config import to_dict
+    from megatron_fipo.rollout.cpu_engine import CPUEngine
+    from megatron_fipo.tracking import MetricsLogger
+
+    tr, ro = config.train, config.rollout
+    s.tokenizer = AutoTokenizer.from_pretrained(config.model.tokenizer or config.model.hf_path)
+    if not ro.stop_token_ids:
+        eos = s.tokenizer.eos_token_id
+        if eos is None:
+            raise ValueError("the tokenizer has no eos token: set rollout.stop_token_ids")
+        s.config = config = dataclasses.replace(config, rollout=dataclasses.replace(ro, stop_token_ids=(int(eos),)))
+    s.loader = _prompt_loader(config, s.tokenizer, config.data.train_files, tr.prompts_per_step)
+    if trainer_state.get("loader"):
+        s.loader.load_state_dict(trainer_state["loader"])
+    if config.eval.files:
+        s.eval_items = _items(config, s.tokenizer, config.eval.files)[:config.eval.max_problems]
+    s.pool = RewardPool(tr.reward_workers, tr.reward_timeout_s)
+    s.logger = MetricsLogger(tr.run_dir, resume_step=s.step if trainer_state else None,
+                             tensorboard=config.log.tensorboard, wandb_project=config.log.wandb_project,
+                             config=to_dict(config))
+    if ro.engine == "cpu":
+        s.engine = CPUEngine(config.model.hf_path, max_batch_rows=ro.cpu_max_batch_rows)
+    else:
+        from megatron_fipo.rollout.sglang_engine import SGLangEngine
+
+        s.engine = SGLangEngine.from_config(config.model.hf_path, ro)
+
+
+def encode_items(files, tokenizer, *, max_prompt_tokens: int, on_bad_row: str, on_too_long: str) -> list:
+    """Problem files -> ``PromptItem`` list (prompts through the tokenizer's chat template)."""
+    from megatron_fipo.data.datasets import encode_prompts, load_problems
+
+    problems = load_problems(files, on_bad_row=on_bad_row)
+    ids = encode_prompts(problems, tokenizer, max_prompt_tokens=max_prompt_tokens, on_too_long=on_too_long)
+    return [PromptItem(tuple(x), p.ground_truth, p.uid) for p, x in zip(problems, ids) if x is not None]
+
+
+def _items(config, tokenizer, files) -> list:
+    return encode_items(files, tokenizer, max_prompt_tokens=config.rollout.max_prompt_length,
+                        on_bad_row=config.data.on_bad_row, on_too_long=config.data.on_too_long)
+
+
+def _prompt_loader(config, tokenizer, files, batch_size: int):
+    from megatron_fipo.data.datasets import PromptLoader
+
+    return PromptLoader(_items(config, tokenizer, files), batch_size=batch_size, seed=config.data.seed)
