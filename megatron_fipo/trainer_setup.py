@@ -265,7 +265,7 @@ def _build_rank0(s: RunState, config, trainer_state: dict) -> None:
     else:
         from megatron_fipo.rollout.sglang_engine import SGLangEngine
 
-        s.engine = SGLangEngine.from_config(config.model.hf_path, ro)
+        s.engine = SGLangEngine.from_config(config.model.hf_path, ro, log_dir=os.path.join(tr.run_dir, "sglang_logs"))
 
 
 def encode_items(files, tokenizer, *, max_prompt_tokens: int, on_bad_row: str, on_too_long: str) -> list:

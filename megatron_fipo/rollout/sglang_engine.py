@@ -1,0 +1,354 @@
+"""The SGLang rollout engine: owned server replicas, HTTP generation, colocated and disaggregated weight sync.
+
+Owns ``SGLangEngine`` and the payload builders ``serialize_named_tensors`` (SGLang's
+``MultiprocessingSerializer`` format, built with torch's ``ForkingPickler``) and
+``tcp_gloo_group``. The only module that imports sglang, and only lazily (for
+``init_custom_process_group`` in disaggregated mode): on CPU every other path is exercised
+against ``tests/fake_sglang_server.py``, which speaks the same endpoints.
+
+Design (SGLang 0.5.x HTTP API):
+
+* One server per rollout data-parallel replica (``replicas``), each with ``tp_size`` GPUs
+  (``--base-gpu-id``); one HTTP ``/generate`` request per sample (SGLang's radix cache shares
+  the prompt), ``sampling_seed = seed + j``, ``return_logprob``; requests are spread round-robin
+  over replicas with ``max_in_flight`` in flight. Tokens and log-probs come from
+  ``meta_info.output_token_logprobs`` (the matched stop token included).
+* Colocated sync: every bucket is pickled once as CUDA-IPC handles (the bucket's tensors are
+  views of one buffer, so one handle) and the same string is sent to each of the replica's TP
+  ranks (``serialized_named_tensors``, ``load_format`` None); the call returns after SGLang has
+  copied the weights, and only then is the next bucket requested, so a reused buffer is safe.
+  ``flush_cache`` follows the last bucket. CPU tensors (tests, CPU servers) use the
+  ``file_system`` sharing strategy (fd passing needs a shared ``multiprocessing`` authkey that a
+  separate server lacks) and one copy per replica (a receiver unlinks the shared memory).
+* Disaggregated sync: ``/init_weights_update_group`` once (this process is rank 0; replica ``i``'s
+  TP ranks follow), then per bucket ``/update_weights_from_distributed`` (names, dtypes,
+  shapes) posted in background threads while this process broadcasts each tensor in order.
+* Failures: a replica whose process died is restarted (``max_restarts``) and its unfinished
+  requests re-issued; its weights are then re-synced through ``resync`` (a callable returning
+  ``(stream, version)``), and without one a restart after an update is an ``EngineError`` -
+  never a silent fall back to stale weights. Every error carries the server's log tail.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import os
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from typing import Any, Optional
+
+import torch
+
+from megatron_fipo.rollout.engine import (
+    EngineError,
+    GenerationRequest,
+    RolloutEngine,
+    Sample,
+    WeightStream,
+    progress_bar,
+)
+from megatron_fipo.rollout.sglang_server import (
+    ServerProcess,
+    default_launcher,
+    free_port,
+    post_checked,
+    request,
+    server_argv,
+)
+
+
+def serialize_named_tensors(named: Sequence[tuple[str, torch.Tensor]]) -> str:
+    """``[(name, tensor)]`` -> base64 of a ``ForkingPickler`` pickle (handles, not data), as SGLang reads it."""
+    from multiprocessing.reduction import ForkingPickler
+
+    import torch.multiprocessing as tmp
+
+    if any(not t.is_cuda for _, t in named):
+        tmp.set_sharing_strategy("file_system")
+    buf = io.BytesIO()
+    ForkingPickler(buf).dump([(str(n), t) for n, t in named])
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def deserialize_named_tensors(payload: str) -> list:
+    """Inverse of ``serialize_named_tensors`` (what the server does), for tests and debugging."""
+    import pickle
+
+    import torch.multiprocessing  # noqa: F401 - registers the tensor reductions
+
+    return pickle.loads(base64.b64decode(payload))
+
+
+def tcp_gloo_group(init_method: str, world_size: int, rank: int, group_name: str, backend: str = "gloo"):
+    """A gloo group outside the default process group; returns ``broadcast(tensor, src=0)``."""
+    import datetime
+
+    import torch.distributed as dist
+
+    host, port = init_method.removeprefix("tcp://").rsplit(":", 1)
+    store = dist.TCPStore(host, int(port), world_size, is_master=rank == 0, timeout=datetime.timedelta(seconds=300))
+    pg = dist.ProcessGroupGloo(dist.PrefixStore(group_name, store), rank, world_size,
+                               datetime.timedelta(seconds=300))
+    return lambda tensor, src=0: pg.broadcast(tensor, src).wait()
+
+
+def _sglang_group(init_method: str, world_size: int, rank: int, group_name: str, backend: str):
+    import torch.distributed as dist
+    from sglang.srt.utils import init_custom_process_group
+
+    pg = init_custom_process_group(backend=backend, init_method=init_method, world_size=world_size, rank=rank,
+                                   group_name=group_name)
+    return lambda tensor, src=0: dist.broadcast(tensor, src=src, group=pg)
+
+
+class SGLangEngine(RolloutEngine):
+    """Rollouts from SGLang servers (see the module docstring).
+
+    Args:
+        model_path: HF model directory the servers load (the base weights, version 0).
+        replicas: servers to launch; ``tp_size``: GPUs per server.
+        server_args: extra SGLang server arguments (``--key value``), passed through.
+        mode: ``"colocated"`` (CUDA-IPC weight sync, memory release) or ``"disaggregated"`` (NCCL).
+        urls: attach to running servers instead of launching (not owned: never killed/restarted).
+        launch_cmd: argv prefix replacing ``python -m sglang.launch_server``.
+        log_dir: one log file per replica.
+        max_restarts: restarts allowed per replica.
+        resync: ``() -> (stream, version)`` to re-sync a restarted replica.
+        group_factory: builds the disaggregated group (default: SGLang's ``init_custom_process_group``).
+    """
+
+    def __init__(self, model_path: str, *, replicas: int = 1, tp_size: int = 1,
+                 server_args: Optional[Mapping[str, Any]] = None, mode: str = "colocated", urls: Sequence[str] = (),
+                 launch_cmd: Optional[Sequence[str]] = None, host: str = "127.0.0.1", log_dir: str = "sglang_logs",
+                 max_restarts: int = 1, startup_timeout: float = 900.0, request_timeout: float = 3600.0,
+                 max_in_flight: int = 256, resync: Optional[Callable[[], tuple]] = None,
+                 group_factory: Optional[Callable] = None, backend: Optional[str] = None):
+        if mode not in ("colocated", "disaggregated"):
+            raise ValueError(f"mode must be 'colocated' or 'disaggregated', got {mode!r}")
+        if replicas < 1 or tp_size < 1 or max_in_flight < 1 or max_restarts < 0:
+            raise ValueError("replicas, tp_size and max_in_flight must be >= 1, max_restarts >= 0")
+        self.mode, self.tp_size, self.resync = mode, tp_size, resync
+        self.max_restarts, self.startup_timeout, self.timeout = max_restarts, startup_timeout, request_timeout
+        self.max_in_flight, self.host = max_in_flight, host
+        self.group_factory = group_factory or _sglang_group
+        self.backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        self._lock, self._broadcast, self._closed = threading.Lock(), None, False
+        self.weight_version = 0
+        self.servers: list[Optional[ServerProcess]] = []
+        if urls:
+            self.urls = [u.rstrip("/") for u in urls]
+            self.servers = [None] * len(self.urls)
+            for url in self.urls:
+                _wait_url(url, startup_timeout)
+            return
+        prefix = list(launch_cmd) if launch_cmd else default_launcher()
+        self.urls = []
+        for i in range(replicas):
+            port = free_port(host)
+            argv = prefix + ["--model-path", model_path, "--host", host, "--port", str(port), "--tp-size",
+                             str(tp_size), "--base-gpu-id", str(i * tp_size)] + server_argv(server_args or {})
+            self.urls.append(f"http://{host}:{port}")
+            self.servers.append(ServerProcess(argv, self.urls[-1], os.path.join(log_dir, f"sglang_replica{i}.log")))
+        try:
+            for s in self.servers:
+                s.start()
+            for s in self.servers:
+                s.wait_healthy(startup_timeout)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    @classmethod
+    def from_config(cls, model_path: str, rollout, **kwargs) -> "SGLangEngine":
+        """From ``config.RolloutConfig`` (``sglang`` holds the server arguments; ``tp_size`` among them)."""
+        args = dict(rollout.sglang)
+        tp = int(args.pop("tp_size", args.pop("tp", 1)))
+        return cls(model_path, replicas=rollout.replicas, tp_size=tp, server_args=args, mode=rollout.mode,
+                   urls=tuple(rollout.urls), max_restarts=rollout.max_restarts, **kwargs)
+
+    # ------------------------------------------------------------------ generation
+    def generate(self, requests: Sequence[GenerationRequest], *, progress: bool = False) -> list[list[Sample]]:
+        self._check_open()
+        jobs = [(ri, j) for ri, req in enumerate(requests) for j in range(req.params.n)]
+        out: list[list] = [[None] * req.params.n for req in requests]
+        with ThreadPoolExecutor(max_workers=min(self.max_in_flight, max(len(jobs), 1))) as pool, \
+                progress_bar(len(jobs), "generate", progress) as bar:
+            futures = {pool.submit(self._sample, k, requests[ri], ri, j): (ri, j) for k, (ri, j) in enumerate(jobs)}
+            for fut in as_completed(futures):
+                ri, j = futures[fut]
+                out[ri][j] = fut.result()
+                bar.update(1)
+        return out
+
+    def _sample(self, k: int, req: GenerationRequest, ri: int, j: int) -> Sample:
+        p = req.params
+        sampling = {"temperature": p.temperature, "top_p": p.top_p, "top_k": p.top_k or -1,
+                    "max_new_tokens": p.max_new_tokens, "stop_token_ids": list(p.stop_token_ids)}
+        if p.seed is not None:
+            sampling["sampling_seed"] = p.seed + j
+        payload = {"input_ids": list(req.prompt_ids), "sampling_params": sampling, "return_logprob": True}
+        replica, attempts = k % len(self.urls), 0
+        while True:
+            try:
+                out = request(self.urls[replica] + "/generate", payload, timeout=self.timeout)
+                return self._parse(out, req, ri, j, replica)
+            except OSError as err:
+                attempts += 1
+                if attempts > 3 + self.max_restarts:
+                    raise EngineError(f"generation at {self.urls[replica]} keeps failing: {err}") from err
+                self._recover(replica, err)
+
+    def _parse(self, out: Mapping, req: GenerationRequest, ri: int, j: int, replica: int) -> Sample:
+        meta = out.get("meta_info", {}) if isinstance(out, Mapping) else {}
+        pairs = meta.get("output_token_logprobs")
+        if pairs is None:
+            raise EngineError(f"{self.urls[replica]}/generate answered without output_token_logprobs: {str(out)[:300]}")
+        version = meta.get("weight_version")
+        if version not in (None, "default") and str(version) != str(self.weight_version):
+            raise EngineError(f"{self.urls[replica]} sampled with weight version {version}, "
+                              f"the engine holds {self.weight_version}")
+        reason = (meta.get("finish_reason") or {}).get("type", "abort")
+        return Sample(req.prompt_ids, [int(t) for _, t, *_ in pairs], [float(lp) for lp, *_ in pairs],
+                      reason if reason in ("stop", "length") else "abort", self.weight_version, ri, j)
+
+    def _recover(self, replica: int, err: Exception) -> None:
+        """After a failed call: restart a dead owned server (and re-sync it), or back off briefly."""
+        with self._lock:
+            server = self.servers[replica]
+            if server is None or server.alive():
+                time.sleep(0.5)
+                return
+            tail = server.tail()
+            if server.restarts >= self.max_restarts:
+                raise EngineError(f"SGLang server {server.url} died (exit {server.proc.returncode}) and "
+                                  f"max_restarts={self.max_restarts} is used up; log tail:\n{tail}") from err
+            if self.weight_version != 0 and self.resync is None:
+                raise EngineError(f"SGLang server {server.url} died and was restarted with the base weights, but "
+                                  f"it served version {self.weight_version} and no resync callback was given; "
+                                  f"log tail:\n{tail}") from err
+            server.restarts += 1
+            server.kill()
+            server.start()
+            server.wait_healthy(self.startup_timeout)
+            if self.weight_version != 0:
+                stream, version = self.resync()
+                self._push(stream, version, only=[replica])
+
+    # ------------------------------------------------------------------ weights
+    def update_weights(self, stream: WeightStream, version: int) -> None:
+        self._check_open()
+        with self._lock:
+            self._push(stream, int(version), only=range(len(self.urls)))
+            self.weight_version = int(version)
+
+    def _push(self, stream: WeightStream, version: int, only) -> None:
+        urls = [self.urls[i] for i in only]
+        if self.mode == "disaggregated":
+            self._ensure_group()
+        for bucket in stream:
+            if self.mode == "colocated":
+                for url in urls:
+                    # CPU shared memory is unlinked once a receiver is done with it: one copy per replica
+                    # (CUDA IPC handles can be opened by every replica: no copy)
+                    sent = bucket if all(t.is_cuda for _, t in bucket) else [(n, t.clone()) for n, t in bucket]
+                    payload = serialize_named_tensors(sent)
+                    post_checked(url + "/update_weights_from_tensor", {
+                        "serialized_named_tensors": [payload] * self.tp_size, "load_format": None,
+                        "flush_cache": False, "weight_version": str(version)}, timeout=self.timeout,
+                        what="update_weights_from_tensor")
+            else:
+                self._broadcast_bucket(bucket, version, urls)
+        for url in urls:
+            post_checked(url + "/flush_cache", {}, timeout=self.timeout, what="flush_cache")
+
+    def _ensure_group(self) -> None:
+        if self._broadcast is not None:
+            return
+        port, world = free_port(self.host), 1 + self.tp_size * len(self.urls)
+        init = f"tcp://{self.host}:{port}"
+        errors: list = []
+        threads = [threading.Thread(target=_post_into, args=(errors, url + "/init_weights_update_group", {
+            "master_address": self.host, "master_port": port, "rank_offset": 1 + i * self.tp_size,
+            "world_size": world, "group_name": "fipo_weights", "backend": self.backend}, self.timeout))
+            for i, url in enumerate(self.urls)]
+        for t in threads:
+            t.start()
+        self._broadcast = self.group_factory(init, world, 0, "fipo_weights", self.backend)
+        for t in threads:
+            t.join(self.timeout)
+        if errors:
+            self._broadcast = None
+            raise errors[0]
+
+    def _broadcast_bucket(self, bucket, version: int, urls) -> None:
+        meta = {"names": [n for n, _ in bucket], "dtypes": [str(t.dtype).replace("torch.", "") for _, t in bucket],
+                "shapes": [list(t.shape) for _, t in bucket], "group_name": "fipo_weights", "flush_cache": False,
+                "weight_version": str(version)}
+        errors: list = []
+        threads = [threading.Thread(target=_post_into, args=(errors, url + "/update_weights_from_distributed", meta,
+                                                            self.timeout)) for url in urls]
+        for t in threads:
+            t.start()
+        for _, tensor in bucket:
+            self._broadcast(tensor.contiguous())
+        for t in threads:
+            t.join(self.timeout)
+            if t.is_alive():
+                raise EngineError("update_weights_from_distributed did not answer in time")
+        if errors:
+            raise errors[0]
+
+    # ------------------------------------------------------------------ lifecycle
+    def release(self) -> None:
+        self._check_open()
+        for url in self.urls:
+            post_checked(url + "/release_memory_occupation", {}, timeout=self.timeout, what="release_memory_occupation")
+
+    def resume(self) -> None:
+        self._check_open()
+        for url in self.urls:
+            post_checked(url + "/resume_memory_occupation", {}, timeout=self.timeout, what="resume_memory_occupation")
+
+    def health(self) -> dict:
+        replicas = []
+        for url, server in zip(self.urls, self.servers):
+            try:
+                request(url + "/health", timeout=10)
+                ok = True
+            except OSError:
+                ok = False
+            replicas.append({"url": url, "ok": ok and (server is None or server.alive()),
+                             "restarts": server.restarts if server else 0})
+        return {"ok": not self._closed and all(r["ok"] for r in replicas), "weight_version": self.weight_version,
+                "replicas": replicas}
+
+    def shutdown(self) -> None:
+        self._closed = True
+        for server in self.servers:
+            if server is not None:
+                server.kill()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise EngineError("the SGLang engine was shut down")
+
+
+def _post_into(errors: list, url: str, payload: Mapping, timeout: float) -> None:
+    try:
+        post_checked(url, payload, timeout=timeout, what=url.rsplit("/", 1)[-1])
+    except EngineError as err:
+        errors.append(err)
+
+
+def _wait_url(url: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            request(url + "/health", timeout=5)
+            return
+        except OSError as err:
+            if time.monotonic() > deadline:
+                raise EngineError(f"SGLang server {url} (not launched by us) is not healthy: {err}") from err
+            time.sleep(0.5)
