@@ -22,7 +22,8 @@ setup(
         "pyarrow",  # parquet datasets (DAPO-Math-17k, AIME)
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2.3"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "matplotlib"],  # matplotlib: tools/plot_run.py
+        "plot": ["matplotlib"],
         # GPU-only: never installed on the CPU development machines (see Dockerfile).
         "gpu": ["transformer-engine[pytorch]", "sglang"],
     },

@@ -88,3 +88,22 @@ def test_plan_reports_and_rejects_impossible_layouts():
         plan(cfg, 12, QWEN25_7B)
     with pytest.raises(ValueError, match="attention heads"):
         plan(load_config(None, ["parallel.tp=8"]), 8, QWEN25_7B)
+
+
+def test_plot_run_draws_pngs(tmp_path):
+    pytest.importorskip("matplotlib")
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("plot_run", os.path.join(os.path.dirname(__file__), "..", "..",
+                                                                           "tools", "plot_run.py"))
+    plot_run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plot_run)
+    log = MetricsLogger(str(tmp_path), tensorboard=False)
+    for s in range(1, 6):
+        log.log(s, {"train/acc_mean": s / 10, **({"eval/avg@4": s / 5} if s % 2 else {})})
+    log.close()
+    paths = plot_run.plot(str(tmp_path))
+    assert [os.path.basename(p) for p in paths] == ["train_acc_mean.png", "eval_avg_at_4.png", "overview.png"]
+    assert all(open(p, "rb").read(8) == b"\x89PNG\r\n\x1a\n" for p in paths)
+    with pytest.raises(SystemExit, match="none of the keys"):
+        plot_run.plot(str(tmp_path), keys=["nope"])
