@@ -182,11 +182,8 @@ def build_run(config, groups, hf_config: dict) -> RunState:
     from megatron_fipo.mcore.model import Qwen2Arch
 
     arch = Qwen2Arch.from_hf(hf_config)
-    o, m = config.optim, config.model
-    settings = ActorSettings(lr=o.lr, warmup_steps=o.warmup_steps, weight_decay=o.weight_decay, clip_grad=o.clip_grad,
-                             adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
-                             max_tokens_per_micro_batch=o.max_tokens_per_micro_batch,
-                             logprob_chunk_tokens=o.logprob_chunk_tokens, params_dtype=m.params_dtype,
+    m = config.model
+    settings = ActorSettings(**dataclasses.asdict(config.optim), params_dtype=m.params_dtype,
                              sequence_parallel=config.parallel.sequence_parallel, recompute=dict(m.recompute),
                              transformer_overrides=dict(m.transformer_overrides))
     actor = Actor(arch, groups, settings, use_te=m.use_te)

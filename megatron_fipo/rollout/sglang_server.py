@@ -1,8 +1,8 @@
 """SGLang server processes and their HTTP API, for ``sglang_engine``: launch, health, logs, restart, kill.
 
 Owns ``ServerProcess`` (one ``sglang.launch_server`` process in its own process group, its log
-file, health polling with a deadline, the log tail in every error, kill on shutdown and at
-interpreter exit) and ``post_json`` / ``get`` (stdlib HTTP with timeouts; SGLang's weight endpoints
+file, health polling with a deadline, the log tail in every error, kill on shutdown, at
+interpreter exit and on SIGTERM) and ``post_json`` / ``get`` (stdlib HTTP with timeouts; SGLang's weight endpoints
 answer ``{"success": bool, "message": str}``, turned into ``EngineError`` on failure). Does not
 import sglang: it runs a command line.
 """
@@ -99,6 +99,7 @@ class ServerProcess:
             self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                          env={**os.environ, **self.env}, start_new_session=True)
         _LIVE.add(self)
+        _install_sigterm_handler()
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -157,3 +158,30 @@ def default_launcher() -> list[str]:
 def _kill_all() -> None:
     for server in list(_LIVE):
         server.kill(grace=2.0)
+
+
+_PREVIOUS_SIGTERM: list = []
+
+
+def _install_sigterm_handler() -> None:
+    """On SIGTERM (scheduler preemption, ``kill``) kill the servers, then behave as before.
+
+    The servers run in their own sessions, so a signal to the trainer does not reach them, and
+    ``atexit`` does not run on a signal death: without this they would outlive the trainer.
+    """
+    import threading
+
+    if _PREVIOUS_SIGTERM or threading.current_thread() is not threading.main_thread():
+        return
+    _PREVIOUS_SIGTERM.append(signal.getsignal(signal.SIGTERM))
+
+    def handler(signum, frame):
+        _kill_all()
+        previous = _PREVIOUS_SIGTERM[0]
+        if callable(previous):
+            previous(signum, frame)
+        else:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, handler)

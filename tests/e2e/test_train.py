@@ -178,3 +178,25 @@ def test_bad_data_and_config_errors(demo, tmp_path, capsys):
     assert proc.returncode == 0 and "1 bad row(s): row 7" in proc.stderr, proc.stderr[-2000:]
     assert main(["train", "--config", CONFIG, "parallel.tp=3"]) == 2
     assert "not a multiple of tp*pp*cp" in capsys.readouterr().err
+
+
+def test_eval_cli_on_hf_model_and_megatron_checkpoint(demo, tmp_path):
+    """``megatron-fipo eval`` gives the same metrics for the HF model and its Megatron conversion."""
+    def run(*args):
+        out = tmp_path / f"records{len(args)}.jsonl"
+        proc = subprocess.run([sys.executable, "-m", "megatron_fipo", "eval", *args, "--data", f"{demo}/test.jsonl",
+                               "--n", "3", "--max-problems", "12", "--max-new-tokens", "16", "--workers", "0",
+                               "--output", str(out)], cwd=REPO, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return json.loads(proc.stdout[proc.stdout.index("{"):]), [json.loads(x) for x in out.read_text().splitlines()]
+
+    hf_metrics, records = run("--model", f"{demo}/base")
+    assert hf_metrics["problems"] == 12 and len(records) == 12
+    assert 0 <= hf_metrics["eval/avg@3"] <= hf_metrics["eval/pass@3"] <= 1
+    assert hf_metrics["eval/avg@3"] == pytest.approx(sum(sum(r["acc"]) for r in records) / 36)
+    ckpt = str(tmp_path / "mcore")
+    proc = subprocess.run([sys.executable, "-m", "megatron_fipo", "convert", "--from-hf", f"{demo}/base", "--to-mcore",
+                           ckpt], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt_metrics, _ = run("--checkpoint", ckpt, "--tokenizer", f"{demo}/base", "--seed", "1234")
+    assert ckpt_metrics == hf_metrics

@@ -88,3 +88,13 @@ def test_loss_kwargs_match_the_loss_signature():
     kwargs = Config().algo.loss_kwargs()
     assert set(kwargs) <= set(params)
     assert all(params[k].default == v for k, v in kwargs.items())  # the config defaults are the recipe's
+
+
+def test_optim_section_maps_onto_actor_settings():
+    import dataclasses
+
+    from megatron_fipo.config import OptimConfig
+    from megatron_fipo.mcore.actor import ActorSettings
+
+    actor_fields = {f.name for f in dataclasses.fields(ActorSettings)}
+    assert {f.name for f in dataclasses.fields(OptimConfig)} <= actor_fields  # trainer passes optim.* through

@@ -175,3 +175,22 @@ def test_error_answers_and_unhealthy_servers(tmp_path):
     assert not _children()
     with pytest.raises(ValueError, match="mode"):
         SGLangEngine("m", mode="both")
+
+
+def test_sigterm_of_the_trainer_kills_its_servers(tmp_path):
+    code = ("import sys, time; sys.path.insert(0, %r)\n"
+            "from megatron_fipo.rollout.sglang_engine import SGLangEngine\n"
+            "e = SGLangEngine('m', launch_cmd=%r, log_dir=%r, startup_timeout=60)\n"
+            "print('ready', e.servers[0].proc.pid, flush=True)\n"
+            "time.sleep(600)\n" % (REPO, FAKE, str(tmp_path / "logs")))
+    trainer = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        line = trainer.stdout.readline()
+        assert line.startswith("ready"), line
+        server = psutil.Process(int(line.split()[1]))
+        trainer.terminate()
+        assert trainer.wait(timeout=30) != 0
+        psutil.wait_procs([server], timeout=15)
+        assert not server.is_running() or server.status() == psutil.STATUS_ZOMBIE
+    finally:
+        trainer.kill()
