@@ -44,8 +44,10 @@ def train(config: Config) -> dict:
     from megatron_fipo.mcore import groups as G
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    messages = validate(config, world_size=world)  # the config alone first: errors before any file is read
     hf_config = _read_hf_config(config.model.hf_path)
-    for message in validate(config, world_size=world, hf_config=hf_config):
+    validate(config, world_size=world, hf_config=hf_config)  # heads / layers against tp / pp
+    for message in messages:
         warnings.warn(message, stacklevel=2)
     G.single_process_env()
     par = config.parallel
@@ -128,6 +130,7 @@ class Trainer:
         metrics.update(self._mismatch(old_logp, share["rollout_logp"]))
         if not s.all_finite(old_logp):
             s.engine_resume()
+            sync_weights(s, version=s.synced_version)  # a released engine may have dropped its weights
             return self._skip(step, metrics, "non-finite old log-probs")
         t = time.perf_counter()
         per_mb = []

@@ -76,7 +76,7 @@ def make_handler(state: State):
             body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
             name = self.path.strip("/")
             if name == state.args.fail_endpoint:
-                return self._send(200, {"success": False, "message": f"injected failure in {name}"})
+                return self._send(400, {"success": False, "message": f"injected failure in {name}"})  # as SGLang
             handler = getattr(self, "_" + name, None)
             if handler is None:
                 return self._send(404, {"error": self.path})

@@ -61,7 +61,7 @@ class CPUEngine(RolloutEngine):
         self.max_positions = int(getattr(model.config, "max_position_embeddings", 1 << 30))
         self.max_batch_rows = max_batch_rows
         self.weight_version = 0
-        self._released = False
+        self._released = self._partial = False
 
     # ------------------------------------------------------------------ protocol
     def generate(self, requests: Sequence[GenerationRequest], *, progress: bool = False) -> list[list[Sample]]:
@@ -85,6 +85,7 @@ class CPUEngine(RolloutEngine):
         self._check_alive()
         params = dict(self.model.named_parameters())
         seen: list[str] = []
+        self._partial = True  # until the stream is complete the weights are a mix: generate refuses
         with torch.no_grad():
             for bucket in stream:
                 for name, tensor in bucket:
@@ -97,6 +98,7 @@ class CPUEngine(RolloutEngine):
                     seen.append(name)
         validate_stream_names(seen, params)
         self.weight_version = int(version)
+        self._partial = False
 
     def release(self) -> None:
         self._check_alive()
@@ -107,7 +109,8 @@ class CPUEngine(RolloutEngine):
         self._released = False
 
     def health(self) -> dict:
-        return {"ok": self.model is not None and not self._released, "weight_version": self.weight_version,
+        return {"ok": self.model is not None and not self._released and not self._partial,
+                "weight_version": self.weight_version,
                 "device": "cpu", "released": self._released, "alive": self.model is not None}
 
     def shutdown(self) -> None:
@@ -122,6 +125,9 @@ class CPUEngine(RolloutEngine):
         self._check_alive()
         if self._released:
             raise EngineError("the CPU engine's memory is released (colocated training phase): call resume() first")
+        if self._partial:
+            raise EngineError(f"the last weight update failed part-way: the model holds a mix of versions; "
+                              f"a complete update is needed (last complete version {self.weight_version})")
 
     def _validate(self, i: int, req: GenerationRequest) -> None:
         if not isinstance(req, GenerationRequest):

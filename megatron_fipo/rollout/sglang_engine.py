@@ -13,6 +13,9 @@ Design (SGLang 0.5.x HTTP API):
   the prompt), ``sampling_seed = seed + j``, ``return_logprob``; requests are spread round-robin
   over replicas with ``max_in_flight`` in flight. Tokens and log-probs come from
   ``meta_info.output_token_logprobs`` (the matched stop token included).
+* Colocated release / resume need the server flags ``enable_memory_saver`` (package
+  ``torch_memory_saver``) and, to keep the weights across a release, ``enable_weights_cpu_backup``
+  (SGLang >= 0.5.3); the trainer re-syncs after every training phase in any case.
 * Colocated sync: every bucket is pickled once as CUDA-IPC handles (the bucket's tensors are
   views of one buffer, so one handle) and the same string is sent to each of the replica's TP
   ranks (``serialized_named_tensors``, ``load_format`` None); the call returns after SGLang has
@@ -205,8 +208,9 @@ class SGLangEngine(RolloutEngine):
         pairs = meta.get("output_token_logprobs")
         if pairs is None:
             raise EngineError(f"{self.urls[replica]}/generate answered without output_token_logprobs: {str(out)[:300]}")
-        version = meta.get("weight_version")
-        if version not in (None, "default") and str(version) != str(self.weight_version):
+        version = meta.get("weight_version")  # SGLang reports "default" until a weight update sets it
+        version = "0" if version == "default" else version
+        if version is not None and str(version) != str(self.weight_version):
             raise EngineError(f"{self.urls[replica]} sampled with weight version {version}, "
                               f"the engine holds {self.weight_version}")
         reason = (meta.get("finish_reason") or {}).get("type", "abort")

@@ -17,6 +17,7 @@ import torch
 
 from tests.dist.launcher import DistributedTestError, launch
 
+pytestmark = pytest.mark.timeout(1800)  # the session fixture builds the demo; slow when the machine is shared
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SMALL = ["rollout.n=4", "train.prompts_per_step=8", "train.mini_batch_prompts=4", "eval.n=2", "eval.max_problems=16",
          "eval.every_steps=0", "eval.at_start=false", "log.progress=false", "log.tensorboard=false",

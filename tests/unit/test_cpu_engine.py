@@ -140,6 +140,11 @@ def test_bad_streams_are_rejected(hf):
         with pytest.raises(ValueError, match=match):
             eng.update_weights(iter(stream), version=3)
         assert eng.weight_version == 0
+        with pytest.raises(EngineError, match="failed part-way"):  # never samples from mixed weights
+            eng.generate([GenerationRequest((1,), SamplingParams(max_new_tokens=2))])
+        assert not eng.health()["ok"]
+    eng.update_weights(iter([named]), version=4)
+    assert eng.generate([GenerationRequest((1,), SamplingParams(max_new_tokens=2))])[0][0].weight_version == 4
 
 
 def test_errors_and_lifecycle(hf):
