@@ -33,3 +33,8 @@ def test_future_kl_benchmark_quick(tmp_path):
 def test_bridge_benchmark_quick(tmp_path):
     result = run_quick("bridge.py", tmp_path / "bridge.json")
     assert result["hf_bytes"] > 0 and result["export_gbps"] > 0 and result["memcpy_gbps"] > 0
+
+
+def test_cpu_engine_benchmark_quick(tmp_path):
+    result = run_quick("cpu_engine.py", tmp_path / "engine.json")["results"]
+    assert result["tokens"] == 4 * 2 * 8 and result["ours_tokens_per_s"] > 0 and result["hf_tokens_per_s"] > 0
