@@ -6,8 +6,10 @@ the trainer's periodic evaluation does (``experience.evaluate_items``, same seed
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
 import tempfile
 
 
@@ -61,6 +63,7 @@ def _export(checkpoint: str, out_dir: str) -> str:
 
     from megatron_fipo.convert import convert
 
-    convert(argparse.Namespace(from_hf=None, to_mcore=None, from_mcore=checkpoint, to_hf=out_dir, hf_config=None,
-                               tokenizer=None, dtype=None, tp=1, pp=1, verify=False, verify_tol=1e-3))
+    with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the metrics JSON
+        convert(argparse.Namespace(from_hf=None, to_mcore=None, from_mcore=checkpoint, to_hf=out_dir, hf_config=None,
+                                   tokenizer=None, dtype=None, tp=1, pp=1, verify=False, verify_tol=1e-3))
     return out_dir

@@ -84,6 +84,7 @@ class Trainer:
     def run(self) -> dict:
         cfg, s = self.config, self.s
         last: dict = {}
+        last_save_s = None
         if s.step == 0 and cfg.eval.at_start and s.eval_items:
             self._log(0, evaluate(s, cfg, step=0))
         bar = s.progress_bar(initial=s.step, total=cfg.train.steps)
@@ -94,11 +95,13 @@ class Trainer:
             if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 or step == cfg.train.steps and cfg.eval.at_end:
                 metrics.update(evaluate(s, cfg, step=step))
             s.step = step
-            if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 or step == cfg.train.steps:
-                metrics["time/save_s"] = self._save(step)
             metrics["time/step_s"] = time.perf_counter() - start
             metrics["perf/tokens_per_s"] = metrics.pop("train/_tokens", 0.0) / metrics["time/step_s"]
-            self._log(step, metrics)
+            if last_save_s is not None:  # the checkpoint written after the previous step
+                metrics["time/save_s"], last_save_s = last_save_s, None
+            self._log(step, metrics)  # before the checkpoint: a checkpoint never exists without its step's record
+            if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 or step == cfg.train.steps:
+                last_save_s = self._save(step)
             last = metrics
             bar.update(1)
             bar.set_postfix(reward=f"{metrics.get('train/reward_mean', float('nan')):.3f}",

@@ -172,10 +172,10 @@ def test_bad_data_and_config_errors(demo, tmp_path, capsys):
     bad.write_text("\n".join(rows) + "\n")
     args = ["train", "--config", CONFIG, *_overrides(demo, str(tmp_path / "r"), *SMALL, f"data.train_files=[{bad}]")]
     proc = subprocess.run([sys.executable, "-m", "megatron_fipo", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=300)
+                          timeout=900)
     assert proc.returncode == 2 and "row 7: missing 'reward_model.ground_truth'" in proc.stderr, proc.stderr[-2000:]
     proc = subprocess.run([sys.executable, "-m", "megatron_fipo", *args, "data.on_bad_row=skip", "train.steps=1",
-                           "checkpoint.export_hf=false"], cwd=REPO, capture_output=True, text=True, timeout=300)
+                           "checkpoint.export_hf=false"], cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0 and "1 bad row(s): row 7" in proc.stderr, proc.stderr[-2000:]
     assert main(["train", "--config", CONFIG, "parallel.tp=3"]) == 2
     assert "not a multiple of tp*pp*cp" in capsys.readouterr().err
