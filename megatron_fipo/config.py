@@ -179,7 +179,6 @@ def validate(config: Config, world_size: Optional[int] = None, hf_config: Option
     for name in ("tp", "pp", "cp"):
         need(getattr(par, name) >= 1, f"parallel.{name} must be >= 1")
     need(par.vpp is None or (par.vpp >= 2 and par.pp >= 2), "parallel.vpp needs parallel.pp >= 2 and vpp >= 2 (or null)")
-    need(par.cp == 1, "parallel.cp > 1: context parallelism is not available in this version yet")
     need(par.backend in (None, "nccl", "gloo"), f"parallel.backend must be nccl, gloo or null, got {par.backend!r}")
     if par.sequence_parallel and par.tp == 1:
         warnings.append("parallel.sequence_parallel has no effect with parallel.tp=1")
@@ -219,9 +218,14 @@ def validate(config: Config, world_size: Optional[int] = None, hf_config: Option
              f"{dp} data-parallel ranks")
     need(tr.max_nonfinite_steps >= 1 and tr.reward_workers >= 1, "train.max_nonfinite_steps / reward_workers must be >= 1")
     need(config.optim.lr > 0 and config.optim.max_tokens_per_micro_batch >= 1, "optim.lr and token budget must be > 0")
-    need(config.optim.max_tokens_per_micro_batch >= ro.max_prompt_length + ro.max_response_length,
+    longest = ro.max_prompt_length + ro.max_response_length
+    align = cp_alignment(par.cp, par.tp, par.sequence_parallel)
+    padded = -(-longest // align) * align
+    need(config.optim.max_tokens_per_micro_batch >= padded,
          f"optim.max_tokens_per_micro_batch ({config.optim.max_tokens_per_micro_batch}) must hold one full "
-         f"sequence (rollout.max_prompt_length + max_response_length = {ro.max_prompt_length + ro.max_response_length})")
+         f"sequence (rollout.max_prompt_length + max_response_length = {longest}"
+         + (f", padded to a multiple of {align} for context parallelism = {padded}" if padded != longest else "")
+         + ")")
     need(config.eval.n >= 1 and config.eval.every_steps >= 0, "eval.n must be >= 1 and eval.every_steps >= 0")
     need(config.checkpoint.every_steps >= 0, "checkpoint.every_steps must be >= 0")
     need(config.data.on_bad_row in ("error", "skip") and config.data.on_too_long in ("error", "skip"),
@@ -241,6 +245,17 @@ def validate(config: Config, world_size: Optional[int] = None, hf_config: Option
     if errors:
         raise ValueError("invalid config:\n  - " + "\n  - ".join(errors))
     return warnings
+
+
+def cp_alignment(cp: int, tp: int = 1, sequence_parallel: bool = False) -> int:
+    """Under context parallelism every sequence is padded to a multiple of this many tokens.
+
+    Megatron's load-balanced layout splits each sequence into ``2 * cp`` equal chunks; with sequence
+    parallelism each rank's share must also split over the ``tp`` ranks. 1 without context parallelism.
+    """
+    if cp <= 1:
+        return 1
+    return 2 * cp * (tp if sequence_parallel else 1)
 
 
 # ---------------------------------------------------------------------------------------------- loading

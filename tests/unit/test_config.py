@@ -50,6 +50,9 @@ def test_missing_file():
 
 def test_valid_config_passes():
     assert validate(load_config(None, OK), world_size=4, hf_config=HF) == []
+    # context parallel layouts are accepted: (tp, cp, dp) = (2, 2, 1) and (1, 4, 1)
+    assert validate(load_config(None, OK + ["parallel.tp=2", "parallel.cp=2"]), world_size=4, hf_config=HF) == []
+    assert validate(load_config(None, OK + ["parallel.cp=4"]), world_size=4, hf_config=HF) == []
 
 
 @pytest.mark.parametrize("overrides, world, match", [
@@ -57,7 +60,8 @@ def test_valid_config_passes():
     (["parallel.tp=16"], 16, "does not divide the model's 8 attention heads"),
     (["parallel.pp=3"], 3, "do not split into pp\\*vpp"),
     (["parallel.vpp=2"], 4, "vpp needs parallel.pp >= 2"),
-    (["parallel.cp=2"], 4, "context parallelism"),
+    (["parallel.cp=3", "rollout.max_prompt_length=3", "rollout.max_response_length=2",
+      "optim.max_tokens_per_micro_batch=5"], 3, "padded to a multiple of 6 for context parallelism = 6"),
     (["train.mini_batch_prompts=3"], 4, "multiple of train.mini_batch_prompts"),
     (["rollout.n=3", "train.mini_batch_prompts=1", "train.prompts_per_step=1"], 4, "does not split over 4"),
     (["rollout.engine=vllm"], 1, "rollout.engine"),
