@@ -99,6 +99,7 @@ def fipo_policy_loss(
     negative_only_mask: bool = False,
     use_influence: bool = True,
     cu_seqlens: Optional[torch.Tensor] = None,
+    sequences: Optional["SequenceIndex"] = None,
 ) -> PolicyLossOutput:
     """FIPO per-token policy loss; DAPO with ``use_influence=False``.
 
@@ -124,6 +125,10 @@ def fipo_policy_loss(
         negative_only_mask: participation mask on negative-advantage tokens only (paper Eq. 5).
         use_influence: False sets the influence weight to 1 everywhere (DAPO).
         cu_seqlens: ``[S + 1]`` int offsets when the inputs are packed 1-D tokens.
+        sequences: a ``SequenceIndex`` for the tokens instead of ``cu_seqlens`` (everything that
+            spans a sequence: the Future-KL scan, the per-sequence drop counts, sequence metrics).
+            The context-parallel loss passes one whose scan and counts span the CP group
+            (``parallel.cp_loss``); the default is built from the shape and ``cu_seqlens``.
 
     Returns:
         PolicyLossOutput. Metric sums count response tokens (``response_tokens``), kept tokens,
@@ -132,9 +137,11 @@ def fipo_policy_loss(
         masked-out tokens (``participation_masked``), safety overrides, influence-weight sum and
         clip counts, and the Future-KL sum, all over response tokens.
     """
+    if sequences is not None and cu_seqlens is not None:
+        raise ValueError("pass either cu_seqlens or sequences (a SequenceIndex), not both")
     _validate(logp, old_logp, response_mask, decay_rate, dual_clip_c, clip_low, clip_high,
-              future_kl_clip_ratio, cu_seqlens)
-    seq = _SequenceIndex(response_mask.shape, cu_seqlens, logp.device)
+              future_kl_clip_ratio, cu_seqlens is not None or (sequences is not None and sequences.packed))
+    seq = sequences if sequences is not None else SequenceIndex(response_mask.shape, cu_seqlens, logp.device)
     adv = seq.broadcast(advantages, logp.shape).to(torch.promote_types(logp.dtype, torch.float32))
     mask = response_mask.bool()
     logp = logp.to(adv.dtype)
@@ -145,7 +152,7 @@ def fipo_policy_loss(
     over_c = d > math.log(dual_clip_c) if dual_clip_c is not None else torch.zeros_like(mask)
     masked_out = over_c & (adv < 0) if negative_only_mask else over_c
     signal = torch.where(mask & ~masked_out, d, torch.zeros_like(d))
-    future_kl = discounted_suffix_sum(signal, 2.0 ** (-1.0 / decay_rate), cu_seqlens=cu_seqlens)
+    future_kl = seq.suffix_sum(signal, 2.0 ** (-1.0 / decay_rate))
 
     lo, hi = _influence_bounds(future_kl_clip_ratio, future_kl_clip_high_only)
     safety = (adv < 0) & (ratio.detach() > safety_thresh)
@@ -192,8 +199,8 @@ def _fill_metrics(out, mask, d, ratio_clipped, lower_clipped, masked_out, safety
     out.sums.update(
         response_tokens=mask.sum(dtype=f64),
         kept_tokens=out.kept_mask.sum(dtype=f64),
-        sequences=torch.tensor(float(seq.num_sequences), dtype=f64, device=mask.device),
-        dropped_sequences=out.dropped_sequences.sum(dtype=f64),
+        sequences=seq.sequence_total(torch.ones(seq.num_sequences, dtype=f64, device=mask.device)),
+        dropped_sequences=seq.sequence_total(out.dropped_sequences.to(f64)),
         pg_clipfrac=total(ratio_clipped),
         pg_clipfrac_lower=lower_clipped.sum(dtype=f64),
         ppo_kl=total(-d),
@@ -214,17 +221,36 @@ def _fill_metrics(out, mask, d, ratio_clipped, lower_clipped, masked_out, safety
     )
 
 
-class _SequenceIndex:
-    """Per-sequence reductions and broadcasts for padded ``[B, T]`` or packed ``[N]`` tokens."""
+class SequenceIndex:
+    """What spans a sequence, for padded ``[B, T]`` or packed ``[N]`` tokens of one process.
+
+    The policy loss goes through this interface for everything that is not per token: the
+    Future-KL scan, per-sequence counts (the drop filter), per-sequence broadcasts and the
+    sequence metrics. A distributed layout supplies a subclass (``parallel.cp_loss``).
+
+    Args:
+        shape: the token shape, ``[B, T]`` or ``[N]``.
+        cu_seqlens: ``[S + 1]`` offsets for packed tokens, None for padded rows.
+        device: where index tensors live.
+    """
 
     def __init__(self, shape: torch.Size, cu_seqlens: Optional[torch.Tensor], device):
         self.packed = cu_seqlens is not None
+        self.cu_seqlens = cu_seqlens
         if self.packed:
             self.lengths = sequence_lengths(cu_seqlens, shape[0], device)
             self.num_sequences = int(self.lengths.numel())
             self.ids = torch.repeat_interleave(torch.arange(self.num_sequences, device=device), self.lengths)
         else:
             self.num_sequences = int(shape[0])
+
+    def suffix_sum(self, signal: torch.Tensor, gamma: float) -> torch.Tensor:
+        """Future-KL ``F_t = sum_{k >= t} gamma^(k - t) signal_k`` within each sequence (no grad)."""
+        return discounted_suffix_sum(signal, gamma, cu_seqlens=self.cu_seqlens)
+
+    def sequence_total(self, per_seq: torch.Tensor) -> torch.Tensor:
+        """0-dim float64 sum of a per-sequence metric (a sequence counted once over ranks)."""
+        return per_seq.sum(dtype=torch.float64)
 
     def count(self, flags: torch.Tensor) -> torch.Tensor:
         """Number of True flags per sequence: ``[B]`` or ``[S]`` int64."""
@@ -249,16 +275,16 @@ class _SequenceIndex:
 
 
 def _validate(logp, old_logp, response_mask, decay_rate, dual_clip_c, clip_low, clip_high,
-              future_kl_clip_ratio, cu_seqlens):
+              future_kl_clip_ratio, packed):
     if logp.shape != old_logp.shape or logp.shape != response_mask.shape:
         raise ValueError(
             f"logp, old_logp and response_mask must have the same shape, got {tuple(logp.shape)}, "
             f"{tuple(old_logp.shape)}, {tuple(response_mask.shape)}"
         )
-    expected_dim = 1 if cu_seqlens is not None else 2
+    expected_dim = 1 if packed else 2
     if logp.dim() != expected_dim:
         raise ValueError(
-            f"expected {'packed [N] tokens (cu_seqlens given)' if cu_seqlens is not None else '[B, T] tokens'}, "
+            f"expected {'packed [N] tokens (cu_seqlens given)' if packed else '[B, T] tokens'}, "
             f"got shape {tuple(logp.shape)}"
         )
     if not decay_rate > 0:
