@@ -38,3 +38,22 @@ def test_bridge_benchmark_quick(tmp_path):
 def test_cpu_engine_benchmark_quick(tmp_path):
     result = run_quick("cpu_engine.py", tmp_path / "engine.json")["results"]
     assert result["tokens"] == 4 * 2 * 8 and result["ours_tokens_per_s"] > 0 and result["hf_tokens_per_s"] > 0
+
+
+@pytest.mark.timeout(180)
+def test_cp_scan_benchmark_quick(tmp_path):
+    rows = run_quick("cp_scan.py", tmp_path / "cp_scan.json")["results"]
+    assert [(r["lengths"], r["cp"]) for r in rows] == [([2048], 2), ([700, 1001, 347], 2)]
+    for row in rows:  # bytes and F are correctness properties; the timings are only reported
+        cp, b = row["cp"], row["bytes_per_rank"]
+        local_tokens = sum(-(-n // (2 * cp)) * 2 * cp for n in row["lengths"]) // cp
+        assert row["num_local_tokens"] == local_tokens
+        # counted from the collectives the workers called, equal to the formulas (fp32)
+        assert b["ours"]["counted"] == b["ours"]["formula"] == 2 * len(row["lengths"]) * 4
+        assert b["gather"]["counted"] == b["gather"]["formula"] == local_tokens * 4
+        assert 0 < b["ours"]["counted"] < b["gather"]["counted"]
+        assert row["bytes_agree"] and row["F_agree"]
+        assert row["F_max_abs"] > 0.1  # a non-trivial F, so the comparison means something
+        assert row["F_max_abs_diff"] < 1e-5 * row["F_max_abs"]
+        assert max(row["F_max_abs_err_vs_fp64"].values()) < 1e-5 * row["F_max_abs"]
+        assert row["time_ms"]["ours"] > 0 and row["time_ms"]["gather"] > 0
