@@ -36,6 +36,8 @@ import torch.distributed as dist
 from megatron_fipo.algo.losses import MAX_KEYS, MIN_KEYS, SUM_KEYS, fipo_policy_loss, summarize_policy_metrics
 from megatron_fipo.data.packing import PackedBatch, pack_samples, plan_micro_batches
 from megatron_fipo.mcore import model as qwen2
+from megatron_fipo.mcore.context_parallel import CPMicroBatch, shard_micro_batch
+from megatron_fipo.parallel.cp_loss import cp_policy_loss
 from megatron_fipo.parallel.metrics import reduce_metrics
 from megatron_fipo.parallel.vocab_parallel import chunked_token_logprobs
 
@@ -218,7 +220,8 @@ class Actor:
     def _micro_batches(self, prompts, responses, per_token) -> List[PackedBatch]:
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-        lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
+        align = self._cp_align()
+        lengths = [-(-(len(p) + len(r)) // align) * align for p, r in zip(prompts, responses)]  # CP pads each sequence
         count = torch.tensor([len(plan_micro_batches(lengths, self.settings.max_tokens_per_micro_batch))])
         if self.groups.pp_size > 1:  # every stage of a pipeline must run the same micro-batches
             dist.all_reduce(count, op=dist.ReduceOp.MAX, group=self.groups.pp)
@@ -243,11 +246,20 @@ class Actor:
     def _pad_multiple(self) -> int:
         return self.groups.tp_size if self.settings.sequence_parallel else 1
 
+    def _cp_align(self) -> int:
+        """Under CP every sequence is padded to a multiple of ``2 * cp`` (times tp under SP); 1 without CP."""
+        return 2 * self.groups.cp_size * self._pad_multiple() if self.groups.cp_size > 1 else 1
+
     def _forward_step(self, data_iterator, model, *, mode, loss_kwargs):
         batch: PackedBatch = next(data_iterator)
-        tokens, positions, mask, packed = self._model_inputs(batch)
+        if self.groups.cp_size > 1:  # this CP rank's share: Megatron's load-balanced THD layout
+            view = shard_micro_batch(batch, self.groups.cp_size, self.groups.cp_rank, align=self._cp_align())
+            tokens, positions, mask, packed = view.model_inputs(_device())
+        else:
+            view = batch
+            tokens, positions, mask, packed = self._model_inputs(batch)
         output = model(tokens, positions, mask, packed_seq_params=packed)
-        return output, functools.partial(self._loss, batch, model, mode, loss_kwargs)
+        return output, functools.partial(self._loss, view, model, mode, loss_kwargs)
 
     def _model_inputs(self, batch: PackedBatch):
         dev = _device()
@@ -269,7 +281,8 @@ class Actor:
         masked = (seg.unsqueeze(0) != seg.unsqueeze(1)) | (idx.unsqueeze(0) > idx.unsqueeze(1))
         return tokens, positions, masked.view(1, 1, n + pad, n + pad).to(dev), None
 
-    def _loss(self, batch: PackedBatch, model, mode, loss_kwargs, output):
+    def _loss(self, batch: PackedBatch | CPMicroBatch, model, mode, loss_kwargs, output):
+        """Log-probs (and the FIPO loss) of a micro-batch, or of this CP rank's share of one."""
         module = getattr(model, "module", model)
         hidden = output[0, :batch.num_tokens]
         weight = module.shared_embedding_or_output_weight() if module.share_embeddings_and_output_weights \
@@ -281,10 +294,18 @@ class Actor:
             group=self.groups.tp, chunk_tokens=self.settings.logprob_chunk_tokens, with_entropy=True,
             reduce_hidden_grad=not self.config.sequence_parallel)
         zero_tokens = torch.zeros((), dtype=torch.int, device=dev)
+        cp = isinstance(batch, CPMicroBatch)
         if mode == "logprob":
-            return logp.sum() * 0.0, zero_tokens, {"logp": logp.detach().cpu(), "entropy": entropy.cpu()}
-        out = fipo_policy_loss(logp, batch.per_token["old_logp"].to(dev), batch.per_token["advantages"].to(dev),
-                               mask, cu_seqlens=batch.cu_seqlens.to(dev), **loss_kwargs)
+            logp, entropy = logp.detach(), entropy.detach()
+            if cp:  # full per-position values of the micro-batch on every CP rank
+                logp, entropy = batch.gather(logp, self.groups.cp), batch.gather(entropy, self.groups.cp)
+            return logp.sum() * 0.0, zero_tokens, {"logp": logp.cpu(), "entropy": entropy.cpu()}
+        old_logp, advantages = batch.per_token["old_logp"].to(dev), batch.per_token["advantages"].to(dev)
+        if cp:
+            out = cp_policy_loss(logp, old_logp, advantages, mask, layout=batch.layout, group=self.groups.cp,
+                                 **loss_kwargs)
+        else:
+            out = fipo_policy_loss(logp, old_logp, advantages, mask, cu_seqlens=batch.cu_seqlens.to(dev), **loss_kwargs)
         loss_sum = out.per_token_loss.sum()
         sums = dict(out.sums, entropy=(entropy * mask).sum(dtype=torch.float64), loss_sum=loss_sum.detach().double())
         return loss_sum, out.sums["kept_tokens"].to(torch.int), {"sums": sums, "maxes": out.maxes, "mins": out.mins}

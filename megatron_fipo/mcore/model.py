@@ -179,14 +179,23 @@ def use_transformer_engine() -> bool:
 
 
 def layer_spec(config, *, use_te: Optional[bool] = None):
-    """The decoder layer spec: TE on GPU, the local spec (with a SP-capable RMSNorm) on CPU."""
+    """The decoder layer spec: TE on GPU, the local spec (with a SP-capable RMSNorm) on CPU.
+
+    Under context parallelism the local spec's core attention is ``AllGatherCPAttention``
+    (``mcore.context_parallel``); TE's attention does CP itself.
+    """
     from megatron.core.models.gpt import gpt_layer_specs
 
     if use_te if use_te is not None else use_transformer_engine():
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
     from megatron_fipo.mcore.cpu_compat import local_layer_spec
 
-    return local_layer_spec(config)
+    spec = local_layer_spec(config)
+    if config.context_parallel_size > 1:
+        from megatron_fipo.mcore.context_parallel import with_cp_attention
+
+        spec = with_cp_attention(spec)
+    return spec
 
 
 def build_model_chunks(config, arch: Qwen2Arch, groups, *, use_te: Optional[bool] = None) -> list:

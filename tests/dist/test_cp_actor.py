@@ -1,0 +1,88 @@
+"""The Megatron actor under context parallelism against a single-process (cp = 1) run.
+
+A world-1 reference (tp = pp = cp = 1), then every CP layout in one world-4 launch, all with the
+same initial weights (copied, tests/dist/tiny_gpt.py) and the same global batch (ragged samples,
+some shorter than 2 * cp): log-probs (forward), the FIPO loss, its metrics and the gradient norm of
+two optimizer steps, and the parameters after them (so the gradients) must agree. The (dp, cp)
+factorisations (4, 1), (2, 2), (1, 4) of world size 4 show the loss and gradient are invariant to
+how the batch is split over data- and context-parallel ranks; tp / pp / sequence parallelism are
+combined with cp = 2 on top.
+"""
+
+import pytest
+import torch
+
+from tests.dist.launcher import launch
+from tests.dist.test_actor import HF, LOSS, SETTINGS, _per_token, _samples
+
+LAYOUTS = [  # (tp, pp, cp, sequence_parallel, micro-batch token budget)
+    (1, 1, 1, False, 40),  # (dp, cp) = (4, 1)
+    (1, 1, 2, False, 48),  # (2, 2)
+    (1, 1, 4, False, 1000),  # (1, 4)
+    (2, 1, 2, False, 64),  # tp x cp
+    (2, 1, 2, True, 64),  # tp x cp with sequence parallelism (sequences padded to 2 * cp * tp)
+    (1, 2, 2, False, 40),  # pp x cp (1F1B, variable lengths)
+]
+STEP_KEYS = ("loss", "kept_tokens", "response_tokens", "pg_clipfrac", "influence_weight_mean", "future_kl_mean",
+             "grad_norm", "update_norm", "entropy", "dropped_sequences", "ppo_kl")
+
+
+def _run(tp, pp, cp, sp, budget, weights):
+    from megatron_fipo.mcore import groups as G
+    from megatron_fipo.mcore.actor import Actor, ActorSettings
+    from megatron_fipo.mcore.model import Qwen2Arch
+    from tests.dist import tiny_gpt as T
+
+    groups = G.init_distributed(tp=tp, pp=pp, cp=cp, seed=7)
+    actor = Actor(Qwen2Arch.from_hf(HF), groups,
+                  ActorSettings(**SETTINGS, sequence_parallel=sp, max_tokens_per_micro_batch=budget))
+    initial = T.full_weights(actor.chunks) if weights is None else None
+    if weights is not None:
+        T.load_full_weights(actor.chunks, weights, groups)
+    prompts, responses = _samples(seed=3, n=8)
+    logp = actor.compute_logprobs(prompts, responses)
+    per_token = _per_token(responses, [lp.detach() for lp in logp])
+    mine = list(range(groups.dp_rank, len(prompts), groups.dp_size))
+    steps = [actor.train_step([prompts[i] for i in mine], [responses[i] for i in mine],
+                              {k: [v[i] for i in mine] for k, v in per_token.items()}, LOSS) for _ in range(2)]
+    return dict(logp=[lp.tolist() for lp in logp], steps=steps, initial=initial), actor, groups
+
+
+def _reference():
+    from megatron_fipo.mcore import groups as G
+    from tests.dist import tiny_gpt as T
+
+    result, actor, _ = _run(1, 1, 1, False, 30, None)
+    result["final"] = T.full_weights(actor.chunks)
+    G.destroy()
+    return result
+
+
+def _layouts(weights, final):
+    from megatron_fipo.mcore import groups as G
+    from tests.dist import tiny_gpt as T
+
+    out = []
+    for layout in LAYOUTS:
+        result, actor, groups = _run(*layout, weights)
+        result["diff"] = T.max_weight_diff(actor.chunks, final, groups)
+        out.append(result)
+        G.destroy(process_group=False)
+    G.destroy()
+    return out
+
+
+@pytest.mark.timeout(900)
+def test_cp_layouts_match_single_process():
+    (ref,) = launch(_reference, 1, timeout=240)
+    results = launch(_layouts, 4, ref["initial"], ref["final"], timeout=800)
+    for rank, rank_results in enumerate(results):
+        for layout, got in zip(LAYOUTS, rank_results):
+            for a, b in zip(got["logp"], ref["logp"]):
+                torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=0, atol=1e-5, msg=str(layout))
+            for step, (s, r) in enumerate(zip(got["steps"], ref["steps"])):
+                for key in STEP_KEYS:
+                    assert s[key] == pytest.approx(r[key], rel=1e-4, abs=1e-5), (layout, rank, step, key)
+            assert got["diff"] < 2e-5, (layout, rank, got["diff"])
+    first, second = ref["steps"]
+    assert first["update_norm"] > 0 and second["grad_norm"] > 0 and second["influence_weight_mean"] != 1.0
