@@ -23,6 +23,9 @@ LAYOUTS = [  # (tp, pp, cp, sequence_parallel, micro-batch token budget)
     (2, 1, 2, True, 64),  # tp x cp with sequence parallelism (sequences padded to 2 * cp * tp)
     (1, 2, 2, False, 40),  # pp x cp (1F1B, variable lengths)
 ]
+# Adam with a large eps makes the first update nearly linear in the gradient (lr * g / (|g| + eps)), so
+# the parameters after the steps compare the gradients themselves, not just their signs.
+SETTINGS = dict(SETTINGS, lr=0.05, adam_eps=1.0)
 STEP_KEYS = ("loss", "kept_tokens", "response_tokens", "pg_clipfrac", "influence_weight_mean", "future_kl_mean",
              "grad_norm", "update_norm", "entropy", "dropped_sequences", "ppo_kl")
 
