@@ -30,15 +30,18 @@ STEP_KEYS = ("loss", "kept_tokens", "response_tokens", "pg_clipfrac", "influence
              "grad_norm", "update_norm", "entropy", "dropped_sequences", "ppo_kl")
 
 
-def _run(tp, pp, cp, sp, budget, weights):
+def _run(tp, pp, cp, sp, budget, weights, extra=None):
     from megatron_fipo.mcore import groups as G
     from megatron_fipo.mcore.actor import Actor, ActorSettings
     from megatron_fipo.mcore.model import Qwen2Arch
     from tests.dist import tiny_gpt as T
 
+    extra = dict(extra or {})
+    use_te = extra.pop("use_te", None)  # an Actor argument (the GPU tests force the local spec with it)
     groups = G.init_distributed(tp=tp, pp=pp, cp=cp, seed=7)
     actor = Actor(Qwen2Arch.from_hf(HF), groups,
-                  ActorSettings(**SETTINGS, sequence_parallel=sp, max_tokens_per_micro_batch=budget))
+                  ActorSettings(**SETTINGS, sequence_parallel=sp, max_tokens_per_micro_batch=budget, **extra),
+                  use_te=use_te)
     initial = T.full_weights(actor.chunks) if weights is None else None
     if weights is not None:
         T.load_full_weights(actor.chunks, weights, groups)
@@ -51,23 +54,23 @@ def _run(tp, pp, cp, sp, budget, weights):
     return dict(logp=[lp.tolist() for lp in logp], steps=steps, initial=initial), actor, groups
 
 
-def _reference():
+def _reference(extra=None):
     from megatron_fipo.mcore import groups as G
     from tests.dist import tiny_gpt as T
 
-    result, actor, _ = _run(1, 1, 1, False, 30, None)
+    result, actor, _ = _run(1, 1, 1, False, 30, None, extra)
     result["final"] = T.full_weights(actor.chunks)
     G.destroy()
     return result
 
 
-def _layouts(weights, final):
+def _layouts(weights, final, extra=None):
     from megatron_fipo.mcore import groups as G
     from tests.dist import tiny_gpt as T
 
     out = []
     for layout in LAYOUTS:
-        result, actor, groups = _run(*layout, weights)
+        result, actor, groups = _run(*layout, weights, extra)
         result["diff"] = T.max_weight_diff(actor.chunks, final, groups)
         out.append(result)
         G.destroy(process_group=False)
