@@ -20,6 +20,13 @@ weight (``parallel.vocab_parallel``), so full-vocabulary fp32 logits of a whole 
 exist. The parameter names stay upstream's. Attention for packed sequences: TE's THD path
 (``PackedSeqParams``) on GPU; on the local spec (CPU) an explicit block-diagonal causal mask (RoPE
 is relative, so the global positions it uses give the same attention as per-sequence ones).
+
+Context parallelism (``mcore.context_parallel``): each micro-batch is cut with Megatron's
+load-balanced THD layout after packing (labels are shifted on the full sequences, so no chunk
+boundary is wrong); every CP rank computes log-probs and the FIPO loss of its own tokens only
+(``parallel.cp_loss``: Future-KL by the distributed scan, drop counts all-reduced over CP), and the
+kept-token denominator is summed over data x context parallel by ``finalize_model_grads``.
+``compute_logprobs`` all-gathers the per-token results over CP, since the trainer needs whole samples.
 """
 
 from __future__ import annotations

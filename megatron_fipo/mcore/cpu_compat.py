@@ -23,7 +23,8 @@ across pipeline stages. Each patch replaces one name of one upstream module:
   wrappers that, only while upstream's method runs, make ``Parameter.type()`` report CUDA type
   names (distributed optimizer) or ``Tensor.cuda()`` return its CPU tensor (tied embeddings).
 
-Not covered: context parallelism (the local attention asserts cp == 1) and the fp16/bf16
+Context parallelism needs no patch: the local spec's attention (which asserts cp == 1) is
+replaced by ``mcore.context_parallel.AllGatherCPAttention``. Not covered: the fp16/bf16
 mixed-precision optimizers. Distributed-optimizer checkpoints go through ``mcore.checkpoint``.
 
 All patches are no-ops when CUDA is available. Each ``Patch`` names the upstream functions that
