@@ -6,10 +6,12 @@ micro-batches, the chunked log-prob buffers) and ``plan`` (validation + report).
 config module: it must run on a laptop.
 
 The estimate is an upper-bound style budget for planning, not a measurement: bf16 weights, fp32
-gradients (``grad_reduce_in_fp32``), fp32 main weights + Adam moments sharded over data
-parallel (distributed optimizer), activations per Korthikanti et al. (sequence parallel,
+gradients (``grad_reduce_in_fp32``), fp32 main weights + Adam moments sharded over the data- and
+context-parallel ranks (Megatron's distributed optimizer shards over ``dp * cp``), activations per Korthikanti et al. (sequence parallel,
 flash attention: ``34 * T * h / tp`` bytes per layer without recompute, ``2 * T * h`` with
-full recompute) for the micro-batches in flight on the first pipeline stage.
+full recompute) for the micro-batches in flight on the first pipeline stage. With colocated SGLang
+rollouts the first node's GPUs also hold the servers' static memory while the actor's weights,
+gradients and optimizer state stay resident: ``plan`` adds that check.
 """
 from __future__ import annotations
 
@@ -56,7 +58,7 @@ def estimate_memory(config: Config, hf: Mapping[str, Any], world: int) -> dict:
     bf16 = config.model.params_dtype == "bfloat16"
     weights = params * (2 if bf16 else 4)
     grads = params * 4
-    optimizer = params * (12 if bf16 else 8) / dp
+    optimizer = params * (12 if bf16 else 8) / (dp * par.cp)
     tokens = o.max_tokens_per_micro_batch / par.cp
     h = hf["hidden_size"]
     full_recompute = config.model.recompute.get("recompute_granularity") == "full"
@@ -70,6 +72,41 @@ def estimate_memory(config: Config, hf: Mapping[str, Any], world: int) -> dict:
     out["params_per_gpu"] = params
     out["params_total"] = counts["total"]
     return out
+
+
+def colocated_rollout(config: Config, mem: Mapping[str, float], gpus_per_node: int, gpu_gib: float) -> tuple:
+    """``(summary or None, warnings)`` for colocated SGLang servers on the first node's GPUs.
+
+    During rollouts the actor keeps its weights, gradient buffer and optimizer shard (activations are
+    freed) while each server holds ``mem_fraction_static`` of its GPUs (weights + KV cache).
+    """
+    ro = config.rollout
+    if ro.engine != "sglang" or ro.mode != "colocated":
+        return None, []
+    args = dict(ro.sglang)
+    tp = int(args.get("tp_size", args.get("tp", 1)))
+    gpus = ro.replicas * tp
+    if gpus > gpus_per_node:
+        raise ValueError(f"colocated rollout: rollout.replicas * rollout.sglang.tp_size = {ro.replicas} * {tp} = "
+                         f"{gpus} GPUs, but the servers run on the first node's {gpus_per_node} GPUs")
+    resident = mem["weights"] + mem["grads"] + mem["optimizer"]
+    weights = mem["params_total"] * 2 / tp / GiB  # bf16 serving weights per server GPU
+    room = (gpu_gib - resident) / gpu_gib
+    frac = args.get("mem_fraction_static")
+    out = {"gpus": gpus, "actor_resident_gib": round(resident, 2), "sglang_weights_gib": round(weights, 2)}
+    if frac is None:
+        return out, [f"colocated SGLang: set rollout.sglang.mem_fraction_static (at most {room:.2f}: the actor "
+                     f"keeps {resident:.1f} GiB per GPU during rollouts)"]
+    static = float(frac) * gpu_gib
+    out.update(sglang_static_gib=round(static, 2), total_gib=round(resident + static, 2))
+    warnings = []
+    if resident + static > gpu_gib:
+        warnings.append(f"colocated SGLang: actor {resident:.1f} GiB + mem_fraction_static {frac} x {gpu_gib:.0f} "
+                        f"GiB exceeds the GPU; use mem_fraction_static <= {room:.2f}")
+    if weights >= static:
+        warnings.append(f"colocated SGLang: {weights:.1f} GiB of weights per GPU leave no KV cache in "
+                        f"mem_fraction_static {frac}; raise rollout.sglang.tp_size or the fraction")
+    return out, warnings
 
 
 def plan(config: Config, world: int, hf: Mapping[str, Any], *, gpus_per_node: int = 8,
@@ -86,11 +123,13 @@ def plan(config: Config, world: int, hf: Mapping[str, Any], *, gpus_per_node: in
     if mem["total"] > gpu_gib:
         warnings.append(f"estimated {mem['total']:.1f} GiB per GPU exceeds {gpu_gib:.0f} GiB: raise tp/pp/cp, "
                         "enable recompute, or lower optim.max_tokens_per_micro_batch")
+    rollout, rollout_warnings = colocated_rollout(config, mem, gpus_per_node, gpu_gib)
+    warnings += rollout_warnings
     return {"world": world, "nodes": -(-world // gpus_per_node), "tp": par.tp, "pp": par.pp, "cp": par.cp,
             "dp": dp, "vpp": par.vpp, "memory_gib": {k: round(v, 2) for k, v in mem.items()
                                                      if k not in ("params_per_gpu", "params_total")},
             "params_total_b": round(mem["params_total"] / 1e9, 3), "params_per_gpu_b": round(mem["params_per_gpu"] / 1e9, 3),
-            "first_node": layout[:gpus_per_node], "warnings": warnings}
+            "first_node": layout[:gpus_per_node], "colocated_rollout": rollout, "warnings": warnings}
 
 
 def read_hf_config(path: str) -> dict:
@@ -109,6 +148,9 @@ def format_plan(report: dict) -> str:
              f"model: {report['params_total_b']} B parameters, {report['params_per_gpu_b']} B per GPU",
              "memory per GPU (GiB, estimate): " + ", ".join(f"{k} {v}" for k, v in report["memory_gib"].items()),
              "first node:  rank  gpu  tp  cp  dp  pp"]
+    if report.get("colocated_rollout"):
+        lines.insert(3, "colocated SGLang (GiB per GPU of the first node): " + ", ".join(
+            f"{k} {v}" for k, v in report["colocated_rollout"].items()))
     for r in report["first_node"]:
         lines.append(f"             {r['rank']:4d} {r['gpu']:4d} {r['tp']:3d} {r['cp']:3d} {r['dp']:3d} {r['pp']:3d}")
     lines += [f"warning: {w}" for w in report["warnings"]]
