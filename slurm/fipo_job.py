@@ -1,0 +1,300 @@
+"""What one node of a FIPO Slurm job runs: ``torchrun`` on training nodes, SGLang servers on rollout nodes.
+
+Usage (inside an allocation, one task per node; ``slurm/fipo.sbatch`` and
+``slurm/launch_nemo_run.py`` both run exactly these commands)::
+
+    python slurm/fipo_job.py train  --config CFG [--rollout-nodes R] [--gpus-per-node 8] [-- overrides...]
+    python slurm/fipo_job.py sglang --config CFG --rollout-nodes R [--log-dir DIR] [-- overrides...]
+    python slurm/fipo_job.py train  --print ...     # show the command and environment, run nothing
+
+Owns the node-side launch logic, so both launchers share one definition of the job:
+the allocation's hosts (``FIPO_NODES``, else ``scontrol show hostnames``) split into training nodes
+(the first ones) and ``--rollout-nodes`` SGLang nodes (the last ones); rendezvous
+(``MASTER_ADDR`` = first training node, static ``--node-rank`` = the task's ``SLURM_PROCID``);
+the NCCL / Gloo interface (``FIPO_IFNAME``, else the interface that routes to ``MASTER_ADDR``);
+``--resume`` after a requeue (``SLURM_RESTART_COUNT > 0``); in disaggregated mode the SGLang server
+command lines from ``rollout.sglang`` of the same config (``tp_size`` GPUs each, ``gpus_per_node /
+tp_size`` servers per node) and the ``rollout.urls`` handed to the trainer. The config is
+validated for the training world size before anything starts.
+
+Imports only ``megatron_fipo.config`` / ``plan`` at module level (the SGLang role also uses the
+rollout package's server process); not part of the installed package, it runs from a checkout or
+the image's ``/opt/megatron_fipo``.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from typing import Mapping, Optional, Sequence
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_fipo.config import Config, load_config, validate  # noqa: E402
+
+DEFAULT_MASTER_PORT = 29500
+DEFAULT_SGLANG_PORT = 30000
+LAUNCHER_KEYS = ("rollout.engine", "rollout.mode", "rollout.urls")
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One job's launch settings (the same on every node).
+
+    Attributes:
+        config: YAML config path; ``overrides``: dotted ``key=value`` overrides of the user.
+        hosts: every node of the allocation, in Slurm order.
+        rollout_nodes: > 0 runs SGLang on the last ``rollout_nodes`` hosts (disaggregated).
+        restart: ``SLURM_RESTART_COUNT`` (> 0 after a requeue: the trainer resumes).
+    """
+
+    config: str
+    overrides: tuple = ()
+    hosts: tuple = ("localhost",)
+    gpus_per_node: int = 8
+    rollout_nodes: int = 0
+    master_port: int = DEFAULT_MASTER_PORT
+    sglang_port: int = DEFAULT_SGLANG_PORT
+    restart: int = 0
+
+    def __post_init__(self):
+        if self.gpus_per_node < 1:
+            raise ValueError(f"--gpus-per-node must be >= 1, got {self.gpus_per_node}")
+        if not 0 <= self.rollout_nodes < len(self.hosts):
+            raise ValueError(f"--rollout-nodes={self.rollout_nodes} must leave at least one of the "
+                             f"{len(self.hosts)} node(s) {list(self.hosts)} for training")
+        for item in self.overrides:
+            if item.partition("=")[0].strip() in LAUNCHER_KEYS and self.rollout_nodes:
+                raise ValueError(f"override {item!r}: with --rollout-nodes the launcher sets "
+                                 f"{', '.join(LAUNCHER_KEYS)} itself")
+
+    @property
+    def train_hosts(self) -> tuple:
+        return self.hosts[:len(self.hosts) - self.rollout_nodes]
+
+    @property
+    def rollout_hosts(self) -> tuple:
+        return self.hosts[len(self.hosts) - self.rollout_nodes:]
+
+    @property
+    def world_size(self) -> int:
+        return len(self.train_hosts) * self.gpus_per_node
+
+
+def sglang_layout(config: Config, gpus_per_node: int) -> tuple[int, int, dict]:
+    """``(tp_size, servers per node, other server arguments)`` from ``rollout.sglang``."""
+    args = dict(config.rollout.sglang)
+    tp = args.pop("tp_size", args.pop("tp", 1))
+    if not isinstance(tp, int) or tp < 1 or gpus_per_node % tp:
+        raise ValueError(f"rollout.sglang.tp_size={tp!r} must be a positive divisor of the {gpus_per_node} "
+                         "GPUs per node")
+    for key in ("model_path", "host", "port", "base_gpu_id"):
+        if key in args:
+            raise ValueError(f"rollout.sglang.{key} is set by the launcher; remove it from the config")
+    return tp, gpus_per_node // tp, args
+
+
+def rollout_urls(job: Job, config: Config) -> list[str]:
+    """The SGLang servers of the rollout nodes, in host order (what the trainer gets as ``rollout.urls``)."""
+    _, per_node, _ = sglang_layout(config, job.gpus_per_node)
+    return [f"http://{host}:{job.sglang_port + i}" for host in job.rollout_hosts for i in range(per_node)]
+
+
+def train_overrides(job: Job, config: Config) -> list[str]:
+    """The user's overrides, plus the disaggregated rollout settings when there are rollout nodes."""
+    out = list(job.overrides)
+    if job.rollout_nodes:
+        out += ["rollout.engine=sglang", "rollout.mode=disaggregated",
+                "rollout.urls=[" + ",".join(rollout_urls(job, config)) + "]"]
+    return out
+
+
+def resolve(job: Job) -> Config:
+    """The config as the trainer will see it, validated for the training world size."""
+    config = load_config(job.config, train_overrides(job, load_config(job.config, job.overrides)))
+    for message in validate(config, world_size=job.world_size):
+        print(f"[fipo_job] warning: {message}", file=sys.stderr)
+    if job.rollout_nodes:
+        sglang_layout(config, job.gpus_per_node)
+    return config
+
+
+def torchrun_argv(job: Job, config: Config, node_rank: int) -> list[str]:
+    """``torchrun ... -m megatron_fipo.cli train ...`` of training node ``node_rank`` (static rendezvous)."""
+    nodes = len(job.train_hosts)
+    if not 0 <= node_rank < nodes:
+        raise ValueError(f"node rank {node_rank} is not one of the {nodes} training node(s)")
+    resume = ["--resume"] if job.restart > 0 else []
+    return ["torchrun", f"--nnodes={nodes}", f"--nproc-per-node={job.gpus_per_node}", f"--node-rank={node_rank}",
+            f"--master-addr={job.train_hosts[0]}", f"--master-port={job.master_port}",
+            "-m", "megatron_fipo.cli", "train", *resume, "--config", job.config, *train_overrides(job, config)]
+
+
+def sglang_argvs(job: Job, config: Config, launcher: Sequence[str]) -> list[list[str]]:
+    """One ``sglang.launch_server`` command per server of a rollout node (GPUs ``i*tp .. (i+1)*tp - 1``)."""
+    from megatron_fipo.rollout.sglang_server import server_argv
+
+    tp, per_node, extra = sglang_layout(config, job.gpus_per_node)
+    return [[*launcher, "--model-path", config.model.hf_path, "--host", "0.0.0.0", "--port", str(job.sglang_port + i),
+             "--tp-size", str(tp), "--base-gpu-id", str(i * tp), *server_argv(extra)] for i in range(per_node)]
+
+
+def route_interface(host: str) -> Optional[str]:
+    """Name of the local network interface whose address routes to ``host`` (Linux), or None."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.connect((socket.gethostbyname(host), 9))  # UDP connect: no packet is sent
+            local = sock.getsockname()[0]
+        import fcntl
+        import struct
+
+        for _, name in socket.if_nameindex():
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+                try:
+                    packed = fcntl.ioctl(sock.fileno(), 0x8915, struct.pack("256s", name.encode()[:15]))  # SIOCGIFADDR
+                except OSError:
+                    continue
+            if socket.inet_ntoa(packed[20:24]) == local:
+                return name
+    except (OSError, ImportError):
+        return None
+    return None
+
+
+def node_env(job: Job, base: Mapping[str, str]) -> dict:
+    """The process environment of a node: rendezvous, NCCL / Gloo interface, Megatron's CUDA setting."""
+    env = dict(base)
+    env.update(MASTER_ADDR=job.train_hosts[0], MASTER_PORT=str(job.master_port))
+    ifname = env.get("FIPO_IFNAME") or route_interface(job.train_hosts[0])
+    if ifname:
+        env.setdefault("NCCL_SOCKET_IFNAME", ifname)
+        env.setdefault("GLOO_SOCKET_IFNAME", ifname)
+    env.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")  # Megatron's TP / SP communication overlap needs it
+    env.setdefault("NCCL_DEBUG", "WARN")
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def hosts_from_env(env: Mapping[str, str]) -> tuple:
+    """The allocation's hosts: ``FIPO_NODES`` (comma / space separated), else ``scontrol show hostnames``."""
+    if env.get("FIPO_NODES", "").strip():
+        return tuple(env["FIPO_NODES"].replace(",", " ").split())
+    nodelist = env.get("SLURM_JOB_NODELIST")
+    if nodelist and shutil.which("scontrol"):
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
+        return tuple(out.stdout.split())
+    raise ValueError("no hosts: set FIPO_NODES (comma-separated, allocation order) or run inside a Slurm job "
+                     "with scontrol available")
+
+
+def task_index(env: Mapping[str, str]) -> int:
+    """This task's index in its step (one task per node): ``SLURM_PROCID``, 0 outside Slurm."""
+    return int(env.get("SLURM_PROCID", "0"))
+
+
+def job_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> Job:
+    hosts = tuple(args.hosts.replace(",", " ").split()) if args.hosts else hosts_from_env(env)
+    return Job(config=args.config, overrides=tuple(args.overrides), hosts=hosts, gpus_per_node=args.gpus_per_node,
+               rollout_nodes=args.rollout_nodes, master_port=args.master_port, sglang_port=args.sglang_port,
+               restart=int(env.get("SLURM_RESTART_COUNT", "0") or 0))
+
+
+def run_train(args: argparse.Namespace) -> int:
+    env = dict(os.environ)
+    job = job_from_args(args, env)
+    config = resolve(job)
+    _print_plan(job, config)
+    argv = torchrun_argv(job, config, task_index(env))
+    env = node_env(job, env)
+    if args.print:
+        print(shlex.join(argv))
+        for key in ("MASTER_ADDR", "MASTER_PORT", "NCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME"):
+            print(f"{key}={env.get(key, '')}")
+        return 0
+    print(f"[fipo_job] {socket.gethostname()}: {shlex.join(argv)}", flush=True)
+    os.execvpe(argv[0], argv, env)
+    return 1  # not reached
+
+
+def run_sglang(args: argparse.Namespace) -> int:
+    """Start this rollout node's servers; exit non-zero (killing the rest) as soon as one of them dies."""
+    from megatron_fipo.rollout.sglang_server import ServerProcess, default_launcher
+
+    env = dict(os.environ)
+    job = job_from_args(args, env)
+    if not job.rollout_nodes:
+        raise ValueError("the sglang role needs --rollout-nodes >= 1")
+    config = resolve(job)
+    index = task_index(env)
+    if not 0 <= index < job.rollout_nodes:
+        raise ValueError(f"task {index} is not one of the {job.rollout_nodes} rollout node(s)")
+    host = job.rollout_hosts[index]
+    launcher = shlex.split(env["FIPO_SGLANG_LAUNCHER"]) if env.get("FIPO_SGLANG_LAUNCHER") else default_launcher()
+    argvs = sglang_argvs(job, config, launcher)
+    if args.print:
+        print("\n".join(shlex.join(a) for a in argvs))
+        return 0
+    servers = [ServerProcess(a, f"http://{host}:{job.sglang_port + i}",
+                             os.path.join(args.log_dir, f"sglang-{host}-{i}.log"), env=node_env(job, env))
+               for i, a in enumerate(argvs)]
+    for s in servers:
+        print(f"[fipo_job] {host}: {shlex.join(s.argv)} > {s.log_path}", flush=True)
+        s.start()
+    while all(s.alive() for s in servers):
+        time.sleep(args.poll_s)
+    dead = next(s for s in servers if not s.alive())
+    print(f"[fipo_job] SGLang server {dead.url} exited; log tail ({dead.log_path}):\n{dead.tail()}", flush=True)
+    for s in servers:
+        s.kill()
+    return 1
+
+
+def _print_plan(job: Job, config: Config) -> None:
+    """The layout and memory estimate, when the model's config.json is readable from here (node 0 only)."""
+    if task_index(os.environ) != 0 or not os.path.isfile(os.path.join(config.model.hf_path, "config.json")):
+        return
+    from megatron_fipo.plan import format_plan, plan, read_hf_config
+
+    try:
+        report = plan(config, job.world_size, read_hf_config(config.model.hf_path), gpus_per_node=job.gpus_per_node)
+    except (ValueError, KeyError) as err:
+        raise ValueError(f"the config does not fit {job.world_size} training GPUs: {err}") from None
+    print(format_plan(report), file=sys.stderr, flush=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="role", required=True)
+    for role, func in (("train", run_train), ("sglang", run_sglang)):
+        p = sub.add_parser(role)
+        p.add_argument("--config", required=True, help="YAML config (see examples/)")
+        p.add_argument("--rollout-nodes", type=int, default=0, help="last N nodes run SGLang (disaggregated)")
+        p.add_argument("--gpus-per-node", type=int, default=8)
+        p.add_argument("--hosts", help="comma-separated hosts of the allocation (default: FIPO_NODES / scontrol)")
+        p.add_argument("--master-port", type=int, default=DEFAULT_MASTER_PORT)
+        p.add_argument("--sglang-port", type=int, default=DEFAULT_SGLANG_PORT, help="first SGLang port of a node")
+        p.add_argument("--log-dir", default="logs", help="SGLang server logs (sglang role)")
+        p.add_argument("--poll-s", type=float, default=5.0, help=argparse.SUPPRESS)
+        p.add_argument("--print", action="store_true", help="print the command(s) and environment, run nothing")
+        p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.steps=10")
+        p.set_defaults(func=func)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as err:
+        print(f"fipo_job {args.role}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
