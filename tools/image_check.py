@@ -1,0 +1,114 @@
+"""Build-time helpers of the Dockerfile: SGLang's requirements without the torch family, and the final check.
+
+Usage (inside the image build; see Dockerfile)::
+
+    python tools/image_check.py requirements sglang > reqs.txt    # Requires-Dist minus torch/torchvision/...
+    python tools/image_check.py check --sglang 0.5.5.post3 --mcore 0.16.1
+
+Owns the pairing rule of the image: NVIDIA's PyTorch container brings torch, Transformer Engine and
+apex built together, and SGLang pins one exact torch release that its kernels (sgl-kernel,
+flashinfer) are built against. The image keeps the container's torch, so SGLang's pinned torch must
+have the container's ``major.minor`` (``torch_pin`` / ``same_minor``); the torch family is left out
+of SGLang's requirements (``filter_requirements``) so pip never replaces it. ``check`` imports the
+whole stack and fails the build with the reason. ``PAIRS`` records the pairings this repository
+uses, checked against the Dockerfile and setup.py by tests/unit/test_dockerfile.py. Stdlib plus
+``packaging`` (present in the container and wherever pip is).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.metadata as md
+import sys
+from typing import Callable, Iterable, Optional, Sequence
+
+from packaging.requirements import Requirement
+
+TORCH_FAMILY = {"torch", "torchvision", "torchaudio", "triton", "pytorch-triton"}
+# base image -> its torch major.minor; SGLang release -> the torch it pins (from its wheel metadata)
+PAIRS = {"images": {"nvcr.io/nvidia/pytorch:25.06-py3": "2.8"}, "sglang": {"0.5.5.post3": "2.8.0"}}
+STACK = ("torch", "transformer_engine.pytorch", "apex", "megatron.core", "sglang", "sgl_kernel", "flashinfer",
+         "megatron_fipo.cli")
+
+
+def _name(req: Requirement) -> str:
+    return req.name.lower().replace("_", "-")
+
+
+def filter_requirements(requires: Iterable[str], environment: Optional[dict] = None) -> list[str]:
+    """Requirements that apply here (markers evaluated, no extras) without the torch family."""
+    out = []
+    for text in requires:
+        req = Requirement(text)
+        if req.marker is not None and not req.marker.evaluate({**(environment or {}), "extra": ""}):
+            continue
+        if _name(req) not in TORCH_FAMILY:
+            out.append(str(req))
+    return out
+
+
+def torch_pin(requires: Iterable[str]) -> str:
+    """The exact torch version a distribution pins (``torch==X``); ``ValueError`` if it pins none."""
+    for text in requires:
+        req = Requirement(text)
+        if _name(req) == "torch" and req.marker is None:
+            pins = [s.version for s in req.specifier if s.operator == "=="]
+            if pins:
+                return pins[0]
+    raise ValueError("no torch==X requirement: cannot tell which torch its kernels need")
+
+
+def same_minor(installed: str, pinned: str) -> bool:
+    """``2.8.0a0+5228986c39.nv25.6`` and ``2.8.0`` have the same major.minor."""
+    return installed.split(".")[:2] == pinned.split(".")[:2]
+
+
+def check(sglang: str, mcore: str, *, version: Callable[[str], str] = md.version,
+          requires: Callable[[str], Sequence[str]] = md.requires,
+          import_module: Callable[[str], object] = importlib.import_module) -> list[str]:
+    """Problems of the built image (empty: fine): versions, torch pairing, imports of the stack."""
+    problems = []
+    for dist, wanted in (("sglang", sglang), ("megatron-core", mcore)):
+        try:
+            got = version(dist)
+        except md.PackageNotFoundError:
+            got = None
+        if got != wanted:
+            problems.append(f"{dist} {got} is installed, the build asked for {wanted}")
+    try:
+        pin, torch_version = torch_pin(requires("sglang") or ()), version("torch")
+        if not same_minor(torch_version, pin):
+            problems.append(f"sglang {sglang} pins torch {pin} but the base image has torch {torch_version}: "
+                            "choose a BASE_IMAGE whose torch has the same major.minor (see PAIRS)")
+    except (md.PackageNotFoundError, ValueError) as err:
+        problems.append(f"cannot pair sglang with torch: {err}")
+    for module in STACK:
+        try:
+            import_module(module)
+        except Exception as err:  # noqa: BLE001 - any import failure breaks the image
+            problems.append(f"import {module} failed: {type(err).__name__}: {err}")
+    return problems
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    req = sub.add_parser("requirements", help="a distribution's requirements without the torch family")
+    req.add_argument("dist")
+    chk = sub.add_parser("check", help="versions, torch pairing and imports of the image")
+    chk.add_argument("--sglang", required=True)
+    chk.add_argument("--mcore", required=True)
+    args = parser.parse_args(argv)
+    if args.command == "requirements":
+        print("\n".join(filter_requirements(md.requires(args.dist) or ())))
+        return 0
+    problems = check(args.sglang, args.mcore)
+    for p in problems:
+        print(f"image_check: {p}", file=sys.stderr)
+    if not problems:
+        print(f"image_check: torch {md.version('torch')}, sglang {args.sglang}, megatron-core {args.mcore}: ok")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
