@@ -7,8 +7,8 @@
 flags recorded and ignored) and forwards SIGTERM / SIGINT to its tasks. ``torchrun`` records its
 argv and the launch environment, waits for ``FAKE_WAIT_FOR_SGLANG`` server records (a trainer waits
 for its servers), then sleeps ``FAKE_TORCHRUN_SLEEP`` and exits ``FAKE_TORCHRUN_RC``.
-``sglang`` stands for ``python -m sglang.launch_server`` (``FIPO_SGLANG_LAUNCHER``): it records and
-waits to be killed (30 s at most). ``sleep`` is shortened to 0.05 s (NeMo-Run's template sleeps a
+``sglang`` stands for ``python -m sglang.launch_server`` (``FIPO_SGLANG_LAUNCHER``): it records, waits
+to be killed and fails after ``FAKE_SGLANG_SECONDS`` (30). ``sleep`` is shortened to 0.05 s (NeMo-Run's template sleeps a
 minute between checks). Every process that may outlive its parent records its pid (``kill_all``).
 """
 from __future__ import annotations
@@ -89,7 +89,10 @@ sys.exit(int(os.environ.get("FAKE_TORCHRUN_RC", "0")))
 
 _SGLANG = _RECORD + r'''
 record("sglang", argv=sys.argv[1:], host=os.environ.get("SLURMD_NODENAME"))
-time.sleep(30)
+print("fake sglang: loading the model", flush=True)
+time.sleep(float(os.environ.get("FAKE_SGLANG_SECONDS", "30")))
+print("fake sglang: CUDA out of memory", flush=True)
+sys.exit(1)
 '''
 
 _HOSTNAME = _RECORD + r'''

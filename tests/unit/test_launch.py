@@ -135,6 +135,17 @@ def test_disaggregated_starts_sglang_servers_and_hands_their_urls(tmp_path):
                                                      "sglang-r0-gpu03.log", "train-r0-gpu01.log", "train-r0-gpu02.log"]
 
 
+def test_a_dead_sglang_server_ends_the_job_with_its_log(tmp_path):
+    cluster = FakeCluster(tmp_path, 2)
+    rc = cluster.run(cluster.sbatch("--mode", "disaggregated", "--rollout-nodes", "1", "--config", RECIPE,
+                                    *cluster.overrides, "rollout.sglang={tp_size: 8}"),
+                     FAKE_SGLANG_SECONDS="0.5", FAKE_TORCHRUN_SLEEP="60")
+    assert rc == 1 and "the SGLang step exited" in cluster.output()
+    log = (tmp_path / "logs" / "sglang-r0-gpu02.log").read_text()
+    assert "SGLang server http://gpu02:30000 exited" in log and "CUDA out of memory" in log  # the server's log tail
+    assert all(not fake_slurm.alive(r["pid"], cluster.bin) for r in cluster.records("torchrun"))  # trainer stopped
+
+
 def _wait_for(cluster, kind, count, proc, timeout=60):
     deadline = time.monotonic() + timeout
     while len(cluster.records(kind)) < count:
