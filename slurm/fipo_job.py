@@ -11,7 +11,7 @@ Owns the node-side launch logic, so both launchers share one definition of the j
 the allocation's hosts (``FIPO_NODES``, else ``scontrol show hostnames``) split into training nodes
 (the first ones) and ``--rollout-nodes`` SGLang nodes (the last ones); rendezvous
 (``MASTER_ADDR`` = first training node, static ``--node-rank`` = the task's ``SLURM_PROCID``);
-the NCCL / Gloo interface (``FIPO_IFNAME``, else the interface that routes to ``MASTER_ADDR``);
+the NCCL / Gloo interface (``FIPO_IFNAME``, else the interface that routes to another node);
 ``--resume`` after a requeue (``SLURM_RESTART_COUNT > 0``); in disaggregated mode the SGLang server
 command lines from ``rollout.sglang`` of the same config (``tp_size`` GPUs each, ``gpus_per_node /
 tp_size`` servers per node) and the ``rollout.urls`` handed to the trainer. The config is
@@ -167,12 +167,19 @@ def route_interface(host: str) -> Optional[str]:
     return None
 
 
-def node_env(job: Job, base: Mapping[str, str]) -> dict:
-    """The process environment of a node: rendezvous, NCCL / Gloo interface, Megatron's CUDA setting."""
+def node_env(job: Job, base: Mapping[str, str], this_host: Optional[str] = None) -> dict:
+    """The process environment of a node: rendezvous, NCCL / Gloo interface, Megatron's CUDA setting.
+
+    The interface is ``FIPO_IFNAME``, else the one that routes from ``this_host`` to another node of
+    the job (the master, or from the master to a peer: its own name may resolve to a loopback
+    address); a loopback answer on a multi-node job is ignored (NCCL / Gloo then choose).
+    """
     env = dict(base)
-    env.update(MASTER_ADDR=job.train_hosts[0], MASTER_PORT=str(job.master_port))
-    ifname = env.get("FIPO_IFNAME") or route_interface(job.train_hosts[0])
-    if ifname:
+    master = job.train_hosts[0]
+    env.update(MASTER_ADDR=master, MASTER_PORT=str(job.master_port))
+    peer = master if this_host != master else next((h for h in job.hosts if h != master), master)
+    ifname = env.get("FIPO_IFNAME") or route_interface(peer)
+    if ifname and not (ifname == "lo" and len(set(job.hosts)) > 1):
         env.setdefault("NCCL_SOCKET_IFNAME", ifname)
         env.setdefault("GLOO_SOCKET_IFNAME", ifname)
     env.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")  # Megatron's TP / SP communication overlap needs it
@@ -210,8 +217,9 @@ def run_train(args: argparse.Namespace) -> int:
     job = job_from_args(args, env)
     config = resolve(job)
     _print_plan(job, config)
-    argv = torchrun_argv(job, config, task_index(env))
-    env = node_env(job, env)
+    rank = task_index(env)
+    argv = torchrun_argv(job, config, rank)
+    env = node_env(job, env, job.train_hosts[rank])
     if args.print:
         print(shlex.join(argv))
         for key in ("MASTER_ADDR", "MASTER_PORT", "NCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME"):
@@ -241,7 +249,7 @@ def run_sglang(args: argparse.Namespace) -> int:
         print("\n".join(shlex.join(a) for a in argvs))
         return 0
     servers = [ServerProcess(a, f"http://{host}:{job.sglang_port + i}",
-                             os.path.join(args.log_dir, f"sglang-{host}-{i}.log"), env=node_env(job, env))
+                             os.path.join(args.log_dir, f"sglang-{host}-{i}.log"), env=node_env(job, env, host))
                for i, a in enumerate(argvs)]
     for s in servers:
         print(f"[fipo_job] {host}: {shlex.join(s.argv)} > {s.log_path}", flush=True)

@@ -288,6 +288,10 @@ def test_hosts_and_interface_detection():
     assert fipo_job.route_interface("127.0.0.1") == "lo"
     env = fipo_job.node_env(fipo_job.Job(config=RECIPE_PATH, hosts=("127.0.0.1",)), {"NCCL_SOCKET_IFNAME": "ib0"})
     assert (env["NCCL_SOCKET_IFNAME"], env["GLOO_SOCKET_IFNAME"], env["MASTER_ADDR"]) == ("ib0", "lo", "127.0.0.1")
+    two = fipo_job.Job(config=RECIPE_PATH, hosts=("127.0.0.1", "127.0.0.2"))  # loopback on a multi-node job: unset
+    env = fipo_job.node_env(two, {}, "127.0.0.1")
+    assert "GLOO_SOCKET_IFNAME" not in env and env["MASTER_ADDR"] == "127.0.0.1"
+    assert fipo_job.node_env(two, {"FIPO_IFNAME": "eth7"}, "127.0.0.2")["GLOO_SOCKET_IFNAME"] == "eth7"
 
 
 def test_print_mode_shows_the_command_without_running(tmp_path, capsys):
