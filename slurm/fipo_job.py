@@ -212,6 +212,13 @@ def job_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> Job:
                restart=int(env.get("SLURM_RESTART_COUNT", "0") or 0))
 
 
+def torchrun_command(env: Mapping[str, str]) -> list[str]:
+    """``torchrun`` on PATH, else next to this interpreter, else ``python -m torch.distributed.run``."""
+    found = shutil.which("torchrun", path=env.get("PATH")) or shutil.which(
+        "torchrun", path=os.path.dirname(sys.executable))
+    return [found] if found else [sys.executable, "-m", "torch.distributed.run"]
+
+
 def run_train(args: argparse.Namespace) -> int:
     env = dict(os.environ)
     job = job_from_args(args, env)
@@ -225,6 +232,7 @@ def run_train(args: argparse.Namespace) -> int:
         for key in ("MASTER_ADDR", "MASTER_PORT", "NCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME"):
             print(f"{key}={env.get(key, '')}")
         return 0
+    argv = torchrun_command(env) + argv[1:]
     print(f"[fipo_job] {socket.gethostname()}: {shlex.join(argv)}", flush=True)
     os.execvpe(argv[0], argv, env)
     return 1  # not reached

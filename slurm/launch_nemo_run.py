@@ -46,7 +46,8 @@ def job_config_path(path: str) -> str:
 
 def role_command(args: argparse.Namespace, role: str, *, local: bool = False) -> str:
     """The shell command one task runs: ``python3 slurm/fipo_job.py ROLE ...`` (arguments quoted)."""
-    words = [shlex.quote(w) for w in ("python3", "slurm/fipo_job.py", role, "--config", job_config_path(args.config),
+    python = sys.executable if local else "python3"  # local: this environment; Slurm: the image's
+    words = [shlex.quote(w) for w in (python, "slurm/fipo_job.py", role, "--config", job_config_path(args.config),
                                       "--rollout-nodes", str(args.rollout_nodes),
                                       "--gpus-per-node", str(args.gpus_per_node))]
     if local:
