@@ -52,6 +52,7 @@ class RolloutConfig:
     bucket_mb: int = 512  # weight-sync bucket size
     replicas: int = 1  # SGLang servers (each with its own TP)
     urls: Sequence[str] = ()  # attach to running SGLang servers instead of launching
+    sync_host: Optional[str] = None  # disaggregated weight sync: address servers reach rank 0 at (default: route to urls[0])
     max_restarts: int = 1
     cpu_max_batch_rows: int = 64
     sglang: Mapping[str, Any] = field(default_factory=dict)  # SGLang server arguments, passed through

@@ -35,9 +35,12 @@ from __future__ import annotations
 
 import base64
 import io
+import ipaddress
 import os
+import socket
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any, Optional
@@ -106,6 +109,29 @@ def _sglang_group(init_method: str, world_size: int, rank: int, group_name: str,
     return lambda tensor, src=0: dist.broadcast(tensor, src=src, group=pg)
 
 
+def routable_address(url: str) -> str:
+    """This machine's IPv4 address on the route to the host of ``url`` (``127.0.0.1`` for a local server).
+
+    A UDP ``connect`` picks the outgoing interface without sending a packet. The rank-0 trainer
+    advertises this address to remote SGLang servers as the weight-sync group's master.
+    """
+    host = urllib.parse.urlsplit(url if "//" in url else f"http://{url}").hostname
+    if not host:
+        raise ValueError(f"cannot read a host from the SGLang server url {url!r}")
+    try:
+        ip = socket.getaddrinfo(host, None, socket.AF_INET)[0][4][0]
+    except socket.gaierror as err:
+        raise ValueError(f"cannot resolve the SGLang server host {host!r} ({err}); set rollout.sync_host") from None
+    if ipaddress.ip_address(ip).is_loopback:
+        return "127.0.0.1"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.connect((ip, 9))
+        except OSError as err:
+            raise ValueError(f"no route to the SGLang server {host} ({err}); set rollout.sync_host") from None
+        return sock.getsockname()[0]
+
+
 class SGLangEngine(RolloutEngine):
     """Rollouts from SGLang servers (see the module docstring).
 
@@ -115,6 +141,9 @@ class SGLangEngine(RolloutEngine):
         server_args: extra SGLang server arguments (``--key value``), passed through.
         mode: ``"colocated"`` (CUDA-IPC weight sync, memory release) or ``"disaggregated"`` (NCCL).
         urls: attach to running servers instead of launching (not owned: never killed/restarted).
+        sync_host: the address the servers reach this process at for the disaggregated weight-sync
+            group (default: ``host`` for launched servers; for attached ``urls``, this machine's
+            address on the route to the first server, so remote rollout nodes can connect).
         launch_cmd: argv prefix replacing ``python -m sglang.launch_server``.
         log_dir: one log file per replica.
         max_restarts: restarts allowed per replica.
@@ -127,7 +156,8 @@ class SGLangEngine(RolloutEngine):
                  launch_cmd: Optional[Sequence[str]] = None, host: str = "127.0.0.1", log_dir: str = "sglang_logs",
                  max_restarts: int = 1, startup_timeout: float = 900.0, request_timeout: float = 3600.0,
                  max_in_flight: int = 256, resync: Optional[Callable[[], tuple]] = None,
-                 group_factory: Optional[Callable] = None, backend: Optional[str] = None):
+                 group_factory: Optional[Callable] = None, backend: Optional[str] = None,
+                 sync_host: Optional[str] = None):
         if mode not in ("colocated", "disaggregated"):
             raise ValueError(f"mode must be 'colocated' or 'disaggregated', got {mode!r}")
         if replicas < 1 or tp_size < 1 or max_in_flight < 1 or max_restarts < 0:
@@ -140,6 +170,7 @@ class SGLangEngine(RolloutEngine):
         self._lock, self._broadcast, self._closed = threading.Lock(), None, False
         self.weight_version = 0
         self.servers: list[Optional[ServerProcess]] = []
+        self.sync_host = sync_host or (routable_address(urls[0]) if urls else host)
         if urls:
             self.urls = [u.rstrip("/") for u in urls]
             self.servers = [None] * len(self.urls)
@@ -169,7 +200,8 @@ class SGLangEngine(RolloutEngine):
         args = dict(rollout.sglang)
         tp = int(args.pop("tp_size", args.pop("tp", 1)))
         return cls(model_path, replicas=rollout.replicas, tp_size=tp, server_args=args, mode=rollout.mode,
-                   urls=tuple(rollout.urls), max_restarts=rollout.max_restarts, **kwargs)
+                   urls=tuple(rollout.urls), max_restarts=rollout.max_restarts,
+                   sync_host=getattr(rollout, "sync_host", None), **kwargs)
 
     # ------------------------------------------------------------------ generation
     def generate(self, requests: Sequence[GenerationRequest], *, progress: bool = False) -> list[list[Sample]]:
@@ -270,11 +302,11 @@ class SGLangEngine(RolloutEngine):
     def _ensure_group(self) -> None:
         if self._broadcast is not None:
             return
-        port, world = free_port(self.host), 1 + self.tp_size * len(self.urls)
-        init = f"tcp://{self.host}:{port}"
+        port, world = free_port(self.sync_host), 1 + self.tp_size * len(self.urls)
+        init = f"tcp://{self.sync_host}:{port}"
         errors: list = []
         threads = [threading.Thread(target=_post_into, args=(errors, url + "/init_weights_update_group", {
-            "master_address": self.host, "master_port": port, "rank_offset": 1 + i * self.tp_size,
+            "master_address": self.sync_host, "master_port": port, "rank_offset": 1 + i * self.tp_size,
             "world_size": world, "group_name": "fipo_weights", "backend": self.backend}, self.timeout))
             for i, url in enumerate(self.urls)]
         for t in threads:

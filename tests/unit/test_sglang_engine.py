@@ -138,6 +138,25 @@ def test_disaggregated_sync_through_a_gloo_group(tmp_path):
     assert not _children()
 
 
+def test_attached_servers_sync_at_the_routable_address(tmp_path):
+    """Servers given by url (disaggregated rollout nodes) join the weight-sync group at this machine's
+    address on the route to them (loopback here), not at the engine's launch host."""
+    from megatron_fipo.rollout.sglang_engine import routable_address
+
+    assert routable_address("http://127.0.0.1:1") == "127.0.0.1" == routable_address("localhost:2")
+    with pytest.raises(ValueError, match="cannot read a host"):
+        routable_address("http://:3")
+    tensors = [("w", torch.randn(3, 2))]
+    with _engine(tmp_path, replicas=1, tp_size=2, mode="disaggregated") as owner:
+        attached = SGLangEngine("tiny-model", urls=owner.urls, tp_size=2, mode="disaggregated", host="192.0.2.1",
+                                group_factory=tcp_gloo_group, startup_timeout=60)
+        assert attached.sync_host == "127.0.0.1"  # not the (unreachable) launch host
+        attached.update_weights(iter([tensors]), version=1)
+        assert _state(owner, 0)["checksums"]["1"] == {"w": _sha(tensors[0][1])}
+        attached.shutdown()
+    assert not _children()
+
+
 def test_dead_server_is_restarted_and_resynced(tmp_path):
     tensors = [("w", torch.randn(4))]
     with _engine(tmp_path, "--die-after-requests", "3", replicas=1, max_restarts=2, max_in_flight=1,
