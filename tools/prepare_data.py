@@ -27,7 +27,7 @@ from typing import Iterable, Optional, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_fipo.data.datasets import _rows, load_problems  # noqa: E402
+from megatron_fipo.data.datasets import load_problems, read_rows  # noqa: E402
 
 DAPO_TEMPLATE = ("Solve the following math problem step by step. The last line of your response should be of the "
                  "form Answer: $Answer (without quotes) where $Answer is the answer to the problem.\n\n{problem}\n\n"
@@ -75,7 +75,7 @@ def convert(paths: Sequence[str], *, data_source: str, dedupe: bool = True, skip
     for path in paths:
         if not os.path.isfile(path):
             raise ValueError(f"input {path!r} does not exist")
-        for index, row in _rows(path):
+        for index, row in read_rows(path):
             total += 1
             try:
                 if isinstance(row, Exception):

@@ -43,7 +43,7 @@ class Problem:
     uid: str
 
 
-def _rows(path: str) -> Iterable[tuple[int, Any]]:
+def read_rows(path: str) -> Iterable[tuple[int, Any]]:
     """``(row number, row dict or an Exception)`` of a parquet or jsonl file."""
     ext = os.path.splitext(path)[1].lower()
     if ext == ".parquet":
@@ -114,7 +114,7 @@ def load_problems(paths: str | Sequence[str], *, on_bad_row: str = "error") -> l
         if not os.path.isfile(path):
             raise ValueError(f"data file {path!r} does not exist")
         name, bad = os.path.basename(path), []
-        for index, row in _rows(path):
+        for index, row in read_rows(path):
             try:
                 out.append(_parse(row, index, name))
             except ValueError as err:
