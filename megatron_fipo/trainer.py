@@ -15,7 +15,9 @@ Safety: a step whose old log-probs or loss are not finite is skipped (weights un
 warning and counted; ``train.max_nonfinite_steps`` in a row stop the run with an error before
 any checkpoint of the broken state is written. Checkpoints (model, optimizer, scheduler, RNG,
 data position, step) are atomic; ``checkpoint.resume=auto`` continues from the latest complete one
-and reproduces the uninterrupted run on CPU (sampling seeds derive from the step).
+and reproduces the uninterrupted run on CPU (sampling seeds derive from the step). A stop file
+(``<run_dir>/STOP``, or ``$FIPO_STOP_FILE``, which the sbatch launcher creates before the time
+limit) ends the run after the current step with a checkpoint of it, so a requeue loses nothing.
 """
 from __future__ import annotations
 
@@ -37,6 +39,10 @@ from megatron_fipo.experience import collect_experience
 from megatron_fipo.parallel.metrics import reduce_metrics
 from megatron_fipo.rollout.engine import EngineError
 from megatron_fipo.trainer_setup import RunState, build_run, evaluate, sync_weights
+
+
+STOP_FILE = "STOP"
+"""Create ``<train.run_dir>/STOP`` to stop a run after its current step, with a checkpoint."""
 
 
 def train(config: Config) -> dict:
@@ -100,12 +106,19 @@ class Trainer:
             if last_save_s is not None:  # the checkpoint written after the previous step
                 metrics["time/save_s"], last_save_s = last_save_s, None
             self._log(step, metrics)  # before the checkpoint: a checkpoint never exists without its step's record
-            if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 or step == cfg.train.steps:
+            stop = self._stop_requested()
+            if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 or step == cfg.train.steps or stop:
                 last_save_s = self._save(step)
             last = metrics
             bar.update(1)
             bar.set_postfix(reward=f"{metrics.get('train/reward_mean', float('nan')):.3f}",
                             acc=f"{metrics.get('train/acc_mean', float('nan')):.3f}")
+            if stop and s.step < cfg.train.steps:
+                bar.close()
+                if self.groups.rank == 0:
+                    print(f"stop requested ({stop}): stopped after step {step} with its checkpoint in "
+                          f"{s.checkpoint_root}; resume with --resume", flush=True)
+                return last if self.groups.rank == 0 else {}
         bar.close()
         if cfg.checkpoint.export_hf:
             s.export_hf(os.path.join(cfg.train.run_dir, "hf"))
@@ -181,6 +194,22 @@ class Trainer:
             raise RuntimeError(f"step {step}: {why} in {s.nonfinite} consecutive steps "
                                f"(train.max_nonfinite_steps={self.config.train.max_nonfinite_steps}); stopping. "
                                f"The last good checkpoint is in {s.checkpoint_root}; lower optim.lr or check the data.")
+
+    def _stop_requested(self) -> str:
+        """The stop file that asks this run to stop after the current step (consumed), or ''; same on every rank.
+
+        ``<train.run_dir>/STOP``, or the file named by ``$FIPO_STOP_FILE`` (the sbatch launcher sets
+        it and creates the file shortly before the time limit).
+        """
+        found = ""
+        if self.groups.rank == 0:
+            for path in (os.environ.get("FIPO_STOP_FILE"), os.path.join(self.config.train.run_dir, STOP_FILE)):
+                if path and os.path.exists(path):
+                    found = found or path
+                    os.remove(path)
+        flag = [found]
+        torch.distributed.broadcast_object_list(flag, src=0)
+        return flag[0]
 
     def _save(self, step: int) -> float:
         t = time.perf_counter()

@@ -163,6 +163,25 @@ def test_kill_and_resume_equals_uninterrupted(demo, tmp_path):
     assert _strip(_records(broken)) == _strip(_records(whole))
 
 
+def test_stop_file_checkpoints_after_the_current_step(demo, tmp_path):
+    """A STOP file in the run directory ends the run after the step it sees it at, with that step's
+    checkpoint (and no HF export); the next start resumes from it and finishes the run."""
+    run = str(tmp_path / "run")
+    overrides = _overrides(demo, run, *SMALL, "train.steps=3", "checkpoint.every_steps=0")
+    os.makedirs(run)
+    open(os.path.join(run, "STOP"), "w").close()
+    launch(_train, 1, CONFIG, overrides, timeout=600)
+    assert [r["step"] for r in _records(run)] == [1]
+    assert os.path.exists(os.path.join(run, "checkpoints", "iter_0000001", "fipo_checkpoint.json"))
+    assert not os.path.exists(os.path.join(run, "STOP")) and not os.path.exists(os.path.join(run, "hf"))
+    stop = str(tmp_path / "sbatch-stop")  # the launcher's per-restart file: $FIPO_STOP_FILE
+    open(stop, "w").close()
+    launch(_train, 1, CONFIG, overrides, timeout=600, env={"FIPO_STOP_FILE": stop})
+    assert [r["step"] for r in _records(run)] == [1, 2] and not os.path.exists(stop)
+    launch(_train, 1, CONFIG, overrides, timeout=600)
+    assert [r["step"] for r in _records(run)] == [1, 2, 3] and os.path.isdir(os.path.join(run, "hf"))
+
+
 def _train_with_nan(config_path, overrides):
     from megatron_fipo.mcore.actor import Actor
 

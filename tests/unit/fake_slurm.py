@@ -19,7 +19,7 @@ import signal
 import sys
 
 ENV_KEYS = ("MASTER_ADDR", "MASTER_PORT", "NCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME", "CUDA_DEVICE_MAX_CONNECTIONS",
-            "SLURM_PROCID", "SLURMD_NODENAME", "FIPO_NODES", "SLURM_RESTART_COUNT")
+            "SLURM_PROCID", "SLURMD_NODENAME", "FIPO_NODES", "SLURM_RESTART_COUNT", "FIPO_STOP_FILE")
 
 _RECORD = '''
 import json, os, sys, time
@@ -83,7 +83,13 @@ deadline = time.monotonic() + 60
 while time.monotonic() < deadline and int(os.environ.get("FAKE_WAIT_FOR_SGLANG", "0")) > sum(
         '"kind": "sglang"' in line for line in open(os.environ["FAKE_SLURM_LOG"])):
     time.sleep(0.05)
-time.sleep(float(os.environ.get("FAKE_TORCHRUN_SLEEP", "0")))
+end = time.monotonic() + float(os.environ.get("FAKE_TORCHRUN_SLEEP", "0"))
+stop = os.environ.get("FIPO_STOP_FILE") if os.environ.get("FAKE_TORCHRUN_STOPS") else None
+while time.monotonic() < end:  # a trainer that honours the stop file ends after its "step"
+    if stop and os.path.exists(stop):
+        record("torchrun_stop", host=os.environ.get("SLURMD_NODENAME"))
+        break
+    time.sleep(0.05)
 sys.exit(int(os.environ.get("FAKE_TORCHRUN_RC", "0")))
 ''' % (ENV_KEYS,)
 

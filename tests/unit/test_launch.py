@@ -101,7 +101,8 @@ def test_colocated_two_nodes_run_torchrun_on_each_node(tmp_path):
         assert r["env"] | {"SLURM_PROCID": None} == {
             "MASTER_ADDR": "gpu01", "MASTER_PORT": "29742", "NCCL_SOCKET_IFNAME": "ib0", "GLOO_SOCKET_IFNAME": "ib0",
             "CUDA_DEVICE_MAX_CONNECTIONS": "1", "SLURM_PROCID": None, "SLURMD_NODENAME": r["host"],
-            "FIPO_NODES": "gpu01,gpu02", "SLURM_RESTART_COUNT": None}
+            "FIPO_NODES": "gpu01,gpu02", "SLURM_RESTART_COUNT": None,
+            "FIPO_STOP_FILE": str(tmp_path / "logs" / "stop-r0")}
     (step,) = cluster.records("srun")
     assert step["opts"] | {"--output": None} == {"--nodes": "2", "--ntasks": "2", "--ntasks-per-node": "1",
                                                  "--relative": "0", "--kill-on-bad-exit": "1",
@@ -154,17 +155,24 @@ def _wait_for(cluster, kind, count, proc, timeout=60):
         time.sleep(0.1)
 
 
-@pytest.mark.parametrize("restart, requeued", [(0, True), (3, False)])
-def test_usr1_before_the_time_limit_requeues_and_the_requeued_run_resumes(tmp_path, restart, requeued):
+@pytest.mark.parametrize("restart, requeued, honours_stop", [(0, True, True), (3, False, True), (0, True, False)])
+def test_usr1_before_the_time_limit_requeues_and_the_requeued_run_resumes(tmp_path, restart, requeued, honours_stop):
     cluster = FakeCluster(tmp_path, 2)
+    stops = {"FAKE_TORCHRUN_STOPS": "1"} if honours_stop else {}
     proc = cluster.start(cluster.sbatch("--config", RECIPE, *cluster.overrides), FAKE_TORCHRUN_SLEEP="60",
-                         SLURM_RESTART_COUNT=str(restart), FIPO_MAX_REQUEUES="3")
+                         SLURM_RESTART_COUNT=str(restart), FIPO_MAX_REQUEUES="3", FIPO_STOP_WAIT_S="20", **stops)
     try:
         _wait_for(cluster, "torchrun", 2, proc)
         proc.send_signal(signal.SIGUSR1)
         assert proc.wait(timeout=60) == 0, cluster.output()
     finally:
         fake_slurm.kill_all(cluster.log, cluster.bin)
+    stop_file = str(tmp_path / "logs" / f"stop-r{restart}")
+    assert {r["env"]["FIPO_STOP_FILE"] for r in cluster.records("torchrun")} == {stop_file}
+    # the trainer was asked to stop after its step (it checkpoints) before the job was requeued
+    assert len(cluster.records("torchrun_stop")) == (2 if honours_stop else 0)
+    assert ("the trainer stopped with a checkpoint" in cluster.output()) == honours_stop, cluster.output()
+    assert ("did not stop within 20s" in cluster.output()) == (not honours_stop)
     calls = [r["argv"] for r in cluster.records("scontrol") if r["argv"][0] == "requeue"]
     assert calls == ([["requeue", str(JOB_ID)]] if requeued else [])
     assert all(not fake_slurm.alive(r["pid"], cluster.bin) for r in cluster.records("torchrun"))  # steps stopped
@@ -226,8 +234,10 @@ def test_nemo_run_job_runs_the_same_commands_as_the_sbatch(tmp_path, monkeypatch
                            "--image", "megatron-fipo.sqsh", "--account", "acct", "--", *ours.overrides)
     assert _run_nemo_sbatch(theirs, args, launcher, **wait) == 0, theirs.output()
 
-    def commands(cluster, kind):
-        return sorted((r.get("host"), r["argv"], r.get("env")) for r in cluster.records(kind))
+    def commands(cluster, kind):  # the stop file (graceful stop before a requeue) is the sbatch's own
+        return sorted((r.get("host"), r["argv"], r.get("env") and {k: v for k, v in r["env"].items()
+                                                                    if k != "FIPO_STOP_FILE"})
+                      for r in cluster.records(kind))
 
     assert commands(theirs, "torchrun") == commands(ours, "torchrun") and len(commands(ours, "torchrun")) == 2
     assert commands(theirs, "sglang") == commands(ours, "sglang") and len(commands(ours, "sglang")) == 2 * rollout_nodes
