@@ -19,7 +19,7 @@ import json
 import os
 from typing import Any, Mapping
 
-from megatron_fipo.config import Config, validate
+from megatron_fipo.config import Config, cp_alignment, validate
 
 GiB = float(1 << 30)
 
@@ -129,7 +129,17 @@ def plan(config: Config, world: int, hf: Mapping[str, Any], *, gpus_per_node: in
             "dp": dp, "vpp": par.vpp, "memory_gib": {k: round(v, 2) for k, v in mem.items()
                                                      if k not in ("params_per_gpu", "params_total")},
             "params_total_b": round(mem["params_total"] / 1e9, 3), "params_per_gpu_b": round(mem["params_per_gpu"] / 1e9, 3),
-            "first_node": layout[:gpus_per_node], "colocated_rollout": rollout, "warnings": warnings}
+            "first_node": layout[:gpus_per_node], "colocated_rollout": rollout,
+            "context_parallel": _context_parallel(config), "warnings": warnings}
+
+
+def _context_parallel(config: Config) -> dict:
+    """What CP does to a micro-batch: the padding, tokens per GPU, bytes of the distributed Future-KL scan."""
+    par, budget = config.parallel, config.optim.max_tokens_per_micro_batch
+    if par.cp == 1:
+        return {}
+    return {"pad_to": cp_alignment(par.cp, par.tp, par.sequence_parallel), "tokens_per_gpu": budget // par.cp,
+            "micro_batch_tokens": budget, "scan_bytes_per_sequence": 8}
 
 
 def read_hf_config(path: str) -> dict:
@@ -148,6 +158,11 @@ def format_plan(report: dict) -> str:
              f"model: {report['params_total_b']} B parameters, {report['params_per_gpu_b']} B per GPU",
              "memory per GPU (GiB, estimate): " + ", ".join(f"{k} {v}" for k, v in report["memory_gib"].items()),
              "first node:  rank  gpu  tp  cp  dp  pp"]
+    cp = report.get("context_parallel")
+    if cp:
+        lines.insert(3, f"context parallel: sequences padded to multiples of {cp['pad_to']}; <= {cp['tokens_per_gpu']} "
+                        f"tokens per GPU of a {cp['micro_batch_tokens']}-token micro-batch; Future-KL scan "
+                        f"{cp['scan_bytes_per_sequence']} B per sequence per rank")
     if report.get("colocated_rollout"):
         lines.insert(3, "colocated SGLang (GiB per GPU of the first node): " + ", ".join(
             f"{k} {v}" for k, v in report["colocated_rollout"].items()))

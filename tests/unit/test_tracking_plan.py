@@ -90,6 +90,23 @@ def test_plan_reports_and_rejects_impossible_layouts():
         plan(load_config(None, ["parallel.tp=8"]), 8, QWEN25_7B)
 
 
+def test_plan_reports_context_parallelism():
+    from megatron_fipo.plan import format_plan
+
+    base = ["parallel.tp=4", "model.params_dtype=bfloat16", "optim.max_tokens_per_micro_batch=24576"]
+    assert plan(load_config(None, base), 8, QWEN25_7B)["context_parallel"] == {}
+    cp = plan(load_config(None, base + ["parallel.cp=2", "parallel.sequence_parallel=true"]), 8, QWEN25_7B)
+    assert cp["context_parallel"] == {"pad_to": 16, "tokens_per_gpu": 12288, "micro_batch_tokens": 24576,
+                                      "scan_bytes_per_sequence": 8}
+    assert "context parallel: sequences padded to multiples of 16; <= 12288 tokens per GPU" in format_plan(cp)
+    no_cp = plan(load_config(None, base), 4, QWEN25_7B)["memory_gib"]
+    assert cp["memory_gib"]["activations"] == pytest.approx(no_cp["activations"] / 2, rel=0.01)
+    with pytest.raises(ValueError, match="padded to a multiple of 16"):  # the budget must hold a padded sequence
+        plan(load_config(None, base + ["parallel.cp=2", "parallel.sequence_parallel=true",
+                                       "rollout.max_prompt_length=7", "rollout.max_response_length=8",
+                                       "optim.max_tokens_per_micro_batch=15", "algo.overlong_buffer=0"]), 8, QWEN25_7B)
+
+
 def test_plot_run_draws_pngs(tmp_path):
     pytest.importorskip("matplotlib")
     import importlib.util
