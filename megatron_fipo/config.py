@@ -93,7 +93,7 @@ class OptimConfig:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
-    max_tokens_per_micro_batch: int = 24576  # >= one full prompt + response
+    max_tokens_per_micro_batch: int = 24576  # >= one full prompt + response; a whole micro-batch (each CP rank: 1/cp)
     logprob_chunk_tokens: int = 4096
 
 
