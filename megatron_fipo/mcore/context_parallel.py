@@ -138,7 +138,7 @@ class AllGatherCPAttention(torch.nn.Module):
         padded = packed_seq_params.cu_seqlens_q if padded is None else padded
         real = packed_seq_params.cu_seqlens_q
         cp, rank = dist.get_world_size(self.cp_group), dist.get_rank(self.cp_group)
-        allowed = _global_causal_mask(padded, real, cp, rank).to(query.device)
+        allowed = _global_causal_mask(padded, real, cp, rank, query.device)
         keys = _GatherOverCP.apply(key, self.cp_group)
         values = _GatherOverCP.apply(value, self.cp_group)
         groups = query.shape[1] // keys.shape[1]
@@ -152,8 +152,25 @@ class AllGatherCPAttention(torch.nn.Module):
         return out.reshape(out.shape[0], -1)
 
 
-def _global_causal_mask(padded_cu: torch.Tensor, real_cu: torch.Tensor, cp: int, rank: int) -> torch.Tensor:
-    """``[t_local, cp * t_local]`` bool: may this rank's query attend to each gathered key (rank-major)?"""
+_LAST_MASK: list = []  # [(padded_cu, real_cu, cp, rank, device), mask]: every layer of a micro-batch reuses it
+
+
+def _global_causal_mask(padded_cu: torch.Tensor, real_cu: torch.Tensor, cp: int, rank: int, device) -> torch.Tensor:
+    """``[t_local, cp * t_local]`` bool: may this rank's query attend to each gathered key (rank-major)?
+
+    Built once per micro-batch: the layers (and recomputation) of one forward see the same
+    ``PackedSeqParams`` tensors, recognised by identity (the cache holds them, so an id is never reused).
+    """
+    if _LAST_MASK:
+        (p, r, c, k, d), mask = _LAST_MASK
+        if p is padded_cu and r is real_cu and (c, k, d) == (cp, rank, device):
+            return mask
+    mask = _causal_mask(padded_cu, real_cu, cp, rank).to(device)
+    _LAST_MASK[:] = [(padded_cu, real_cu, cp, rank, device), mask]
+    return mask
+
+
+def _causal_mask(padded_cu: torch.Tensor, real_cu: torch.Tensor, cp: int, rank: int) -> torch.Tensor:
     real_lengths = (real_cu[1:] - real_cu[:-1]).to(torch.int64).cpu()
     q_seq, q_pos = local_token_coordinates(padded_cu, cp, rank)
     coords = [local_token_coordinates(padded_cu, cp, r) for r in range(cp)]

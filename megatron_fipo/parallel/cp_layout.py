@@ -103,11 +103,6 @@ class CPLayout:
         return int(self.padded_lengths.max()) if self.num_sequences else 0
 
     @functools.cached_property
-    def local_cu_seqlens(self) -> torch.Tensor:
-        """``[S + 1]`` offsets of each sequence's local tokens (its two chunks) on this rank."""
-        return _cumsum0(2 * self.chunk_lengths)
-
-    @functools.cached_property
     def local_chunk_cu_seqlens(self) -> torch.Tensor:
         """``[2S + 1]`` offsets of the local chunks: sequence 0 chunk ``r``, chunk ``2cp-1-r``, sequence 1 ..."""
         return _cumsum0(self.chunk_lengths.repeat_interleave(2))
@@ -115,10 +110,16 @@ class CPLayout:
     # ------------------------------------------------------------------ token indices
     def local_indices(self, rank: Optional[int] = None) -> torch.Tensor:
         """``[num_local_tokens]`` indices into the padded packed array of ``rank``'s tokens (default: this rank)."""
-        r = self.rank if rank is None else rank
-        if not 0 <= r < self.cp:
-            raise ValueError(f"rank {r} is outside the context-parallel group of size {self.cp}")
-        return local_token_indices(self.padded_cu_seqlens, self.cp, r)
+        if rank is None or rank == self.rank:
+            return self._own_indices
+        if not 0 <= rank < self.cp:
+            raise ValueError(f"rank {rank} is outside the context-parallel group of size {self.cp}")
+        return local_token_indices(self.padded_cu_seqlens, self.cp, rank)
+
+    @functools.cached_property
+    def _own_indices(self) -> torch.Tensor:
+        """This rank's ``local_indices``, computed once (every sharded tensor of a micro-batch uses them)."""
+        return local_token_indices(self.padded_cu_seqlens, self.cp, self.rank)
 
     @functools.cached_property
     def padding_index(self) -> torch.Tensor:
