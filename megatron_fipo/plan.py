@@ -7,9 +7,9 @@ config module: it must run on a laptop.
 
 The estimate is an upper-bound style budget for planning, not a measurement: bf16 weights, fp32
 gradients (``grad_reduce_in_fp32``), fp32 main weights + Adam moments sharded over the data- and
-context-parallel ranks (Megatron's distributed optimizer shards over ``dp * cp``), activations per Korthikanti et al. (sequence parallel,
-flash attention: ``34 * T * h / tp`` bytes per layer without recompute, ``2 * T * h`` with
-full recompute) for the micro-batches in flight on the first pipeline stage. With colocated SGLang
+context-parallel ranks (Megatron's distributed optimizer shards over ``dp * cp``), activations per
+Korthikanti et al. (sequence parallel, flash attention: ``34 * T * h / tp`` bytes per layer
+without recompute, ``2 * T * h`` with full recompute) for the micro-batches in flight on the first pipeline stage. With colocated SGLang
 rollouts the first node's GPUs also hold the servers' static memory while the actor's weights,
 gradients and optimizer state stay resident: ``plan`` adds that check.
 """
@@ -83,8 +83,8 @@ def colocated_rollout(config: Config, mem: Mapping[str, float], gpus_per_node: i
     ro = config.rollout
     if ro.engine != "sglang" or ro.mode != "colocated":
         return None, []
-    args = dict(ro.sglang)
-    tp = int(args.get("tp_size", args.get("tp", 1)))
+    tp, args = ro.sglang_server_args()
+    tp = int(tp)
     gpus = ro.replicas * tp
     if gpus > gpus_per_node:
         raise ValueError(f"colocated rollout: rollout.replicas * rollout.sglang.tp_size = {ro.replicas} * {tp} = "

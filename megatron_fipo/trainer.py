@@ -113,14 +113,13 @@ class Trainer:
             bar.update(1)
             bar.set_postfix(reward=f"{metrics.get('train/reward_mean', float('nan')):.3f}",
                             acc=f"{metrics.get('train/acc_mean', float('nan')):.3f}")
-            if stop and s.step < cfg.train.steps:
-                bar.close()
+            if stop and step < cfg.train.steps:
                 if self.groups.rank == 0:
                     print(f"stop requested ({stop}): stopped after step {step} with its checkpoint in "
                           f"{s.checkpoint_root}; resume with --resume", flush=True)
-                return last if self.groups.rank == 0 else {}
+                break
         bar.close()
-        if cfg.checkpoint.export_hf:
+        if cfg.checkpoint.export_hf and s.step == cfg.train.steps:  # not for a run stopped early
             s.export_hf(os.path.join(cfg.train.run_dir, "hf"))
         return last if self.groups.rank == 0 else {}
 
