@@ -57,6 +57,12 @@ class RolloutConfig:
     cpu_max_batch_rows: int = 64
     sglang: Mapping[str, Any] = field(default_factory=dict)  # SGLang server arguments, passed through
 
+    def sglang_server_args(self) -> tuple:
+        """``(tp_size, the other server arguments)`` of ``sglang`` (``tp_size``, or ``tp``; default 1)."""
+        args = dict(self.sglang)
+        tp = args.pop("tp_size", args.pop("tp", 1))
+        return tp, args
+
 
 @dataclass(frozen=True)
 class AlgoConfig:

@@ -89,8 +89,7 @@ class Job:
 
 def sglang_layout(config: Config, gpus_per_node: int) -> tuple[int, int, dict]:
     """``(tp_size, servers per node, other server arguments)`` from ``rollout.sglang``."""
-    args = dict(config.rollout.sglang)
-    tp = args.pop("tp_size", args.pop("tp", 1))
+    tp, args = config.rollout.sglang_server_args()
     if not isinstance(tp, int) or tp < 1 or gpus_per_node % tp:
         raise ValueError(f"rollout.sglang.tp_size={tp!r} must be a positive divisor of the {gpus_per_node} "
                          "GPUs per node")

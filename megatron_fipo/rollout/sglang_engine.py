@@ -197,11 +197,10 @@ class SGLangEngine(RolloutEngine):
     @classmethod
     def from_config(cls, model_path: str, rollout, **kwargs) -> "SGLangEngine":
         """From ``config.RolloutConfig`` (``sglang`` holds the server arguments; ``tp_size`` among them)."""
-        args = dict(rollout.sglang)
-        tp = int(args.pop("tp_size", args.pop("tp", 1)))
-        return cls(model_path, replicas=rollout.replicas, tp_size=tp, server_args=args, mode=rollout.mode,
-                   urls=tuple(rollout.urls), max_restarts=rollout.max_restarts,
-                   sync_host=getattr(rollout, "sync_host", None), **kwargs)
+        tp, args = rollout.sglang_server_args()
+        return cls(model_path, replicas=rollout.replicas, tp_size=int(tp), server_args=args, mode=rollout.mode,
+                   urls=tuple(rollout.urls), max_restarts=rollout.max_restarts, sync_host=rollout.sync_host,
+                   **kwargs)
 
     # ------------------------------------------------------------------ generation
     def generate(self, requests: Sequence[GenerationRequest], *, progress: bool = False) -> list[list[Sample]]:
