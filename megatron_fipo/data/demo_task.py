@@ -76,8 +76,12 @@ def encode_pair(tokenizer, row: dict) -> tuple[list[int], list[int]]:
 
 
 def build_base_model(tokenizer, rows: list[dict], *, seed: int, warmup_steps: int, batch_size: int = 64,
-                     lr: float = 3e-3):
-    """A tiny random Qwen2 trained ``warmup_steps`` steps (teacher forcing, loss on response tokens)."""
+                     lr: float = 3e-3, progress: bool = False):
+    """A tiny random Qwen2 trained ``warmup_steps`` steps (teacher forcing, loss on response tokens).
+
+    ``progress`` shows a bar of the warm-up steps (with the loss) on stderr.
+    """
+    from tqdm.auto import tqdm
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
@@ -88,6 +92,7 @@ def build_base_model(tokenizer, rows: list[dict], *, seed: int, warmup_steps: in
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     rng = random.Random(seed)
     model.train()
+    bar = tqdm(total=warmup_steps, desc="demo: supervised warm-up", unit="step", disable=not progress)
     for _ in range(warmup_steps):
         batch = [pairs[rng.randrange(len(pairs))] for _ in range(batch_size)]
         width = max(len(p) + len(r) for p, r in batch)
@@ -101,6 +106,9 @@ def build_base_model(tokenizer, rows: list[dict], *, seed: int, warmup_steps: in
         opt.zero_grad()
         loss.backward()
         opt.step()
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    bar.close()
     return model.eval()
 
 
@@ -115,7 +123,7 @@ def _complete(out_dir: str, spec: dict) -> bool:
 
 
 def build_demo(out_dir: str, *, seed: int = 0, n_train: int = 2000, n_test: int = 200, warmup_steps: int = 650,
-               force: bool = False, evaluate=None) -> dict:
+               force: bool = False, evaluate=None, progress: bool = False) -> dict:
     """Write ``base/`` (HF model + tokenizer), ``train.jsonl``, ``test.jsonl`` and ``demo_info.json``.
 
     Idempotent (a complete directory built with the same arguments is reused unless ``force``)
@@ -126,6 +134,7 @@ def build_demo(out_dir: str, *, seed: int = 0, n_train: int = 2000, n_test: int 
         seed, n_train, n_test, warmup_steps: the build's specification.
         force: rebuild even if complete.
         evaluate: optional ``fn(base_dir, test_rows) -> dict`` whose result is stored in the info.
+        progress: show the warm-up's progress bar on stderr.
 
     Returns:
         the ``demo_info.json`` contents.
@@ -143,7 +152,7 @@ def build_demo(out_dir: str, *, seed: int = 0, n_train: int = 2000, n_test: int 
             with open(os.path.join(tmp, name), "w", encoding="utf-8") as fh:
                 fh.writelines(json.dumps(r) + "\n" for r in rows)
         tokenizer = build_tokenizer()
-        model = build_base_model(tokenizer, train, seed=seed, warmup_steps=warmup_steps)
+        model = build_base_model(tokenizer, train, seed=seed, warmup_steps=warmup_steps, progress=progress)
         model.save_pretrained(os.path.join(tmp, "base"))
         tokenizer.save_pretrained(os.path.join(tmp, "base"))
         info = {"spec": spec, **(evaluate(os.path.join(tmp, "base"), test) if evaluate else {})}

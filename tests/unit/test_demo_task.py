@@ -55,3 +55,11 @@ def test_build_is_idempotent_and_atomic(tmp_path):
     assert len(open(os.path.join(out, "train.jsonl")).read().splitlines()) == 32
     assert json.load(open(os.path.join(out, D.INFO)))["spec"]["n_train"] == 32
     assert not [d for d in os.listdir(tmp_path) if d.startswith(".demo-build-")]  # no temp dirs left
+
+
+def test_build_shows_warmup_progress(tmp_path, capsys):
+    D.build_demo(str(tmp_path / "demo"), n_train=16, n_test=4, warmup_steps=3, progress=True)
+    err = capsys.readouterr().err
+    assert "demo: supervised warm-up" in err and "3/3" in err and "loss=" in err
+    D.build_demo(str(tmp_path / "quiet"), n_train=16, n_test=4, warmup_steps=3)
+    assert "warm-up" not in capsys.readouterr().err
