@@ -61,15 +61,21 @@ def _hf_state(path):
 CONFIG = os.path.join(REPO, "examples", "demo_cpu.yaml")
 
 
-def test_demo_raises_heldout_accuracy(demo, tmp_path):
-    """The README's demo (shortened eval): held-out Avg@4 rises clearly on a fixed seed."""
+@pytest.mark.parametrize("seed", [1234, 1, 2])  # 1234: the README's run (train.seed's default, data.seed 0)
+def test_demo_raises_heldout_accuracy(demo, tmp_path, seed):
+    """The README's demo, 15 steps: held-out Avg@4 rises by at least 0.1 on each of three seeds.
+
+    Measured on the locked environment: +0.33, +0.35 and +0.30 at step 15, three times the threshold,
+    so a regression that halves the learning still fails while rounding noise does not.
+    """
     run = str(tmp_path / "run")
-    launch(_train, 1, CONFIG, _overrides(demo, run, "log.progress=false", "train.steps=20",
-                                         "checkpoint.export_hf=false", "checkpoint.every_steps=0"), timeout=900)
+    seeds = [] if seed == 1234 else [f"train.seed={seed}", f"data.seed={seed}"]
+    launch(_train, 1, CONFIG, _overrides(demo, run, "log.progress=false", "train.steps=15", "log.tensorboard=false",
+                                         "checkpoint.export_hf=false", "checkpoint.every_steps=0", *seeds), timeout=900)
     evals = [r["eval/avg@4"] for r in _records(run) if "eval/avg@4" in r]
-    assert len(evals) == 5  # at start, then every 5 steps
-    assert evals[-1] >= evals[0] + 0.07, evals
-    assert max(evals[1:]) >= evals[0] + 0.1, evals
+    assert len(evals) == 4, evals  # at start, then every 5 steps
+    assert evals[-1] >= evals[0] + 0.1, evals
+    assert min(evals[1:]) > evals[0], evals
 
 
 @pytest.mark.parametrize("variant", [
@@ -225,13 +231,18 @@ def test_bad_data_and_config_errors(demo, tmp_path, capsys):
 
 
 def test_eval_cli_on_hf_model_and_megatron_checkpoint(demo, tmp_path):
-    """``megatron-fipo eval`` gives the same metrics for the HF model and its Megatron conversion."""
+    """``megatron-fipo eval`` gives the same metrics for the HF model and its Megatron conversion.
+
+    Run with the default ``--max-new-tokens``, which must fit the demo's 64-position model (the
+    README's eval example on the demo).
+    """
     def run(*args):
         out = tmp_path / f"records{len(args)}.jsonl"
         proc = subprocess.run([sys.executable, "-m", "megatron_fipo", "eval", *args, "--data", f"{demo}/test.jsonl",
-                               "--n", "3", "--max-problems", "12", "--max-new-tokens", "16", "--workers", "0",
+                               "--n", "3", "--max-problems", "12", "--top-p", "1.0", "--workers", "0",
                                "--output", str(out)], cwd=REPO, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "generating at most 56 new tokens (the model has 64 positions" in proc.stderr
         return json.loads(proc.stdout[proc.stdout.index("{"):]), [json.loads(x) for x in out.read_text().splitlines()]
 
     hf_metrics, records = run("--model", f"{demo}/base")
