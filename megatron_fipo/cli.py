@@ -124,7 +124,8 @@ def _add_train_eval_plan(sub) -> None:
     ev.add_argument("--n", type=int, default=32, help="samples per problem (the k of the metrics)")
     ev.add_argument("--temperature", type=float, default=1.0)
     ev.add_argument("--top-p", type=float, default=0.7)
-    ev.add_argument("--max-new-tokens", type=int, default=20480)
+    ev.add_argument("--max-new-tokens", type=int, default=None,
+                    help="default: 20480, or what the model's positions leave after the longest prompt if fewer")
     ev.add_argument("--max-prompt-tokens", type=int, default=2048)
     ev.add_argument("--max-problems", type=int, default=None)
     ev.add_argument("--stop-token-ids", type=int, nargs="*", default=None, help="default: the tokenizer's eos")

@@ -28,6 +28,7 @@ def run_eval(args) -> int:
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or model_dir)
         items = encode_items(args.data, tokenizer, max_prompt_tokens=args.max_prompt_tokens,
                              on_bad_row=args.on_bad_row, on_too_long="error")[:args.max_problems]
+        max_new_tokens = _max_new_tokens(args.max_new_tokens, model_dir, items)
         stop = args.stop_token_ids or ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
         engine = _engine(args, model_dir)
         try:
@@ -35,7 +36,7 @@ def run_eval(args) -> int:
                 metrics, records = evaluate_items(
                     engine, items, lambda t, g: pool.score(args.reward, t, g),
                     lambda ids: tokenizer.decode(ids, skip_special_tokens=True), n=args.n,
-                    temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
+                    temperature=args.temperature, top_p=args.top_p, max_new_tokens=max_new_tokens,
                     stop_token_ids=stop, seed=args.seed, progress=True)
         finally:
             engine.shutdown()
@@ -45,6 +46,32 @@ def run_eval(args) -> int:
                 fh.write(json.dumps(rec) + "\n")
     print(json.dumps({"problems": len(items), **metrics}, indent=2))
     return 0
+
+
+DEFAULT_MAX_NEW_TOKENS = 20480  # the recipe's response length
+
+
+def _max_new_tokens(requested, model_dir: str, items) -> int:
+    """``requested``, or by default 20480 capped by what the model's positions leave after the longest prompt."""
+    if requested is not None:
+        if requested < 1:
+            raise ValueError(f"--max-new-tokens must be >= 1, got {requested}")
+        return requested
+    try:
+        with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as fh:
+            positions = json.load(fh).get("max_position_embeddings")
+    except (OSError, ValueError):
+        positions = None  # not an HF directory we can read: the engine reports what is wrong
+    if not positions or not items:
+        return DEFAULT_MAX_NEW_TOKENS
+    room = int(positions) - max(len(it.prompt_ids) for it in items)
+    if room < 1:
+        raise ValueError(f"the longest prompt fills the model's {positions} positions: no room to generate "
+                         "(lower --max-prompt-tokens)")
+    if room < DEFAULT_MAX_NEW_TOKENS:
+        print(f"eval: generating at most {room} new tokens (the model has {positions} positions; pass "
+              "--max-new-tokens to choose)", file=sys.stderr)
+    return min(room, DEFAULT_MAX_NEW_TOKENS)
 
 
 def _engine(args, model_dir: str):
