@@ -33,7 +33,9 @@ def plot(run_dir: str, keys=None, out_dir=None) -> list[str]:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as err:
-        raise SystemExit("plotting needs matplotlib: pip install matplotlib") from err
+        raise SystemExit(f"plotting needs matplotlib, which {sys.executable} does not have: run this with the "
+                         "project's environment, .venv/bin/python tools/plot_run.py RUN_DIR (tools/bootstrap.sh "
+                         "installs it), or pip install matplotlib") from err
     from megatron_fipo.tracking import read_metrics
 
     records = read_metrics(run_dir)
