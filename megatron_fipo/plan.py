@@ -112,6 +112,9 @@ def colocated_rollout(config: Config, mem: Mapping[str, float], gpus_per_node: i
 def plan(config: Config, world: int, hf: Mapping[str, Any], *, gpus_per_node: int = 8,
          gpu_gib: float = 80.0) -> dict:
     """Validate the config for ``world`` ranks and the model; return the layout summary and memory estimate."""
+    if gpus_per_node < 1 or not gpu_gib > 0:
+        raise ValueError(f"--gpus-per-node must be >= 1, got {gpus_per_node}" if gpus_per_node < 1
+                         else f"--gpu-gib must be > 0, got {gpu_gib:g}")
     warnings = validate(config, world_size=world, hf_config=hf, for_training=False)
     par = config.parallel
     dp = world // (par.tp * par.pp * par.cp)

@@ -76,11 +76,32 @@ def test_plan_prints_layout_and_memory(tmp_path, capsys):
     (["--world-size", "12"], "not a multiple of tp"),
     (["--world-size", "16", "parallel.tp=8"], "does not divide the model's 28 attention heads"),
     (["--world-size", "16", "parallel.tpp=8"], "did you mean 'parallel.tp'"),
+    (["--world-size", "0"], "world size must be >= 1, got 0"),
+    (["--world-size", "-8"], "world size must be >= 1, got -8"),
+    (["--world-size", "16", "parallel.pp=0"], "parallel.pp must be >= 1, got 0"),
+    (["--world-size", "16", "parallel.cp=0"], "parallel.cp must be >= 1, got 0"),
+    (["--world-size", "16", "parallel.tp=0"], "parallel.tp must be >= 1, got 0"),
+    (["--world-size", "16", "--gpus-per-node", "0"], "--gpus-per-node must be >= 1, got 0"),
+    (["--world-size", "16", "--gpu-gib", "0"], "--gpu-gib must be > 0, got 0"),
+    (["--world-size", "16", "optim.lr=.inf"], "optim.lr must be a finite number"),
 ])
 def test_plan_rejects_impossible_layouts(tmp_path, capsys, args, message):
     (tmp_path / "c.yaml").write_text("parallel:\n  tp: 4\n  pp: 2\n")
     assert main(["plan", "--config", str(tmp_path / "c.yaml"), "--hf-config", _hf_config(tmp_path), *args]) == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_plan_reads_exponent_floats_and_reports_yaml_errors_with_position(tmp_path, capsys):
+    (tmp_path / "c.yaml").write_text("parallel:\n  tp: 4\n  pp: 2\noptim:\n  lr: 1e-6\n")
+    assert main(["plan", "--config", str(tmp_path / "c.yaml"), "--hf-config", _hf_config(tmp_path),
+                 "--world-size", "16", "optim.adam_eps=1E-8", "--json"]) == 0
+    capsys.readouterr()
+    (tmp_path / "c.yaml").write_text("parallel:\n  tp: 4\n  pp 2\n")
+    assert main(["plan", "--config", str(tmp_path / "c.yaml"), "--hf-config", _hf_config(tmp_path),
+                 "--world-size", "16"]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'c.yaml'}:4:1: could not find expected ':'" in err and len(err.strip().splitlines()) == 1
 
 
 def test_train_rejects_bad_config_before_starting(tmp_path, capsys):
