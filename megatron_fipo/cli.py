@@ -18,9 +18,15 @@ from typing import Optional, Sequence
 
 def _read_scoring_rows(path: str) -> list[dict]:
     """Rows of ``{"ground_truth": str, "responses": [str, ...]}`` from a jsonl file."""
+    from megatron_fipo.data.datasets import utf8_line
+
     rows = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                line = utf8_line(raw)
+            except ValueError as exc:
+                raise ValueError(f"{path}:{lineno}: {exc}") from None
             if not line.strip():
                 continue
             try:

@@ -44,6 +44,13 @@ def test_score_bad_rows_name_the_line(tmp_path, capsys, content, message):
     assert message in err
 
 
+def test_score_non_utf8_file_names_the_line(tmp_path, capsys):
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(b'{"ground_truth": "1", "responses": ["a"]}\n{"ground_truth": "\xff", "responses": ["a"]}\n')
+    assert main(["score", str(src), "--workers", "0"]) == 2
+    assert f"{src}:2: not UTF-8 text (byte 0xff at column 19)" in capsys.readouterr().err
+
+
 def test_module_entry_point_runs(tmp_path):
     src = tmp_path / "in.jsonl"
     _write(src, [{"ground_truth": "3", "responses": ["Answer: 3"]}])
