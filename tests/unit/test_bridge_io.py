@@ -151,3 +151,18 @@ def test_reused_bucket_buffer_streams_the_same_tensors(tmp_path):
     with pytest.raises(ValueError, match="reuse_buffer"):
         next(export_hf_state(named, arch, groups=SINGLE, layer_offsets=[0], bucket_bytes=bucket_bytes,
                              reuse_buffer=torch.zeros(10)))
+
+
+def test_hf_config_readers_name_the_file(tmp_path):
+    """Qwen2Arch.from_hf (a directory or a checkpoint's dict) and the export's config copy share one reader."""
+    from megatron_fipo.mcore.model import Qwen2Arch  # test-side only: the bridge never imports mcore
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_text('{"hidden_size": 64,\n "vocab_size": 1x}')
+    with pytest.raises(ValueError, match=f"{src / 'config.json'}:2:17: not valid JSON"):
+        Qwen2Arch.from_hf(str(src))
+    with pytest.raises(ValueError, match=f"{src / 'config.json'}:2:17: not valid JSON"):
+        save_hf_checkpoint([], str(tmp_path / "out"), str(src))
+    with pytest.raises(ValueError, match="HF config \\(config.json\\): missing intermediate_size"):
+        Qwen2Arch.from_hf(dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=9))

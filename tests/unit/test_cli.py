@@ -117,3 +117,39 @@ def test_train_rejects_bad_config_before_starting(tmp_path, capsys):
     assert "did you mean 'algo.use_influence'" in capsys.readouterr().err
     assert main(["train", "--config", str(tmp_path / "missing.yaml")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+BAD_HF_CONFIGS = [
+    ('{"hidden_size": 64, "model_type": "qwen2\t"}', "config.json:1:41: not valid JSON (Invalid control character at)"),
+    ('{"hidden_size": 64, "num_hidden_layers": 2}', "config.json: missing num_attention_heads, intermediate_size, "
+                                                    "vocab_size (a Qwen2 config.json needs hidden_size, "),
+    ('{"hidden_size": 64, "num_hidden_layers": 0, "num_attention_heads": 4, "intermediate_size": 8, '
+     '"vocab_size": 9}', "config.json: num_hidden_layers must be a positive integer, got 0"),
+    ("[1, 2]", "config.json: an HF config must be a JSON object, got list"),
+]
+
+
+def _bad_hf_dir(tmp_path, text):
+    hf = tmp_path / "hf"
+    hf.mkdir(exist_ok=True)
+    (hf / "config.json").write_text(text)
+    return hf
+
+
+@pytest.mark.parametrize("text, message", BAD_HF_CONFIGS)
+def test_plan_and_train_name_a_broken_hf_config(tmp_path, capsys, text, message):
+    hf = _bad_hf_dir(tmp_path, text)
+    (tmp_path / "c.yaml").write_text(f"model:\n  hf_path: {hf}\ndata:\n  train_files: [x.jsonl]\n")
+    for argv in (["plan", "--config", str(tmp_path / "c.yaml"), "--world-size", "1"],
+                 ["train", "--config", str(tmp_path / "c.yaml")]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"{hf / message}" in err and "re-download" in err and "Traceback" not in err, err
+
+
+def test_convert_names_a_broken_hf_config(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("RANK", "0")  # convert's single-process environment is not needed: it fails first
+    text, message = BAD_HF_CONFIGS[1]
+    hf = _bad_hf_dir(tmp_path, text)
+    assert main(["convert", "--from-hf", str(hf), "--to-mcore", str(tmp_path / "out")]) == 2
+    assert f"{hf / message}" in capsys.readouterr().err
