@@ -38,7 +38,7 @@ from megatron_fipo.experience import collect_experience
 from megatron_fipo.hf_config import read_hf_config
 from megatron_fipo.parallel.metrics import reduce_metrics
 from megatron_fipo.rollout.engine import EngineError
-from megatron_fipo.trainer_setup import RunState, build_run, evaluate, sync_weights
+from megatron_fipo.trainer_setup import RunState, build_run, check_inputs, evaluate, sync_weights
 
 
 STOP_FILE = "STOP"
@@ -53,6 +53,7 @@ def train(config: Config) -> dict:
     messages = validate(config, world_size=world)  # the config alone first: errors before any file is read
     hf_config = _read_hf_config(config.model.hf_path)
     validate(config, world_size=world, hf_config=hf_config)  # heads / layers against tp / pp
+    check_inputs(config)  # data rows, prompts per step, safetensors headers: before any process group
     for message in messages:
         warnings.warn(message, stacklevel=2)
     G.single_process_env()

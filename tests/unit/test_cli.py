@@ -1,6 +1,7 @@
 """The console entry point: ``megatron-fipo score``."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -153,3 +154,52 @@ def test_convert_names_a_broken_hf_config(tmp_path, capsys, monkeypatch):
     hf = _bad_hf_dir(tmp_path, text)
     assert main(["convert", "--from-hf", str(hf), "--to-mcore", str(tmp_path / "out")]) == 2
     assert f"{hf / message}" in capsys.readouterr().err
+
+
+def _train_setup(tmp_path, monkeypatch, rows=3):
+    """A tiny HF model, ``rows`` problems and a train config; starting a process group fails the test."""
+    from megatron_fipo.mcore import groups
+    from tests.hf_tiny import tiny_hf_model
+
+    def no_process_group(*a, **k):
+        raise AssertionError("a process group started before the bad input was found")
+
+    monkeypatch.setattr(groups, "init_distributed", no_process_group)
+    hf = tiny_hf_model(str(tmp_path / "hf"), num_hidden_layers=2)
+    data = tmp_path / "train.jsonl"
+    _write(data, [{"prompt": f"{i}+1=", "answer": i + 1} for i in range(rows)])
+    (tmp_path / "c.yaml").write_text(
+        f"model:\n  hf_path: {hf}\ndata:\n  train_files: [{data}]\nrollout:\n  n: 2\n  max_prompt_length: 16\n"
+        f"  max_response_length: 16\nalgo:\n  overlong_buffer: 4\ntrain:\n  prompts_per_step: 2\n"
+        f"  mini_batch_prompts: 2\n  run_dir: {tmp_path / 'run'}\n")
+    return ["train", "--config", str(tmp_path / "c.yaml")], hf, data
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.prompts_per_step=100000000", "train.prompts_per_step=100000000 is more than the 3 usable problems in "
+                                         "data.train_files"),
+    ("checkpoint.keep_last=0", "checkpoint.keep_last must be >= 1 or null"),
+    ("optim.lr=.inf", "optim.lr must be a finite number"),
+])
+def test_train_rejects_bad_input_before_any_process_group(tmp_path, capsys, monkeypatch, override, message):
+    argv, _, _ = _train_setup(tmp_path, monkeypatch)
+    capsys.readouterr()
+    assert main(argv + [override]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err, err
+
+
+def test_train_names_a_non_utf8_data_row_and_a_truncated_model(tmp_path, capsys, monkeypatch):
+    argv, hf, data = _train_setup(tmp_path, monkeypatch)
+    capsys.readouterr()
+    good = data.read_bytes()
+    data.write_bytes(good + b'{"prompt": "\xff", "answer": 1}\n')
+    assert main(argv) == 2
+    assert f"{data}: 1 bad row(s): row 3: not UTF-8 text (byte 0xff at line 4, column 13)" in capsys.readouterr().err
+    data.write_bytes(good)
+    weights = os.path.join(hf, "model.safetensors")
+    with open(weights, "r+b") as fh:
+        fh.truncate(1000)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"{weights}: not a readable safetensors file" in err and "re-download" in err
