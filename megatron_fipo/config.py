@@ -339,8 +339,8 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Co
     """
     raw: dict = {}
     if path:
-        if not os.path.exists(path):
-            raise ValueError(f"config file {path!r} does not exist")
+        if not os.path.isfile(path):
+            raise ValueError(f"config file {path!r} " + ("is a directory" if os.path.isdir(path) else "does not exist"))
         with open(path, "rb") as fh:
             data = fh.read()
         try:

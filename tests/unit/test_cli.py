@@ -203,3 +203,19 @@ def test_train_names_a_non_utf8_data_row_and_a_truncated_model(tmp_path, capsys,
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert f"{weights}: not a readable safetensors file" in err and "re-download" in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["eval", "--model", "m", "--data", "d.jsonl", "--top-p", "0"], "argument --top-p: must be in (0, 1], got 0"),
+    (["eval", "--model", "m", "--data", "d.jsonl", "--temperature", "-1"], "argument --temperature: must be > 0"),
+    (["eval", "--model", "m", "--data", "d.jsonl", "--n", "0"], "argument --n: must be >= 1, got 0"),
+    (["eval", "--model", "m", "--data", "d.jsonl", "--timeout", "nan"], "argument --timeout: must be > 0, got nan"),
+    (["score", "in.jsonl", "--k", "0"], "argument --k: must be >= 1, got 0"),
+    (["score", "in.jsonl", "--workers", "-1"], "argument --workers: must be >= 0, got -1"),
+    (["convert", "--from-hf", "a", "--to-mcore", "b", "--tp", "0"], "argument --tp: must be >= 1, got 0"),
+    (["convert", "--from-hf", "a", "--to-mcore", "b", "--pp", "x"], "argument --pp: must be an integer, got 'x'"),
+])
+def test_numeric_options_are_checked_by_the_parser(capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err

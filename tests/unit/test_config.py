@@ -43,9 +43,11 @@ def test_bad_overrides(override, match):
         load_config(None, [override])
 
 
-def test_missing_file():
+def test_missing_file(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         load_config("/nonexistent/x.yaml")
+    with pytest.raises(ValueError, match="is a directory"):
+        load_config(str(tmp_path))
 
 
 def test_valid_config_passes():
