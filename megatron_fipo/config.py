@@ -1,7 +1,8 @@
 """Run configuration: frozen dataclasses, YAML + dotted overrides, validation before any process starts.
 
 Owns the schema (``Config`` and its sections), ``load_config(path, overrides)``, ``apply_overrides``,
-``validate(config, world_size=None)`` and ``to_dict`` / ``save_config``. Must not import torch,
+``validate(config, world_size=None)`` (``RANGES``: the allowed range of every numeric field, then the
+cross-field checks) and ``to_dict`` / ``save_config``. YAML is read with YAML 1.2 floats (``1e-6``). Must not import torch,
 megatron, sglang or any other project module: it is read by ``plan`` on a laptop and by every
 launcher before anything heavy starts.
 

@@ -1,6 +1,7 @@
 """What a training run holds besides the loop: built, resumed, synced, evaluated, saved and closed here.
 
-Owns ``RunState`` (actor, engine, data, reward pool, logger and counters of one rank),
+Owns ``check_inputs`` (the data and weight files, read before any process group starts),
+``RunState`` (actor, engine, data, reward pool, logger and counters of one rank),
 ``build_run`` (fresh from the HF model, or resumed from the latest complete checkpoint),
 ``sync_weights`` (actor -> engine through the bridge's bucket stream), ``evaluate`` (Avg@k /
 Cons@k / Pass@k with the engine) and the checkpoint / HF export calls. Composition only.
