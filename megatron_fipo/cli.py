@@ -12,15 +12,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from typing import Optional, Sequence
 
 
 def _read_scoring_rows(path: str) -> list[dict]:
     """Rows of ``{"ground_truth": str, "responses": [str, ...]}`` from a jsonl file."""
+    from megatron_fipo.data.datasets import utf8_line
+
     rows = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                line = utf8_line(raw)
+            except ValueError as exc:
+                raise ValueError(f"{path}:{lineno}: {exc}") from None
             if not line.strip():
                 continue
             try:
@@ -108,6 +115,26 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _number(kind, test, what: str):
+    """An argparse ``type``: ``kind(text)`` that is finite and passes ``test`` (else a one-line usage error)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {'an integer' if kind is int else 'a number'}, got {text!r}") \
+                from None
+        if not (math.isfinite(value) and test(value)):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+        return value
+    return parse
+
+
+_AT_LEAST_0 = _number(int, lambda v: v >= 0, ">= 0")
+_AT_LEAST_1 = _number(int, lambda v: v >= 1, ">= 1")
+_POSITIVE = _number(float, lambda v: v > 0, "> 0")
+_UNIT = _number(float, lambda v: 0 < v <= 1, "in (0, 1]")
+
+
 def _add_train_eval_plan(sub) -> None:
     train = sub.add_parser("train", help="FIPO training from a YAML config (torchrun for several processes)")
     train.add_argument("--config", required=True, help="YAML config (see examples/)")
@@ -121,18 +148,18 @@ def _add_train_eval_plan(sub) -> None:
     ev.add_argument("--checkpoint", help="Megatron checkpoint (root or iter_* directory; exported to HF first)")
     ev.add_argument("--tokenizer", help="tokenizer directory (default: the model's)")
     ev.add_argument("--data", nargs="+", required=True, help="parquet or jsonl problem files (DAPO / AIME layout)")
-    ev.add_argument("--n", type=int, default=32, help="samples per problem (the k of the metrics)")
-    ev.add_argument("--temperature", type=float, default=1.0)
-    ev.add_argument("--top-p", type=float, default=0.7)
-    ev.add_argument("--max-new-tokens", type=int, default=None,
+    ev.add_argument("--n", type=_AT_LEAST_1, default=32, help="samples per problem (the k of the metrics)")
+    ev.add_argument("--temperature", type=_POSITIVE, default=1.0)
+    ev.add_argument("--top-p", type=_UNIT, default=0.7)
+    ev.add_argument("--max-new-tokens", type=_AT_LEAST_1, default=None,
                     help="default: 20480, or what the model's positions leave after the longest prompt if fewer")
-    ev.add_argument("--max-prompt-tokens", type=int, default=2048)
-    ev.add_argument("--max-problems", type=int, default=None)
-    ev.add_argument("--stop-token-ids", type=int, nargs="*", default=None, help="default: the tokenizer's eos")
+    ev.add_argument("--max-prompt-tokens", type=_AT_LEAST_1, default=2048)
+    ev.add_argument("--max-problems", type=_AT_LEAST_1, default=None)
+    ev.add_argument("--stop-token-ids", type=_AT_LEAST_0, nargs="*", default=None, help="default: the tokenizer's eos")
     ev.add_argument("--engine", choices=["cpu", "sglang"], default="cpu")
     ev.add_argument("--reward", default="dapo_math", choices=["dapo_math", "boxed_math"])
-    ev.add_argument("--workers", type=int, default=2, help="reward worker processes")
-    ev.add_argument("--timeout", type=float, default=10.0, help="seconds per response before it scores -1")
+    ev.add_argument("--workers", type=_AT_LEAST_0, default=2, help="reward worker processes")
+    ev.add_argument("--timeout", type=_POSITIVE, default=10.0, help="seconds per response before it scores -1")
     ev.add_argument("--on-bad-row", choices=["error", "skip"], default="error")
     ev.add_argument("--seed", type=int, default=1234)
     ev.add_argument("--output", help="write per-problem responses, preds and acc (jsonl)")
@@ -155,9 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     score = sub.add_parser("score", help="reward + Avg@k/Cons@k/Pass@k for a jsonl of responses")
     score.add_argument("input", help='jsonl, one problem per line: {"ground_truth": ..., "responses": [...]}')
     score.add_argument("--reward", default="dapo_math", choices=["dapo_math", "boxed_math"])
-    score.add_argument("--k", type=int, default=None, help="k of the @k metrics (default: samples per problem)")
-    score.add_argument("--workers", type=int, default=2, help="reward worker processes (0 = in-process)")
-    score.add_argument("--timeout", type=float, default=10.0, help="seconds per response before it scores -1")
+    score.add_argument("--k", type=_AT_LEAST_1, default=None, help="k of the @k metrics (default: samples per problem)")
+    score.add_argument("--workers", type=_AT_LEAST_0, default=2, help="reward worker processes (0 = in-process)")
+    score.add_argument("--timeout", type=_POSITIVE, default=10.0, help="seconds per response before it scores -1")
     score.add_argument("--output", help="write the rows back with per-response preds and acc")
     score.set_defaults(func=cmd_score)
     convert = sub.add_parser("convert", help="HF safetensors <-> Megatron dist-checkpoint (Qwen2)")
@@ -170,11 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--tokenizer", metavar="DIR", help="copy tokenizer files from here (default: the HF source)")
     convert.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                          help="HF tensor dtype (default: the config's torch_dtype, else float32)")
-    convert.add_argument("--tp", type=int, default=1, help="tensor parallel size (torchrun world must match)")
-    convert.add_argument("--pp", type=int, default=1, help="pipeline parallel size")
+    convert.add_argument("--tp", type=_AT_LEAST_1, default=1, help="tensor parallel size (torchrun world must match)")
+    convert.add_argument("--pp", type=_AT_LEAST_1, default=1, help="pipeline parallel size")
     convert.add_argument("--verify", action="store_true", help="after converting, compare the Megatron model's "
                          "log-probs with the HF model's (source or export) on random tokens; fail on a mismatch")
-    convert.add_argument("--verify-tol", type=float, default=1e-3, help="max |log-prob difference| for --verify")
+    convert.add_argument("--verify-tol", type=_POSITIVE, default=1e-3, help="max |log-prob difference| for --verify")
     convert.set_defaults(func=cmd_convert)
     return parser
 

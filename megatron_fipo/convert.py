@@ -27,19 +27,18 @@ def convert(args) -> int:
     single_process_env()
     from megatron_fipo.bridge.hf_export import export_hf_state, save_hf_checkpoint
     from megatron_fipo.bridge.hf_import import load_hf_into_chunks
+    from megatron_fipo.hf_config import read_hf_config
     from megatron_fipo.mcore import groups as G
     from megatron_fipo.mcore.actor import Actor
     from megatron_fipo.mcore.checkpoint import latest_checkpoint, read_checkpoint_meta
     from megatron_fipo.mcore.model import Qwen2Arch
 
     if args.from_hf:
-        hf_config, source = _read_json(os.path.join(args.from_hf, "config.json")), os.path.abspath(args.from_hf)
+        hf_config, source = read_hf_config(args.from_hf), os.path.abspath(args.from_hf)
     else:
         path = latest_checkpoint(args.from_mcore) or args.from_mcore
         extra = read_checkpoint_meta(path).get("extra", {})
-        hf_config = _read_json(os.path.join(args.hf_config, "config.json") if args.hf_config and
-                               os.path.isdir(args.hf_config) else args.hf_config) if args.hf_config \
-            else extra.get("hf_config")
+        hf_config = read_hf_config(args.hf_config) if args.hf_config else extra.get("hf_config")
         if hf_config is None:
             raise ValueError(f"{path}: no HF config in the checkpoint; pass --hf-config DIR")
         source = args.tokenizer or extra.get("hf_source")
@@ -82,9 +81,6 @@ def convert(args) -> int:
     return 0
 
 
-def _read_json(path: str) -> dict:
-    with open(path, encoding="utf-8") as fh:
-        return json.load(fh)
 
 
 

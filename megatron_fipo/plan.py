@@ -3,7 +3,7 @@
 Owns ``rank_layout`` (Megatron's default ``tp-cp-dp-pp`` rank order) and ``estimate_memory`` (a
 first-order model: parameters, gradients, optimizer state, activations of the in-flight
 micro-batches, the chunked log-prob buffers) and ``plan`` (validation + report). Imports only the
-config module: it must run on a laptop.
+config and hf_config modules: it must run on a laptop.
 
 The estimate is an upper-bound style budget for planning, not a measurement: bf16 weights, fp32
 gradients (``grad_reduce_in_fp32``), fp32 main weights + Adam moments sharded over the data- and
@@ -15,10 +15,9 @@ gradients and optimizer state stay resident: ``plan`` adds that check.
 """
 from __future__ import annotations
 
-import json
-import os
 from typing import Any, Mapping
 
+from megatron_fipo import hf_config
 from megatron_fipo.config import Config, cp_alignment, validate
 
 GiB = float(1 << 30)
@@ -112,6 +111,9 @@ def colocated_rollout(config: Config, mem: Mapping[str, float], gpus_per_node: i
 def plan(config: Config, world: int, hf: Mapping[str, Any], *, gpus_per_node: int = 8,
          gpu_gib: float = 80.0) -> dict:
     """Validate the config for ``world`` ranks and the model; return the layout summary and memory estimate."""
+    if gpus_per_node < 1 or not gpu_gib > 0:
+        raise ValueError(f"--gpus-per-node must be >= 1, got {gpus_per_node}" if gpus_per_node < 1
+                         else f"--gpu-gib must be > 0, got {gpu_gib:g}")
     warnings = validate(config, world_size=world, hf_config=hf, for_training=False)
     par = config.parallel
     dp = world // (par.tp * par.pp * par.cp)
@@ -143,12 +145,8 @@ def _context_parallel(config: Config) -> dict:
 
 
 def read_hf_config(path: str) -> dict:
-    """``config.json`` of an HF model directory (or the file itself)."""
-    path = os.path.join(path, "config.json") if os.path.isdir(path) else path
-    if not os.path.isfile(path):
-        raise ValueError(f"no HF config at {path!r}: pass --hf-config with a config.json of the model")
-    with open(path, encoding="utf-8") as fh:
-        return json.load(fh)
+    """``config.json`` of an HF model directory (or the file itself), validated by ``hf_config``."""
+    return hf_config.read_hf_config(path, hint=": pass --hf-config with a config.json of the model")
 
 
 def format_plan(report: dict) -> str:

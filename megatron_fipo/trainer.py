@@ -21,7 +21,6 @@ limit) ends the run after the current step with a checkpoint of it, so a requeue
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 import warnings
@@ -36,9 +35,10 @@ from megatron_fipo.algo.mismatch import (
 )
 from megatron_fipo.config import Config, save_config, validate
 from megatron_fipo.experience import collect_experience
+from megatron_fipo.hf_config import read_hf_config
 from megatron_fipo.parallel.metrics import reduce_metrics
 from megatron_fipo.rollout.engine import EngineError
-from megatron_fipo.trainer_setup import RunState, build_run, evaluate, sync_weights
+from megatron_fipo.trainer_setup import RunState, build_run, check_inputs, evaluate, sync_weights
 
 
 STOP_FILE = "STOP"
@@ -53,6 +53,7 @@ def train(config: Config) -> dict:
     messages = validate(config, world_size=world)  # the config alone first: errors before any file is read
     hf_config = _read_hf_config(config.model.hf_path)
     validate(config, world_size=world, hf_config=hf_config)  # heads / layers against tp / pp
+    check_inputs(config)  # data rows, prompts per step, safetensors headers: before any process group
     for message in messages:
         warnings.warn(message, stacklevel=2)
     G.single_process_env()
@@ -73,8 +74,7 @@ def _read_hf_config(path: str) -> dict:
     cfg = os.path.join(path, "config.json")
     if not os.path.isfile(cfg):
         raise ValueError(f"model.hf_path={path!r}: no config.json there (an HF Qwen2 checkpoint directory is needed)")
-    with open(cfg, encoding="utf-8") as fh:
-        return json.load(fh)
+    return read_hf_config(cfg)
 
 
 class Trainer:

@@ -1,6 +1,7 @@
 """What a training run holds besides the loop: built, resumed, synced, evaluated, saved and closed here.
 
-Owns ``RunState`` (actor, engine, data, reward pool, logger and counters of one rank),
+Owns ``check_inputs`` (the data and weight files, read before any process group starts),
+``RunState`` (actor, engine, data, reward pool, logger and counters of one rank),
 ``build_run`` (fresh from the HF model, or resumed from the latest complete checkpoint),
 ``sync_weights`` (actor -> engine through the bridge's bucket stream), ``evaluate`` (Avg@k /
 Cons@k / Pass@k with the engine) and the checkpoint / HF export calls. Composition only.
@@ -282,4 +283,42 @@ def _items(config, tokenizer, files) -> list:
 def _prompt_loader(config, tokenizer, files, batch_size: int):
     from megatron_fipo.data.datasets import PromptLoader
 
-    return PromptLoader(_items(config, tokenizer, files), batch_size=batch_size, seed=config.data.seed)
+    items = _items(config, tokenizer, files)
+    check_prompt_count(len(items), config, "prompts within rollout.max_prompt_length")
+    return PromptLoader(items, batch_size=batch_size, seed=config.data.seed)
+
+
+def check_inputs(config) -> None:
+    """What a run reads, checked on every rank before any process group starts.
+
+    The problem files (bad rows fail here, with file and row; under ``on_bad_row=skip`` the rank-0
+    load warns later, once), enough distinct prompts for one step, and the safetensors headers of
+    ``model.hf_path`` (a truncated download fails here, not after the model is built).
+    """
+    import warnings
+
+    from megatron_fipo.bridge.hf_import import HFCheckpoint
+    from megatron_fipo.data.datasets import load_problems
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        problems = load_problems(config.data.train_files, on_bad_row=config.data.on_bad_row)
+        if config.eval.files:
+            load_problems(config.eval.files, on_bad_row=config.data.on_bad_row)
+    check_prompt_count(len(problems), config, "usable problems")
+    with HFCheckpoint(config.model.hf_path):
+        pass
+
+
+def check_prompt_count(available: int, config, what: str) -> None:
+    """A step draws ``train.prompts_per_step`` distinct prompts; more than the data holds is a mistake.
+
+    The loader would repeat prompts within the step to fill it, and rank 0 holds every drawn prompt
+    with its ``rollout.n`` responses: an oversized value only grows memory until the process dies.
+    """
+    tr = config.train
+    if tr.prompts_per_step > available:
+        raise ValueError(f"train.prompts_per_step={tr.prompts_per_step} is more than the {available} {what} in "
+                         f"data.train_files: a step draws that many distinct prompts (x rollout.n={config.rollout.n} "
+                         f"responses each); lower it to at most {available} (and a multiple of train.mini_batch_prompts="
+                         f"{tr.mini_batch_prompts}) or add data")

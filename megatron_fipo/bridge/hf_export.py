@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_fipo.bridge import qwen2_mapping as M
+from megatron_fipo.hf_config import read_hf_config
 
 Bucket = list  # list[tuple[str, torch.Tensor]]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
@@ -184,10 +185,7 @@ def save_hf_checkpoint(
 
 def _write_config(out_dir: str, config_json, dtype_name: str | None) -> None:
     if not isinstance(config_json, Mapping):
-        path = os.fspath(config_json)
-        path = os.path.join(path, "config.json") if os.path.isdir(path) else path
-        with open(path, encoding="utf-8") as fh:
-            config_json = json.load(fh)
+        config_json = read_hf_config(config_json)
     config = dict(config_json)
     if dtype_name:
         config["torch_dtype" if "torch_dtype" in config else "dtype"] = dtype_name

@@ -36,8 +36,7 @@ class HFCheckpoint(contextlib.AbstractContextManager):
         self.hf_dir = hf_dir
         index = os.path.join(hf_dir, INDEX)
         if os.path.exists(index):
-            with open(index, encoding="utf-8") as fh:
-                weight_map = json.load(fh)["weight_map"]
+            weight_map = _read_index(index)
             files = sorted(set(weight_map.values()))
         else:
             files = sorted(os.path.basename(p) for p in glob.glob(os.path.join(hf_dir, "*.safetensors")))
@@ -45,8 +44,15 @@ class HFCheckpoint(contextlib.AbstractContextManager):
         if not files:
             raise ValueError(f"{hf_dir}: no *.safetensors files (only safetensors HF checkpoints are supported)")
         self._stack = contextlib.ExitStack()
-        self._handles = {f: self._stack.enter_context(safe_open(os.path.join(hf_dir, f), framework="pt"))
-                         for f in files}
+        self._handles = {}
+        for f in files:
+            path = os.path.join(hf_dir, f)
+            try:  # safe_open checks the header against the file size: a truncated download fails here
+                self._handles[f] = self._stack.enter_context(safe_open(path, framework="pt"))
+            except Exception as err:  # SafetensorError (not an OSError subclass), FileNotFoundError
+                self._stack.close()
+                raise ValueError(f"{path}: not a readable safetensors file ({err}); the file is damaged or "
+                                 f"incomplete: re-download the model or re-export it") from None
         if weight_map is None:
             weight_map = {k: f for f, h in self._handles.items() for k in h.keys()}
         self.weight_map = weight_map
@@ -68,6 +74,19 @@ class HFCheckpoint(contextlib.AbstractContextManager):
     def __exit__(self, *exc):
         self._stack.close()
         return False
+
+
+def _read_index(path: str) -> dict:
+    """``weight_map`` of a sharded checkpoint's index, or a ValueError naming the file."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            weight_map = json.load(fh)["weight_map"]
+    except (ValueError, KeyError, TypeError) as err:  # JSONDecodeError / UnicodeDecodeError are ValueErrors
+        raise ValueError(f"{path}: not a safetensors index with a 'weight_map' ({type(err).__name__}: {err}); "
+                         "re-download the model or re-export it") from None
+    if not isinstance(weight_map, dict):
+        raise ValueError(f"{path}: 'weight_map' must map tensor names to files; re-download the model or re-export it")
+    return weight_map
 
 
 def check_hf_names(present: Iterable[str], arch) -> None:

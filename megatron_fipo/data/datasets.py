@@ -51,10 +51,19 @@ def read_rows(path: str) -> Iterable[tuple[int, Any]]:
             import pyarrow.parquet as pq
         except ImportError as err:  # pragma: no cover - pyarrow is a dependency
             raise ValueError("reading parquet needs pyarrow (pip install pyarrow)") from err
-        yield from enumerate(pq.read_table(path).to_pylist())
+        try:
+            table = pq.read_table(path)
+        except Exception as err:  # pyarrow raises ArrowInvalid / OSError subclasses for a damaged file
+            raise ValueError(f"{path}: not a readable parquet file ({err}); re-download or re-create it") from None
+        yield from enumerate(table.to_pylist())
     elif ext in (".jsonl", ".json"):
-        with open(path, encoding="utf-8") as fh:
-            for i, line in enumerate(fh):
+        with open(path, "rb") as fh:
+            for i, raw in enumerate(fh):
+                try:
+                    line = utf8_line(raw, i + 1)
+                except ValueError as err:
+                    yield i, err
+                    continue
                 if not line.strip():
                     continue
                 try:
@@ -63,6 +72,16 @@ def read_rows(path: str) -> Iterable[tuple[int, Any]]:
                     yield i, ValueError(f"not valid JSON ({err.msg})")
     else:
         raise ValueError(f"{path}: unknown data file type {ext!r} (use .parquet or .jsonl)")
+
+
+def utf8_line(raw: bytes, line: Optional[int] = None) -> str:
+    """One line of a text file; ``ValueError("not UTF-8 text (byte 0xff at [line L, ]column C)")`` otherwise."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        column = len(raw[:err.start].decode("utf-8", errors="replace")) + 1
+        where = f"line {line}, column {column}" if line is not None else f"column {column}"
+        raise ValueError(f"not UTF-8 text (byte {raw[err.start]:#04x} at {where}); re-save the file as UTF-8") from None
 
 
 def _parse(row: Any, index: int, name: str) -> Problem:

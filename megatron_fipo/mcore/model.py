@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -26,6 +25,8 @@ from typing import Any, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
+
+from megatron_fipo.hf_config import check_hf_config, read_hf_config
 
 SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM",)
 
@@ -52,11 +53,10 @@ class Qwen2Arch:
     @classmethod
     def from_hf(cls, config: Mapping[str, Any] | str | os.PathLike) -> "Qwen2Arch":
         """Read and validate an HF config (a dict, a ``config.json`` path, or a model directory)."""
-        if not isinstance(config, Mapping):
-            path = os.fspath(config)
-            path = os.path.join(path, "config.json") if os.path.isdir(path) else path
-            with open(path, encoding="utf-8") as fh:
-                config = json.load(fh)
+        if isinstance(config, Mapping):
+            check_hf_config(config, "HF config (config.json)")
+        else:
+            config = read_hf_config(config)
         archs = config.get("architectures") or [config.get("model_type", "?")]
         if not any(a in SUPPORTED_ARCHITECTURES for a in archs) and config.get("model_type") != "qwen2":
             raise ValueError(f"unsupported architecture {archs}: megatron_fipo supports {SUPPORTED_ARCHITECTURES}")

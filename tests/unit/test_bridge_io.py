@@ -151,3 +151,47 @@ def test_reused_bucket_buffer_streams_the_same_tensors(tmp_path):
     with pytest.raises(ValueError, match="reuse_buffer"):
         next(export_hf_state(named, arch, groups=SINGLE, layer_offsets=[0], bucket_bytes=bucket_bytes,
                              reuse_buffer=torch.zeros(10)))
+
+
+def test_hf_config_readers_name_the_file(tmp_path):
+    """Qwen2Arch.from_hf (a directory or a checkpoint's dict) and the export's config copy share one reader."""
+    from megatron_fipo.mcore.model import Qwen2Arch  # test-side only: the bridge never imports mcore
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_text('{"hidden_size": 64,\n "vocab_size": 1x}')
+    with pytest.raises(ValueError, match=f"{src / 'config.json'}:2:17: not valid JSON"):
+        Qwen2Arch.from_hf(str(src))
+    with pytest.raises(ValueError, match=f"{src / 'config.json'}:2:17: not valid JSON"):
+        save_hf_checkpoint([], str(tmp_path / "out"), str(src))
+    with pytest.raises(ValueError, match="HF config \\(config.json\\): missing intermediate_size"):
+        Qwen2Arch.from_hf(dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=9))
+
+
+@pytest.mark.parametrize("keep", [-100, 50, 4])
+def test_truncated_safetensors_names_the_file(tmp_path, keep):
+    hf_dir = tiny_hf_model(str(tmp_path / "hf"), num_hidden_layers=2)
+    path = os.path.join(hf_dir, "model.safetensors")
+    with open(path, "rb") as fh:
+        data = fh.read()
+    with open(path, "wb") as fh:
+        fh.write(data[:keep])
+    arch = _arch(hf_dir)
+    with pytest.raises(ValueError, match=f"{path}: not a readable safetensors file .*re-download the model or re-export"):
+        load_hf_into_chunks(hf_dir, _fake_params(arch), arch, tp_rank=0, tp_size=1, padded_vocab=PADDED,
+                            layer_offsets=[0])
+
+
+def test_broken_index_names_the_file(tmp_path):
+    from megatron_fipo.bridge.hf_import import HFCheckpoint
+
+    hf_dir = tiny_hf_model(str(tmp_path / "hf"), num_hidden_layers=2)
+    index = os.path.join(hf_dir, "model.safetensors.index.json")
+    with open(index, "w") as fh:
+        fh.write('{"weight_map": ')
+    with pytest.raises(ValueError, match=f"{index}: not a safetensors index"):
+        HFCheckpoint(hf_dir)
+    with open(index, "w") as fh:
+        json.dump({"weight_map": {"model.norm.weight": "model-00002-of-00002.safetensors"}}, fh)
+    with pytest.raises(ValueError, match="model-00002-of-00002.safetensors: not a readable safetensors file"):
+        HFCheckpoint(hf_dir)

@@ -43,9 +43,11 @@ def test_bad_overrides(override, match):
         load_config(None, [override])
 
 
-def test_missing_file():
+def test_missing_file(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         load_config("/nonexistent/x.yaml")
+    with pytest.raises(ValueError, match="is a directory"):
+        load_config(str(tmp_path))
 
 
 def test_valid_config_passes():
@@ -102,3 +104,118 @@ def test_optim_section_maps_onto_actor_settings():
 
     actor_fields = {f.name for f in dataclasses.fields(ActorSettings)}
     assert {f.name for f in dataclasses.fields(OptimConfig)} <= actor_fields  # trainer passes optim.* through
+
+
+@pytest.mark.parametrize("override, match", [
+    ("parallel.tp=0", "parallel.tp must be >= 1, got 0"),
+    ("parallel.pp=0", "parallel.pp must be >= 1, got 0"),
+    ("parallel.cp=0", "parallel.cp must be >= 1, got 0"),
+    ("parallel.cp=-2", "parallel.cp must be >= 1, got -2"),
+    ("parallel.vpp=0", "parallel.vpp must be >= 2 or null, got 0"),
+    ("parallel.vpp=-1", "parallel.vpp must be >= 2 or null, got -1"),
+])
+def test_zero_layout_sizes_are_errors_not_zero_division(override, match):
+    for world, hf in ((4, HF), (4, None), (None, HF)):
+        with pytest.raises(ValueError, match=match):
+            validate(load_config(None, OK + [override]), world_size=world, hf_config=hf)
+
+
+@pytest.mark.parametrize("world", [0, -8])
+def test_world_size_must_be_positive(world):
+    with pytest.raises(ValueError, match=f"world size must be >= 1, got {world}"):
+        validate(load_config(None, OK), world_size=world, hf_config=HF)
+
+
+@pytest.mark.parametrize("override, match", [
+    ("checkpoint.keep_last=0", "checkpoint.keep_last must be >= 1 or null"),
+    ("eval.top_p=0", "eval.top_p must be in \\(0, 1\\]"),
+    ("eval.temperature=-1", "eval.temperature must be > 0"),
+    ("eval.temperature=0", "eval.temperature must be > 0"),
+    ("eval.max_response_length=0", "eval.max_response_length must be >= 1 or null"),
+    ("eval.max_problems=0", "eval.max_problems must be >= 1 or null"),
+    ("rollout.top_p=0", "rollout.top_p must be in \\(0, 1\\]"),
+    ("rollout.temperature=-1", "rollout.temperature must be > 0"),
+    ("rollout.replicas=0", "rollout.replicas must be >= 1"),
+    ("rollout.max_restarts=-1", "rollout.max_restarts must be >= 0"),
+    ("rollout.cpu_max_batch_rows=0", "rollout.cpu_max_batch_rows must be >= 1"),
+    ("rollout.stop_token_ids=[2,-1]", "rollout.stop_token_ids must be token ids"),
+    ("optim.logprob_chunk_tokens=0", "optim.logprob_chunk_tokens must be >= 1"),
+    ("optim.warmup_steps=-3", "optim.warmup_steps must be >= 0, got -3"),
+    ("optim.lr=0", "optim.lr must be > 0"),
+    ("optim.lr=-1e-6", "optim.lr must be > 0"),
+    ("optim.weight_decay=-0.1", "optim.weight_decay must be >= 0"),
+    ("optim.clip_grad=-1", "optim.clip_grad must be >= 0"),
+    ("optim.adam_beta1=1", "optim.adam_beta1 must be in \\[0, 1\\)"),
+    ("optim.adam_beta2=-0.5", "optim.adam_beta2 must be in \\[0, 1\\)"),
+    ("optim.adam_eps=0", "optim.adam_eps must be > 0"),
+    ("algo.clip_low=1", "algo.clip_low must be in \\[0, 1\\)"),
+    ("algo.future_kl_clip_ratio=1", "algo.future_kl_clip_ratio must be in \\[0, 1\\)"),
+    ("algo.safety_thresh=0", "algo.safety_thresh must be > 0"),
+    ("algo.overlong_penalty_factor=-1", "algo.overlong_penalty_factor must be >= 0"),
+    ("algo.reward_fn=dapo", "algo.reward_fn must be one of"),
+    ("train.reward_timeout_s=0", "train.reward_timeout_s must be > 0"),
+    ("train.seed=-1", "train.seed must be >= 0"),
+    ("data.seed=-1", "data.seed must be >= 0"),
+    ("checkpoint.every_steps=-1", "checkpoint.every_steps must be >= 0"),
+    ("checkpoint.resume=Auto", "checkpoint.resume='Auto': write 'auto'"),
+    ("checkpoint.resume=NEVER", "checkpoint.resume='NEVER': write 'never'"),
+    ("checkpoint.resume=", "checkpoint.resume must be 'auto', 'never' or a checkpoint directory"),
+])
+def test_meaningless_values_are_rejected(override, match):
+    with pytest.raises(ValueError, match=match):
+        validate(load_config(None, OK + [override]), world_size=1, hf_config=HF)
+
+
+def test_every_numeric_field_has_a_range_rule():
+    import dataclasses
+
+    from megatron_fipo.config import RANGES
+
+    numeric = {f"{s.name}.{f.name}" for s in dataclasses.fields(Config)
+               for f in dataclasses.fields(s.default_factory()) if f.type.replace("Optional[", "").rstrip("]") in ("int", "float")}
+    assert numeric == set(RANGES)
+
+
+def test_reward_names_match_the_reward_registry():
+    from megatron_fipo.algo.rewards import REWARD_FNS
+    from megatron_fipo.config import REWARD_NAMES
+
+    assert set(REWARD_NAMES) == set(REWARD_FNS)
+
+
+@pytest.mark.parametrize("text, value", [("1e-6", 1e-6), ("1E-6", 1e-6), ("5e-4", 5e-4), ("-2e+3", -2e3),
+                                         (".5", 0.5), ("1e3", 1000.0), ("3", 3.0), ("1_000.5", 1000.5)])
+def test_float_notations_in_overrides_and_yaml(tmp_path, text, value):
+    assert load_config(None, [f"optim.lr={text}"]).optim.lr == value
+    path = tmp_path / "c.yaml"
+    path.write_text(f"optim:\n  lr: {text}\nmodel:\n  transformer_overrides:\n    layernorm_epsilon: {text}\n")
+    cfg = load_config(str(path))
+    assert cfg.optim.lr == value and cfg.model.transformer_overrides["layernorm_epsilon"] == value
+
+
+@pytest.mark.parametrize("text", [".inf", "-.inf", ".nan", ".NaN"])
+def test_non_finite_numbers_are_rejected(text):
+    with pytest.raises(ValueError, match="optim.lr must be a finite number"):
+        load_config(None, [f"optim.lr={text}"])
+    with pytest.raises(ValueError, match="rollout.temperature must be a finite number"):
+        load_config(None, [f"rollout.temperature={text}"])
+
+
+def test_yaml_syntax_error_names_file_line_and_column(tmp_path):
+    path = tmp_path / "x.yaml"
+    path.write_text("optim:\n  lr: 1\n  warmup_steps 3\n  x: [1\n")
+    with pytest.raises(ValueError) as err:
+        load_config(str(path))
+    message = str(err.value)
+    assert message.startswith(f"{path}:") and "\n" not in message
+    line, col = message[len(str(path)) + 1:].split(":")[:2]
+    assert (int(line), int(col)) >= (3, 1)
+    with pytest.raises(ValueError, match="override 'optim.lr=\\[1': "):
+        load_config(None, ["optim.lr=[1"])
+
+
+def test_non_utf8_config_file_names_the_file(tmp_path):
+    path = tmp_path / "x.yaml"
+    path.write_bytes(b"optim:\n  lr: \xff\n")
+    with pytest.raises(ValueError, match=f"{path}: not UTF-8 text"):
+        load_config(str(path))

@@ -132,3 +132,21 @@ def test_loader_bad_args():
         PromptLoader([], batch_size=1)
     with pytest.raises(ValueError):
         PromptLoader([1], batch_size=0)
+
+
+def test_non_utf8_row_names_the_file_and_line(tmp_path):
+    path = tmp_path / "u.jsonl"
+    good = json.dumps(_row(0)).encode()
+    path.write_bytes(good + b"\n" + good + b"\n" + good.replace(b"1+1", b"1\xff1") + b"\n" + good + b"\n")
+    with pytest.raises(ValueError, match=f"{path}: 1 bad row.*row 2: not UTF-8 text \\(byte 0xff at line 3, column"):
+        load_problems(str(path))
+    with pytest.warns(UserWarning, match="row 2: not UTF-8"):
+        assert [p.row for p in load_problems(str(path), on_bad_row="skip")] == [0, 1, 3]
+
+
+def test_corrupt_parquet_names_the_file(tmp_path):
+    pytest.importorskip("pyarrow")
+    path = tmp_path / "d.parquet"
+    path.write_bytes(b"PAR1 this is not parquet")
+    with pytest.raises(ValueError, match=f"{path}: not a readable parquet file"):
+        load_problems(str(path))

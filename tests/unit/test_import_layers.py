@@ -16,17 +16,19 @@ ROOT = pathlib.Path(__file__).resolve().parents[2] / "megatron_fipo"
 ALLOWED = {
     "algo": set(),
     "parallel": {"algo"},
-    "mcore": {"algo", "parallel", "data"},  # packing and micro-batch planning live in data/
-    "bridge": {"algo", "parallel"},
+    "mcore": {"algo", "parallel", "data", "hf_config"},  # packing and micro-batch planning live in data/
+    "bridge": {"algo", "parallel", "hf_config"},
     "rollout": {"algo", "bridge"},
     "data": {"algo"},
     "experience": {"algo", "rollout"},  # the trainer's rollout phase (rank 0)
     "tracking": set(),
     "trainer_setup": {"algo", "parallel", "mcore", "bridge", "rollout", "data", "config", "experience", "tracking"},
-    "trainer": {"algo", "parallel", "mcore", "bridge", "rollout", "data", "config", "experience", "trainer_setup"},
+    "trainer": {"algo", "parallel", "mcore", "bridge", "rollout", "data", "config", "experience", "trainer_setup",
+                "hf_config"},
     "config": set(),
-    "plan": {"config"},
-    "convert": {"algo", "parallel", "mcore", "bridge", "data"},
+    "hf_config": set(),  # config.json reading: stdlib only, importable by every layer
+    "plan": {"config", "hf_config"},
+    "convert": {"algo", "parallel", "mcore", "bridge", "data", "hf_config"},
     "evaluation": {"algo", "rollout", "data", "config", "experience", "trainer_setup", "convert"},
     "cli": {"algo", "parallel", "mcore", "bridge", "rollout", "data", "trainer", "config", "convert", "plan",
             "evaluation"},
