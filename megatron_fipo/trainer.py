@@ -11,9 +11,11 @@ Rank roles: global rank 0 drives the engine, the reward pool, the data loader an
 ranks of its model-parallel group take part in the weight export (collectives); every rank
 trains. Colocated engines release their memory while the actor trains.
 
-Safety: a step whose old log-probs or loss are not finite is skipped (weights untouched) with a
-warning and counted; ``train.max_nonfinite_steps`` in a row stop the run with an error before
-any checkpoint of the broken state is written. Checkpoints (model, optimizer, scheduler, RNG,
+Safety: a step whose old log-probs, loss, gradient or update are not finite is skipped (weights
+and optimizer state untouched; a non-finite update is rolled back, ``mcore.update_guard``) with a
+warning, counted and recorded (``train/nonfinite_*``); ``train.max_nonfinite_steps`` in a row stop
+the run with an error before any checkpoint of the broken state is written. Checkpoint save,
+weight sync and HF export refuse non-finite tensors outright (``RunState.refuse_nonfinite``). Checkpoints (model, optimizer, scheduler, RNG,
 data position, step) are atomic; ``checkpoint.resume=auto`` continues from the latest complete one
 and reproduces the uninterrupted run on CPU (sampling seeds derive from the step). A stop file
 (``<run_dir>/STOP``, or ``$FIPO_STOP_FILE``, which the sbatch launcher creates before the time
@@ -158,9 +160,14 @@ class Trainer:
         metrics.update(_mean_metrics(per_mb))
         metrics["train/_tokens"] = s.global_tokens(share)
         s.engine_resume()
-        if any(m.get("skipped", 0.0) for m in per_mb):
+        why = _nonfinite_reasons(per_mb)
+        if why:  # those updates were not kept (mcore.update_guard): count the step like the other skips
             s.nonfinite += 1
-            self._check_nonfinite(step, "a non-finite loss or gradient")
+            if g.rank == 0:
+                skipped = sum(m.get("skipped", 0.0) for m in per_mb)
+                warnings.warn(f"step {step}: {skipped:.0f} of {len(per_mb)} optimizer step(s) skipped ({why}); "
+                              "weights and optimizer state unchanged by them", stacklevel=2)
+            self._check_nonfinite(step, why)
         else:
             s.nonfinite = 0
         metrics["time/sync_s"] = sync_weights(s, version=step)
@@ -221,6 +228,16 @@ class Trainer:
 
     def close(self) -> None:
         self.s.close()
+
+
+def _nonfinite_reasons(per_mb: list) -> str:
+    """Why mini-batch updates of a step were not kept ('' when all were): the actor's ``nonfinite_*`` flags."""
+    reasons = {"nonfinite_loss": "a non-finite loss", "nonfinite_grad": "a non-finite gradient",
+               "nonfinite_update": "a non-finite update (rolled back)"}
+    found = [text for key, text in reasons.items() if any(m.get(key, 0.0) for m in per_mb)]
+    if not found and any(m.get("skipped", 0.0) for m in per_mb):
+        found = ["an optimizer step Megatron reported unsuccessful"]
+    return " and ".join(found)
 
 
 def _mean_metrics(per_mb: list) -> dict:

@@ -83,11 +83,17 @@ def guarded_step(optimizer, model_params: List[torch.nn.Parameter], groups, devi
         optimizer.zero_grad()
         return StepOutcome(stepped=False, nonfinite_grad=True)
     snapshot = _Snapshot(optimizer, model_params) if risky else None
-    ok, grad_norm, _ = optimizer.step()
+    overflowed = False
+    try:
+        ok, grad_norm, _ = optimizer.step()
+    except RuntimeError as err:  # torch refuses a step size beyond the dtype's range, after updating some params
+        if snapshot is None or "overflow" not in str(err):
+            raise
+        ok, grad_norm, overflowed = False, None, True
     norm = float(grad_norm) if grad_norm is not None else float("nan")
     if snapshot is not None:
-        (broken,) = agree_any([bool(nonfinite_tensors(_named(model_params), optimizer, optimizer_state=True))],
-                              groups, device)
+        local = overflowed or bool(nonfinite_tensors(_named(model_params), optimizer, optimizer_state=True))
+        (broken,) = agree_any([local], groups, device)
         if broken:
             snapshot.restore()
             optimizer.zero_grad()
