@@ -20,11 +20,17 @@ data position, step) are atomic; ``checkpoint.resume=auto`` continues from the l
 and reproduces the uninterrupted run on CPU (sampling seeds derive from the step). A stop file
 (``<run_dir>/STOP``, or ``$FIPO_STOP_FILE``, which the sbatch launcher creates before the time
 limit) ends the run after the current step with a checkpoint of it, so a requeue loses nothing.
+SIGTERM ends it at once (after a checkpoint save in progress) with exit code 143: children are
+stopped and reaped on the way out; children also die by themselves when the trainer is SIGKILLed.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
+import sys
+import threading
 import time
 import warnings
 
@@ -49,6 +55,19 @@ STOP_FILE = "STOP"
 
 def train(config: Config) -> dict:
     """Run (or resume) a FIPO training run; returns the last step's metrics on rank 0 ({} elsewhere)."""
+    _SIGTERM.install()
+    try:
+        return _train(config)
+    except Terminated:
+        if os.environ.get("RANK", "0") == "0":
+            print("megatron-fipo train: terminated by SIGTERM; reward workers and engine stopped, nothing half-"
+                  "published; resume from the last checkpoint with --resume", file=sys.stderr, flush=True)
+        raise
+    finally:
+        _SIGTERM.uninstall()
+
+
+def _train(config: Config) -> dict:
     from megatron_fipo.mcore import groups as G
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -69,6 +88,48 @@ def train(config: Config) -> dict:
         if trainer is not None:
             trainer.close()
         G.destroy()
+
+
+class Terminated(SystemExit):
+    """SIGTERM during ``train``: unwinds through every ``finally`` (reward workers, engine and process
+    groups are closed, children reaped) and exits with 128 + 15 = 143 and no traceback."""
+
+
+class _SigtermGuard:
+    """Turns the first SIGTERM (main thread only) into ``Terminated``; during ``deferred()`` (a
+    checkpoint being saved) it is raised once the save is over, so a save is never cut off halfway."""
+
+    def __init__(self):
+        self.previous, self.deferring, self.pending = None, False, False
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            self.previous, self.deferring, self.pending = signal.signal(signal.SIGTERM, self._handle), False, False
+
+    def uninstall(self) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+            self.previous = None
+
+    def _handle(self, signum, frame) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one is enough: the cleanup must not be cut short
+        if self.deferring:
+            self.pending = True
+            return
+        raise Terminated(128 + signum)
+
+    @contextlib.contextmanager
+    def deferred(self):
+        self.deferring = True
+        try:
+            yield
+        finally:
+            self.deferring = False
+        if self.pending:
+            raise Terminated(128 + signal.SIGTERM)
+
+
+_SIGTERM = _SigtermGuard()
 
 
 def _read_hf_config(path: str) -> dict:
@@ -219,7 +280,8 @@ class Trainer:
 
     def _save(self, step: int) -> float:
         t = time.perf_counter()
-        self.s.save(step)
+        with _SIGTERM.deferred():
+            self.s.save(step)
         return time.perf_counter() - t
 
     def _log(self, step: int, metrics: dict) -> None:

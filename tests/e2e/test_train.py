@@ -262,6 +262,54 @@ def test_overflowing_update_is_rolled_back_never_published_then_stops(demo, tmp_
     assert not bad, bad
 
 
+def _alive(procs):
+    import psutil
+
+    out = []
+    for p in procs:
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+def test_killed_trainer_leaves_no_child_process(demo, tmp_path, sig):
+    """SIGTERM: exit 143 with one line and no traceback, children reaped; SIGKILL: the children (reward
+    workers, then multiprocessing's resource tracker) die by themselves. Either way none outlives it."""
+    import psutil
+
+    run = str(tmp_path / "run")
+    cmd = [sys.executable, "-m", "megatron_fipo", "train", "--config", CONFIG,
+           *_overrides(demo, run, *SMALL, "train.reward_workers=2", "train.steps=500", "checkpoint.export_hf=false")]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    kids = []
+    try:
+        deadline = time.time() + 600
+        while len([k for k in kids if "--multiprocessing-fork" in k.cmdline()]) < 2:  # the reward workers run
+            assert proc.poll() is None and time.time() < deadline, proc.stdout.read().decode()[-3000:]
+            time.sleep(0.2)
+            kids = psutil.Process(proc.pid).children(recursive=True)
+        os.kill(proc.pid, sig)
+        out = proc.communicate(timeout=120)[0].decode()
+        if sig == signal.SIGTERM:
+            assert proc.returncode == 143, out[-3000:]
+            assert "terminated by SIGTERM" in out and "Traceback" not in out, out[-3000:]
+        deadline = time.time() + 20
+        while _alive(kids) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not _alive(kids), [(p.pid, p.cmdline()) for p in _alive(kids)]
+    finally:
+        for pid in [proc.pid] + [k.pid for k in kids]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        proc.wait()
+
+
 def test_bad_data_and_config_errors(demo, tmp_path, capsys):
     from megatron_fipo.cli import main
 
