@@ -11,17 +11,25 @@ Rank roles: global rank 0 drives the engine, the reward pool, the data loader an
 ranks of its model-parallel group take part in the weight export (collectives); every rank
 trains. Colocated engines release their memory while the actor trains.
 
-Safety: a step whose old log-probs or loss are not finite is skipped (weights untouched) with a
-warning and counted; ``train.max_nonfinite_steps`` in a row stop the run with an error before
-any checkpoint of the broken state is written. Checkpoints (model, optimizer, scheduler, RNG,
+Safety: a step whose old log-probs, loss, gradient or update are not finite is skipped (weights
+and optimizer state untouched; a non-finite update is rolled back, ``mcore.update_guard``) with a
+warning, counted and recorded (``train/nonfinite_*``); ``train.max_nonfinite_steps`` in a row stop
+the run with an error before any checkpoint of the broken state is written. Checkpoint save,
+weight sync and HF export refuse non-finite tensors outright (``RunState.refuse_nonfinite``). Checkpoints (model, optimizer, scheduler, RNG,
 data position, step) are atomic; ``checkpoint.resume=auto`` continues from the latest complete one
 and reproduces the uninterrupted run on CPU (sampling seeds derive from the step). A stop file
 (``<run_dir>/STOP``, or ``$FIPO_STOP_FILE``, which the sbatch launcher creates before the time
 limit) ends the run after the current step with a checkpoint of it, so a requeue loses nothing.
+SIGTERM ends it at once (after a checkpoint save in progress) with exit code 143: children are
+stopped and reaped on the way out; children also die by themselves when the trainer is SIGKILLed.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import sys
+import threading
 import time
 import warnings
 
@@ -47,6 +55,19 @@ STOP_FILE = "STOP"
 
 def train(config: Config) -> dict:
     """Run (or resume) a FIPO training run; returns the last step's metrics on rank 0 ({} elsewhere)."""
+    _SIGTERM.install()
+    try:
+        return _train(config)
+    except Terminated:
+        if os.environ.get("RANK", "0") == "0":
+            print("megatron-fipo train: terminated by SIGTERM; reward workers and engine stopped, nothing half-"
+                  "published; resume from the last checkpoint with --resume", file=sys.stderr, flush=True)
+        raise
+    finally:
+        _SIGTERM.uninstall()
+
+
+def _train(config: Config) -> dict:
     from megatron_fipo.mcore import groups as G
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -68,6 +89,48 @@ def train(config: Config) -> dict:
         if trainer is not None:
             trainer.close()
         G.destroy()
+
+
+class Terminated(SystemExit):
+    """SIGTERM during ``train``: unwinds through every ``finally`` (reward workers, engine and process
+    groups are closed, children reaped) and exits with 128 + 15 = 143 and no traceback."""
+
+
+class _SigtermGuard:
+    """Turns the first SIGTERM (main thread only) into ``Terminated``; during ``deferred()`` (a
+    checkpoint being saved) it is raised once the save is over, so a save is never cut off halfway."""
+
+    def __init__(self):
+        self.previous, self.deferring, self.pending = None, False, False
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            self.previous, self.deferring, self.pending = signal.signal(signal.SIGTERM, self._handle), False, False
+
+    def uninstall(self) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+            self.previous = None
+
+    def _handle(self, signum, frame) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one is enough: the cleanup must not be cut short
+        if self.deferring:
+            self.pending = True
+            return
+        raise Terminated(128 + signum)
+
+    @contextlib.contextmanager
+    def deferred(self):
+        self.deferring = True
+        try:
+            yield
+        finally:
+            self.deferring = False
+        if self.pending:
+            raise Terminated(128 + signal.SIGTERM)
+
+
+_SIGTERM = _SigtermGuard()
 
 
 def _read_hf_config(path: str) -> dict:
@@ -158,9 +221,14 @@ class Trainer:
         metrics.update(_mean_metrics(per_mb))
         metrics["train/_tokens"] = s.global_tokens(share)
         s.engine_resume()
-        if any(m.get("skipped", 0.0) for m in per_mb):
+        why = _nonfinite_reasons(per_mb)
+        if why:  # those updates were not kept (mcore.update_guard): count the step like the other skips
             s.nonfinite += 1
-            self._check_nonfinite(step, "a non-finite loss or gradient")
+            if g.rank == 0:
+                skipped = sum(m.get("skipped", 0.0) for m in per_mb)
+                warnings.warn(f"step {step}: {skipped:.0f} of {len(per_mb)} optimizer step(s) skipped ({why}); "
+                              "weights and optimizer state unchanged by them", stacklevel=2)
+            self._check_nonfinite(step, why)
         else:
             s.nonfinite = 0
         metrics["time/sync_s"] = sync_weights(s, version=step)
@@ -212,7 +280,8 @@ class Trainer:
 
     def _save(self, step: int) -> float:
         t = time.perf_counter()
-        self.s.save(step)
+        with _SIGTERM.deferred():
+            self.s.save(step)
         return time.perf_counter() - t
 
     def _log(self, step: int, metrics: dict) -> None:
@@ -221,6 +290,16 @@ class Trainer:
 
     def close(self) -> None:
         self.s.close()
+
+
+def _nonfinite_reasons(per_mb: list) -> str:
+    """Why mini-batch updates of a step were not kept ('' when all were): the actor's ``nonfinite_*`` flags."""
+    reasons = {"nonfinite_loss": "a non-finite loss", "nonfinite_grad": "a non-finite gradient",
+               "nonfinite_update": "a non-finite update (rolled back)"}
+    found = [text for key, text in reasons.items() if any(m.get(key, 0.0) for m in per_mb)]
+    if not found and any(m.get("skipped", 0.0) for m in per_mb):
+        found = ["an optimizer step Megatron reported unsuccessful"]
+    return " and ".join(found)
 
 
 def _mean_metrics(per_mb: list) -> dict:

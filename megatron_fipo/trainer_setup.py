@@ -86,8 +86,22 @@ class RunState:
         if self.engine is not None and self.config.rollout.mode == "colocated":
             self.engine.resume()
 
+    def refuse_nonfinite(self, what: str, *, optimizer_state: bool = False) -> None:
+        """``RuntimeError`` on every rank, before anything is written or sent, if any rank holds a
+        non-finite parameter (or, with ``optimizer_state``, optimizer tensor): the last line of
+        defence behind the actor's update guard, so no checkpoint, sync or export carries NaN / inf."""
+        from megatron_fipo.mcore.update_guard import agree_any
+
+        local = self.actor.nonfinite_tensors(optimizer_state=optimizer_state)
+        device = next(p for _, p in self.actor.named_local_parameters()).device
+        if agree_any([bool(local)], self.groups, device)[0]:
+            where = f"on rank {self.groups.rank}: {', '.join(local)}" if local else "on another rank"
+            raise RuntimeError(f"refusing to {what}: non-finite tensors {where}. Nothing was published; the last "
+                               f"good checkpoint is in {self.checkpoint_root}")
+
     # ------------------------------------------------------------------ persistence
     def save(self, step: int) -> str:
+        self.refuse_nonfinite(f"save the step-{step} checkpoint", optimizer_state=True)
         state = [{"step": step, "loader": self.loader.state_dict() if self.loader is not None else None,
                   "nonfinite": self.nonfinite, "nonfinite_total": self.nonfinite_total}]
         dist.broadcast_object_list(state, src=0)  # every rank passes the same extra
@@ -99,6 +113,7 @@ class RunState:
     def export_hf(self, out_dir: str) -> None:
         from megatron_fipo.bridge.hf_export import export_hf_state, save_hf_checkpoint
 
+        self.refuse_nonfinite(f"export the HF model to {out_dir}")
         if self.groups.dp_rank != 0 or self.groups.cp_rank != 0:
             dist.barrier()
             return
@@ -145,6 +160,7 @@ def sync_weights(s: RunState, version: int) -> float:
     from megatron_fipo.bridge.hf_export import export_hf_state
 
     start = time.perf_counter()
+    s.refuse_nonfinite(f"sync weight version {version} to the rollout engine")  # before the engine sees a byte
     if s.groups.dp_rank == 0 and s.groups.cp_rank == 0:
         dtype = _DTYPES[s.config.model.params_dtype]
         bucket_bytes = s.config.rollout.bucket_mb << 20

@@ -2,16 +2,21 @@
 
 Owns ``RewardPool`` (reusable across trainer steps) and ``score_batch`` (one-shot). A worker
 past ``timeout_s`` on one item is killed and replaced, so hostile output or a pathological
-math-verify parse never wedges training.
+math-verify parse never wedges training. Workers die with the process that started them, even
+when it is SIGKILLed (``_die_with_parent``).
 
 Imports the stdlib and ``algo.rewards`` only: no torch, no torch.distributed, no config objects.
 """
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing as mp
+import os
 import pickle
 import signal
+import sys
+import threading
 import time
 import traceback
 import weakref
@@ -43,8 +48,40 @@ def _as_result(value: object) -> RewardResult:
 
 
 # ----------------------------------------------------------------------------- process pool
-def _worker_main(conn) -> None:
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent: int, pdeathsig: bool) -> None:
+    """End this worker when the process that started it dies, SIGKILL included.
+
+    An idle worker would also see EOF on its pipe, but one busy in a reward function never looks,
+    so a killed trainer would leave it (and through it multiprocessing's resource tracker, which
+    waits for every holder of its pipe) running under init. Linux: ``prctl(PR_SET_PDEATHSIG)``,
+    which fires when the parent *thread* that started us exits, so only when that was the main
+    thread (``pdeathsig``); elsewhere, or without prctl, a daemon thread polls ``getppid()``.
+    """
+    if pdeathsig and sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            armed = libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0
+        except (OSError, AttributeError):
+            armed = False
+        if armed:
+            if os.getppid() != parent:  # the parent died before the signal was armed
+                os._exit(1)
+            return
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="reward-worker-parent-watch", daemon=True).start()
+
+
+def _worker_main(conn, parent: int, pdeathsig: bool) -> None:
     """Worker loop: say ready, then score one pickled ``(fn, response, gt)`` at a time until EOF."""
+    _die_with_parent(parent, pdeathsig)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     conn.send(("ready", None))
     while True:
@@ -65,7 +102,9 @@ class _Worker:
 
     def __init__(self, ctx) -> None:
         self.conn, child_conn = ctx.Pipe(duplex=True)
-        self.proc = ctx.Process(target=_worker_main, args=(child_conn,), daemon=True, name="reward-worker")
+        pdeathsig = threading.current_thread() is threading.main_thread()  # see _die_with_parent
+        self.proc = ctx.Process(target=_worker_main, args=(child_conn, os.getpid(), pdeathsig), daemon=True,
+                                name="reward-worker")
         self.proc.start()
         child_conn.close()
         self.ready, self.item = False, None
@@ -166,10 +205,10 @@ class RewardPool:
                             todo.appendleft(idx)
                             self._replace(i)
                 self._poll(results)
-        finally:  # after an abort a busy worker would answer into the next call: replace it
-            for i, worker in enumerate(self._workers):
-                if worker.item is not None:
-                    self._replace(i)
+        finally:  # after an abort a busy worker would answer into the next call: stop it; score() refills
+            busy = [w for w in self._workers if w.item is not None]  # (no spawning while, e.g., SIGTERM unwinds)
+            _stop_workers(busy)
+            self._workers[:] = [w for w in self._workers if w.item is None]  # in place: the finalizer holds it
         return results
 
     def _replace(self, i: int) -> None:

@@ -44,6 +44,7 @@ from megatron_fipo.algo.losses import MAX_KEYS, MIN_KEYS, SUM_KEYS, fipo_policy_
 from megatron_fipo.data.packing import PackedBatch, pack_samples, plan_micro_batches
 from megatron_fipo.mcore import model as qwen2
 from megatron_fipo.mcore.context_parallel import CPMicroBatch, shard_micro_batch
+from megatron_fipo.mcore.update_guard import guarded_step, nonfinite_tensors
 from megatron_fipo.parallel.cp_loss import cp_policy_loss
 from megatron_fipo.parallel.metrics import reduce_metrics
 from megatron_fipo.parallel.vocab_parallel import chunked_token_logprobs
@@ -168,7 +169,9 @@ class Actor:
         Returns:
             Metrics of the whole mini-batch (reduced over pipeline and data-parallel ranks):
             policy-loss summaries, ``loss`` (token-mean), ``entropy``, ``grad_norm``, ``lr``,
-            ``update_norm`` (when tracked), ``micro_batches``, ``skipped`` (1.0 if non-finite).
+            ``update_norm`` (when tracked), ``micro_batches``, ``skipped`` (1.0 if no update was kept) and
+            why: ``nonfinite_loss``, ``nonfinite_grad`` (not applied), ``nonfinite_update`` (rolled back).
+            A skipped step leaves parameters, optimizer state, lr schedule and ``steps`` as they were.
         """
         missing = {"old_logp", "advantages"} - set(per_token)
         if missing:
@@ -188,18 +191,28 @@ class Actor:
         tokens = max(sums["response_tokens"], 1.0)
         metrics.update(loss=sums["loss_sum"] / max(sums["kept_tokens"], 1.0), entropy=sums["entropy"] / tokens,
                        micro_batches=float(len(batches)), lr=float(self.optimizer.param_groups[0]["lr"]))
+        metrics.update(nonfinite_loss=float(not finite), nonfinite_grad=0.0, nonfinite_update=0.0)
         if not finite:  # NaN / inf: drop the gradients, keep the weights
             self.optimizer.zero_grad()
             metrics.update(grad_norm=float("nan"), skipped=1.0)
-            return metrics
-        ok, grad_norm, _ = self.optimizer.step()
+            return self._untouched(metrics, before)
+        # a non-finite gradient is not applied, a non-finite update is rolled back (mcore.update_guard)
+        out = guarded_step(self.optimizer, [p for _, p in self.named_local_parameters()], self.groups, _device())
+        metrics.update(grad_norm=out.grad_norm, nonfinite_grad=float(out.nonfinite_grad),
+                       nonfinite_update=float(out.rolled_back))
+        if out.nonfinite_grad or out.rolled_back:  # as if the step never ran: no lr schedule step either
+            metrics["skipped"] = 1.0
+            return self._untouched(metrics, before)
         self.scheduler.step(1)
         self.steps += 1
-        metrics.update(grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
-                       skipped=0.0 if ok else 1.0)
+        metrics["skipped"] = 0.0 if out.stepped else 1.0
         if before is not None:
             metrics["update_norm"] = self._update_norm(before)
         return metrics
+
+    def nonfinite_tensors(self, *, optimizer_state: bool = False) -> List[str]:
+        """Names of this rank's non-finite parameters (and optimizer state); local, no collective."""
+        return nonfinite_tensors(self.named_local_parameters(), self.optimizer, optimizer_state=optimizer_state)
 
     def save(self, root: str, *, extra: Optional[Mapping[str, Any]] = None, keep_last: Optional[int] = None) -> str:
         """Atomic distributed checkpoint of model, optimizer, lr schedule, step and RNG (``mcore.checkpoint``)."""
@@ -324,6 +337,12 @@ class Actor:
         buf = flat.to(_device()) if flat is not None else torch.zeros(numel, dtype=torch.float32, device=_device())
         dist.broadcast(buf, src=self.groups.pp_global_ranks[-1], group=self.groups.pp)
         return buf.cpu()
+
+    @staticmethod
+    def _untouched(metrics: dict, before) -> dict:
+        if before is not None:  # same keys in every mini-batch's metrics
+            metrics["update_norm"] = 0.0
+        return metrics
 
     def _local_params(self) -> Dict[str, torch.Tensor]:
         return {n: p.detach().float().clone() for n, p in self.named_local_parameters()}

@@ -212,6 +212,110 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(demo, tmp_path):
     assert [r["train/skipped"] for r in recs] == [1.0]
 
 
+def _train_checking_sync(config_path, overrides):
+    """``_train`` with every tensor streamed to the engine checked: a non-finite one fails the run."""
+    from megatron_fipo.rollout.cpu_engine import CPUEngine
+
+    real = CPUEngine.update_weights
+
+    def checked(self, stream, version):
+        def buckets():
+            for bucket in stream:
+                bad = [name for name, t in bucket if not torch.isfinite(t).all()]
+                assert not bad, f"non-finite weights synced to the engine (version {version}): {bad}"
+                yield bucket
+        return real(self, buckets(), version)
+
+    CPUEngine.update_weights = checked
+    return _train(config_path, overrides)
+
+
+def _checkpoint_tensors(path):
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    out = os.path.join(os.path.dirname(path), "flat.pt")
+    dcp_to_torch_save(path, out)
+    flat, stack = {}, [("", torch.load(out, weights_only=False))]
+    while stack:
+        prefix, obj = stack.pop()
+        if isinstance(obj, dict):
+            stack += [(f"{prefix}{k}.", v) for k, v in obj.items()]
+        elif isinstance(obj, (list, tuple)):
+            stack += [(f"{prefix}{i}.", v) for i, v in enumerate(obj)]
+        elif isinstance(obj, torch.Tensor) and obj.is_floating_point():
+            flat[prefix.rstrip(".")] = obj
+    return flat
+
+
+def test_overflowing_update_is_rolled_back_never_published_then_stops(demo, tmp_path):
+    """An lr that overflows every update (1e39 > the fp32 range): each step is rolled back, warned and
+    counted; the checkpoint of step 1 and every sync hold only finite tensors; 2 in a row stop the run."""
+    run = str(tmp_path / "run")
+    with pytest.raises(DistributedTestError) as err:
+        launch(_train_checking_sync, 1, CONFIG, _overrides(demo, run, *SMALL, "train.steps=4", "optim.lr=1.0e+39",
+                                                           "train.max_nonfinite_steps=2", "checkpoint.every_steps=1"),
+               timeout=600)
+    assert "a non-finite update (rolled back) in 2 consecutive steps" in str(err.value), str(err.value)[-3000:]
+    assert "optimizer step(s) skipped (a non-finite update (rolled back))" in str(err.value)  # the warning
+    rec, = _records(run)
+    assert rec["step"] == 1 and rec["train/skipped"] == 1.0 and rec["train/nonfinite_update"] == 1.0
+    assert rec["train/nonfinite_skipped_total"] == 1.0
+    ckpts = os.path.join(run, "checkpoints")
+    assert sorted(d for d in os.listdir(ckpts) if d.startswith("iter_")) == ["iter_0000001"]
+    tensors = _checkpoint_tensors(os.path.join(ckpts, "iter_0000001"))
+    assert any("exp_avg" in k for k in tensors) and any(k.startswith("decoder.") for k in tensors), sorted(tensors)
+    bad = [k for k, t in tensors.items() if not torch.isfinite(t).all()]
+    assert not bad, bad
+
+
+def _alive(procs):
+    import psutil
+
+    out = []
+    for p in procs:
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+def test_killed_trainer_leaves_no_child_process(demo, tmp_path, sig):
+    """SIGTERM: exit 143 with one line and no traceback, children reaped; SIGKILL: the children (reward
+    workers, then multiprocessing's resource tracker) die by themselves. Either way none outlives it."""
+    import psutil
+
+    run = str(tmp_path / "run")
+    cmd = [sys.executable, "-m", "megatron_fipo", "train", "--config", CONFIG,
+           *_overrides(demo, run, *SMALL, "train.reward_workers=2", "train.steps=500", "checkpoint.export_hf=false")]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    kids = []
+    try:
+        deadline = time.time() + 600
+        while len([k for k in kids if "--multiprocessing-fork" in k.cmdline()]) < 2:  # the reward workers run
+            assert proc.poll() is None and time.time() < deadline, proc.stdout.read().decode()[-3000:]
+            time.sleep(0.2)
+            kids = psutil.Process(proc.pid).children(recursive=True)
+        os.kill(proc.pid, sig)
+        out = proc.communicate(timeout=120)[0].decode()
+        if sig == signal.SIGTERM:
+            assert proc.returncode == 143, out[-3000:]
+            assert "terminated by SIGTERM" in out and "Traceback" not in out, out[-3000:]
+        deadline = time.time() + 20
+        while _alive(kids) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not _alive(kids), [(p.pid, p.cmdline()) for p in _alive(kids)]
+    finally:
+        for pid in [proc.pid] + [k.pid for k in kids]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        proc.wait()
+
+
 def test_bad_data_and_config_errors(demo, tmp_path, capsys):
     from megatron_fipo.cli import main
 

@@ -38,6 +38,12 @@ def hanging_reward(response, ground_truth):
     return dapo_math_reward(response, ground_truth)
 
 
+def marked_hang(response, ground_truth):
+    """Hangs after creating ``<ground_truth dir>/<worker pid>``: a worker busy for good, found by the test."""
+    open(os.path.join(ground_truth, str(os.getpid())), "w").close()
+    time.sleep(600)
+
+
 def failing_reward(response, ground_truth):
     if response == "boom":
         raise ZeroDivisionError("deliberate")
@@ -322,6 +328,66 @@ def test_pool_worker_crash_exception_and_dict_results():
     with pytest.raises(RuntimeError, match="closed"):
         pool.score("dapo_math", ["Answer: 1"], ["1"])
     assert multiprocessing.active_children() == [] and child_pids() <= before
+
+
+_HOLD_POOL = """
+import sys
+from megatron_fipo.algo.reward_pool import RewardPool
+from tests.unit.test_rewards import marked_hang
+RewardPool(2, timeout_s=600).score(marked_hang, ["a", "b"], [sys.argv[1]] * 2)
+"""
+
+
+def _alive(procs):
+    import psutil
+
+    out = []
+    for p in procs:
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+@pytest.mark.timeout(180, method="thread")
+def test_busy_workers_and_resource_tracker_die_with_a_sigkilled_parent(tmp_path):
+    """A parent killed by SIGKILL (no cleanup runs) while both workers hang in the reward function:
+    the workers (and then multiprocessing's resource tracker) exit within seconds instead of
+    living on under init."""
+    import signal
+    import subprocess
+    import sys
+
+    import psutil
+
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")])))
+    proc = subprocess.Popen([sys.executable, "-c", _HOLD_POOL, str(tmp_path)], cwd=repo, env=env,
+                            start_new_session=True)
+    kids = []
+    try:
+        deadline = time.monotonic() + 150
+        while len(os.listdir(tmp_path)) < 2:  # both workers are inside the reward function
+            assert proc.poll() is None and time.monotonic() < deadline, proc.returncode
+            time.sleep(0.2)
+        kids = psutil.Process(proc.pid).children(recursive=True)
+        busy = {int(name) for name in os.listdir(tmp_path)}
+        assert busy <= {k.pid for k in kids} and len(kids) == 3, kids  # 2 workers + the resource tracker
+        proc.kill()
+        proc.wait()
+        deadline = time.monotonic() + 20
+        while _alive(kids) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _alive(kids), [(p.pid, p.cmdline()) for p in _alive(kids)]
+    finally:
+        for p in [proc.pid] + [k.pid for k in kids]:
+            try:
+                os.kill(p, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        proc.wait()
 
 
 def test_pool_rejects_bad_input():
