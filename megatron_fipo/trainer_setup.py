@@ -221,8 +221,10 @@ def build_run(config, groups, hf_config: dict) -> RunState:
     return s
 
 
-def _resume_path(resume: str, root: str) -> Optional[str]:
-    from megatron_fipo.mcore.checkpoint import latest_checkpoint
+def _resume_path(resume: str, root: str) -> Optional[tuple[str, str]]:
+    """``checkpoint.resume`` -> None (start from HF), ``("root", R)`` (newest loadable checkpoint under R,
+    falling back past damaged ones) or ``("dir", D)`` (exactly that checkpoint)."""
+    from megatron_fipo.mcore.checkpoint import latest_checkpoint, resolve_checkpoint
 
     if resume == "never":
         if latest_checkpoint(root):
@@ -230,13 +232,11 @@ def _resume_path(resume: str, root: str) -> Optional[str]:
                              "train.run_dir, delete it, or resume (checkpoint.resume=auto / --resume)")
         return None
     if resume == "auto":
-        return latest_checkpoint(root)
-    if not os.path.isdir(resume):
-        raise ValueError(f"checkpoint.resume={resume!r} is neither 'auto', 'never' nor a checkpoint directory")
-    return latest_checkpoint(resume) or resume
+        return ("root", root) if latest_checkpoint(root) else None
+    return resolve_checkpoint(resume, hint=", or checkpoint.resume=auto (this run's newest checkpoint)")
 
 
-def _load_weights(s: RunState, path: Optional[str]) -> dict:
+def _load_weights(s: RunState, path: Optional[tuple[str, str]]) -> dict:
     if path is None:
         from megatron_fipo.bridge.hf_import import load_hf_into_chunks
 
@@ -244,9 +244,10 @@ def _load_weights(s: RunState, path: Optional[str]) -> dict:
                             tp_rank=s.groups.tp_rank, tp_size=s.groups.tp_size, padded_vocab=s.actor.padded_vocab,
                             layer_offsets=s.offsets, spec=s.spec)
         return {}
-    extra = s.actor.load(path)
+    kind, where = path
+    loaded, extra = s.actor.load_latest(where) if kind == "root" else (where, s.actor.load(where))
     if s.groups.rank == 0:
-        print(f"resumed from {path} (step {extra.get('trainer', {}).get('step')})", flush=True)
+        print(f"resumed from {loaded} (step {extra.get('trainer', {}).get('step')})", flush=True)
     return extra.get("trainer", {})
 
 

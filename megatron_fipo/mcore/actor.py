@@ -35,7 +35,7 @@ import dataclasses
 import functools
 import types
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -228,6 +228,19 @@ class Actor:
         self.steps, extra = load_checkpoint(path, self.chunks, self.optimizer, self.scheduler, self.groups,
                                             load_optimizer=load_optimizer)
         return extra
+
+    def load_latest(self, root: str, *, load_optimizer: bool = True) -> Optional[Tuple[str, Dict[str, Any]]]:
+        """Load the newest loadable checkpoint under ``root``, skipping damaged ones with a warning
+        (``mcore.checkpoint.load_latest_checkpoint``); returns (its path, its ``extra``), or None
+        when ``root`` holds none."""
+        from megatron_fipo.mcore.checkpoint import load_latest_checkpoint
+
+        found = load_latest_checkpoint(root, self.chunks, self.optimizer, self.scheduler, self.groups,
+                                       load_optimizer=load_optimizer)
+        if found is None:
+            return None
+        path, self.steps, extra = found
+        return path, extra
 
     def named_local_parameters(self):
         """``(name, parameter)`` of this rank's model chunks (chunk index prefixed with vpp)."""

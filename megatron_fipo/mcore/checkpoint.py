@@ -1,10 +1,13 @@
 """Atomic, resharding dist-checkpoints of the actor: model chunks, optimizer, scheduler, RNG, step.
 
-Owns ``save_checkpoint``, ``latest_checkpoint``, ``load_checkpoint`` and the layout of a root
-(on a file system shared by all ranks; one writer per root)::
+Owns ``save_checkpoint``, ``load_checkpoint``, ``load_latest_checkpoint`` (a resume that falls
+back past damaged checkpoints) and the layout of a root (on a file system shared by all ranks;
+one writer per root); its reading side (``latest_checkpoint``, ``read_checkpoint_meta``, the
+integrity record) lives in ``mcore.checkpoint_integrity`` and is re-exported here::
 
     root/iter_0000042/                        a megatron dist_checkpointing (torch_dist) dir
-    root/iter_0000042/fipo_checkpoint.json    completion marker: step, extra, layout, optimizer
+    root/iter_0000042/fipo_checkpoint.json    completion marker: step, extra, layout, optimizer,
+                                              integrity record (size, small files' adler32)
     root/latest                               name of the newest complete dir (atomic replace)
     root/iter_0000043.tmp-<nonce>/            a save in progress or crashed: never loaded
 
@@ -28,7 +31,8 @@ Departs from upstream (megatron-core 0.16.1 with torch AdamW; docs/dependencies.
   it from the fresh optimizer. Optimizers are primed (state + per-parameter ``step``) before
   saving and loading, and loading runs under ``no_grad``.
 * The scheduler is reset before ``load_state_dict`` (upstream adds the saved step count).
-* Atomic publication (``.tmp-*``, marker, rename, ``latest``) and pruning are ours.
+* Atomic publication (``.tmp-*``, marker, rename, ``latest``), the integrity record, pruning and
+  the fallback past damaged checkpoints are ours (upstream resumes from ``latest`` or fails).
 Not supported: async saves; loading optimizer state across kinds (plain <-> distributed).
 """
 from __future__ import annotations
@@ -38,7 +42,6 @@ import json
 import logging
 import os
 import random
-import re
 import shutil
 import time
 import uuid
@@ -47,13 +50,23 @@ import warnings
 import torch
 import torch.distributed as dist
 
+from megatron_fipo.mcore.checkpoint_integrity import (  # noqa: F401  (re-exported: the reading side)
+    LATEST,
+    MARKER,
+    _complete_dirs,
+    check_integrity,
+    checkpoint_problem,
+    integrity_record,
+    latest_checkpoint,
+    read_checkpoint_meta,
+    resolve_checkpoint,
+    resume_candidates,
+)
+
 logger = logging.getLogger(__name__)
 
-MARKER = "fipo_checkpoint.json"
-LATEST = "latest"
 FORMAT_VERSION = 1
 DISTOPT_SHARDING = "fully_reshardable"
-_ITER = re.compile(r"^iter_(\d{7,})$")
 
 
 def checkpoint_dir_name(step: int) -> str:
@@ -110,7 +123,8 @@ def save_checkpoint(root: str, step: int, chunks: list, optimizer, scheduler, gr
     meta = {"format_version": FORMAT_VERSION, "step": step, "extra": extra or {}, "layout": layout,
             "optimizer": _optimizer_kind(optimizer), "adam_step": adam_step,
             "megatron_core": mcore_version, "saved_unix_time": round(time.time(), 3)}
-    _on_rank0(lambda: _publish(root, tmp, final, meta, keep_last), groups)
+    _on_rank0(lambda: _publish(root, tmp, final, {**meta, "files": integrity_record(tmp, skip=(MARKER,))},
+                               keep_last), groups)
     if groups.rank == 0:
         logger.info("checkpoint step %d saved to %s in %.2f s (write %.2f s, layout %s)",
                     step, final, time.perf_counter() - start, written - start, layout)
@@ -171,16 +185,22 @@ def _prune(root: str, step: int, keep_last: int | None) -> None:
 
     Only checkpoints older than ``step`` are pruned (never the one just saved, never newer
     ones left over from an abandoned run); the marker goes first, so a half-removed
-    directory is never taken for complete.
+    directory is never taken for complete. A damaged checkpoint (``checkpoint_problem``) does
+    not count among the ``keep_last``: the intact older ones it would have pushed out stay,
+    and it is left in place (for a look) until it is older than all of those.
     """
     for name in os.listdir(root):
         if ".tmp-" in name or ".replaced-" in name:
             _remove(os.path.join(root, name))
     if keep_last is None:
         return
-    older = sorted((s for s, _ in _complete_dirs(root) if s < step), reverse=True)
-    for old in older[keep_last - 1:]:
-        _remove(os.path.join(root, checkpoint_dir_name(old)))
+    kept = 1  # the one just saved
+    for old in sorted((s for s, _ in _complete_dirs(root) if s < step), reverse=True):
+        path = os.path.join(root, checkpoint_dir_name(old))
+        if kept >= keep_last:
+            _remove(path)
+        elif checkpoint_problem(path) is None:
+            kept += 1
 
 
 def _remove(path: str) -> None:
@@ -209,44 +229,6 @@ def _fsync_dir(path: str) -> None:
     os.close(fd)
 
 
-# ------------------------------------------------------------------------------ find
-def latest_checkpoint(root: str) -> str | None:
-    """The newest complete checkpoint directory under ``root``, or None.
-
-    Trusts ``root/latest`` when it names an existing complete ``iter_*`` directory; otherwise
-    scans ``iter_*`` directories with a completion marker (``.tmp-*`` saves are ignored).
-    """
-    if not os.path.isdir(root):
-        return None
-    name = None
-    with contextlib.suppress(OSError), open(os.path.join(root, LATEST), encoding="utf-8") as fh:
-        name = fh.read().strip()
-    if not (name and _ITER.match(name) and os.path.isfile(os.path.join(root, name, MARKER))):
-        found = _complete_dirs(root)
-        name = max(found)[1] if found else None
-    return os.path.join(os.path.abspath(root), name) if name else None
-
-
-def _complete_dirs(root: str) -> list[tuple[int, str]]:
-    """(step, name) of every ``iter_*`` directory with a completion marker."""
-    matches = [_ITER.match(name) for name in os.listdir(root)]
-    return [(int(m.group(1)), m.group(0)) for m in matches
-            if m and os.path.isfile(os.path.join(root, m.group(0), MARKER))]
-
-
-def read_checkpoint_meta(path: str) -> dict:
-    """The completion marker of checkpoint directory ``path`` (ValueError if incomplete)."""
-    if not os.path.isdir(path):
-        raise ValueError(f"checkpoint {path!r} does not exist or is not a directory; "
-                         "use latest_checkpoint(root) to find one")
-    try:
-        with open(os.path.join(path, MARKER), encoding="utf-8") as fh:
-            return json.load(fh)
-    except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"checkpoint {path!r} is incomplete (no valid {MARKER}: a crashed or "
-                         "foreign save); use latest_checkpoint(root) to find a complete one") from err
-
-
 # ------------------------------------------------------------------------------ load
 def load_checkpoint(path: str, chunks: list, optimizer, scheduler, groups, *,
                     load_optimizer: bool = True, load_rng: bool = True) -> tuple[int, dict]:
@@ -266,9 +248,16 @@ def load_checkpoint(path: str, chunks: list, optimizer, scheduler, groups, *,
         (step, extra) as saved.
 
     Raises:
-        ValueError: ``path`` missing or incomplete, or its optimizer state is of another kind.
+        ValueError: ``path`` missing, incomplete or damaged (its integrity record does not match).
+        CheckpointMismatchError: its optimizer state is of another kind (nothing was loaded).
+        Exception: whatever dist_checkpointing raises for a damaged checkpoint (model or
+            optimizer state may then be partly overwritten: load another checkpoint).
     """
     meta = read_checkpoint_meta(path)
+    problem = check_integrity(path, meta.get("files"))
+    if problem is not None:
+        raise ValueError(f"checkpoint {path} is damaged: {problem}; load another one (a checkpoint root "
+                         "resumes from the newest loadable one)")
     from megatron.core import dist_checkpointing
 
     start = time.perf_counter()
@@ -300,6 +289,77 @@ def load_checkpoint(path: str, chunks: list, optimizer, scheduler, groups, *,
         logger.info("checkpoint %s loaded in %.2f s (saved layout %s, now %s)", path,
                     time.perf_counter() - start, meta.get("layout"), _layout(groups))
     return int(loaded["iteration"]), dict(loaded.get("extra") or {})
+
+
+def load_latest_checkpoint(root: str, chunks: list, optimizer, scheduler, groups, *,
+                           load_optimizer: bool = True, load_rng: bool = True) -> tuple[str, int, dict] | None:
+    """Load the newest loadable checkpoint under ``root``, skipping damaged ones (collective).
+
+    Tries ``resume_candidates(root)`` in order (``latest`` first). One is skipped, with a warning
+    naming it and the reason, when its integrity record does not match the files (checked
+    before the load starts) or when its load raises on any rank. Every rank then moves on to the
+    same next candidate (the outcome is exchanged over ``groups.world``); the next load
+    overwrites model, optimizer, scheduler and RNG, so all of them, and the returned ``extra``,
+    come from one checkpoint. Nothing is deleted.
+
+    Args:
+        root: checkpoint root.
+        chunks, optimizer, scheduler, groups, load_optimizer, load_rng: as for ``load_checkpoint``.
+
+    Returns:
+        (path, step, extra) of the loaded checkpoint, or None when ``root`` holds no complete one.
+
+    Raises:
+        ValueError: every complete checkpoint failed (each named with its reason), or this run
+            cannot use the checkpoint's optimizer state (``CheckpointMismatchError``).
+    """
+    candidates = resume_candidates(root)
+    failures = []
+    for path in candidates:
+        reason = _agree(checkpoint_problem(path), groups)
+        if reason is None:
+            try:
+                step, extra = load_checkpoint(path, chunks, optimizer, scheduler, groups,
+                                              load_optimizer=load_optimizer, load_rng=load_rng)
+                local = None
+            except CheckpointMismatchError as err:
+                local = _MISMATCH + str(err)
+            except Exception as err:  # any damage dist_checkpointing meets; reported below
+                local = f"load failed: {type(err).__name__}: {err}"
+            reason = _agree(local, groups)
+            if reason is None:
+                if failures and groups.rank == 0:
+                    logger.warning("resumed from %s, the newest loadable checkpoint", path)
+                return path, step, extra
+            if _MISMATCH in reason:
+                raise CheckpointMismatchError(reason.split(_MISMATCH, 1)[1])
+        failures.append(f"{os.path.basename(path)} ({reason})")
+        if groups.rank == 0:
+            warnings.warn(f"checkpoint {path} cannot be loaded and is skipped: {reason}. Trying an older "
+                          "one; nothing is deleted", stacklevel=2)
+    if failures:
+        raise ValueError(f"no checkpoint under {root} can be loaded: {'; '.join(failures)}. Nothing was deleted: "
+                         "move the damaged iter_* directories aside, or start afresh in another train.run_dir")
+    return None
+
+
+class CheckpointMismatchError(ValueError):
+    """The checkpoint is intact but this run cannot load it as asked (an older one would not help)."""
+
+
+_MISMATCH = "mismatch: "
+
+
+def _agree(reason: str | None, groups) -> str | None:
+    """Every rank's ``reason`` (None: fine) exchanged over ``groups.world``: the first one
+    given, prefixed with its rank, or None when every rank is fine. The same on every rank."""
+    reasons = [None] * groups.world_size
+    dist.all_gather_object(reasons, reason, group=groups.world)
+    bad = [(r, text) for r, text in enumerate(reasons) if text is not None]
+    if not bad:
+        return None
+    rank, text = bad[0]
+    return text if groups.world_size == 1 else f"rank {rank}: {text}"
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -382,7 +442,7 @@ def _optimizer_sharded_for_save(optimizer, model_sd: dict) -> dict:
 def _optimizer_sharded_for_load(path: str, meta: dict, optimizer, model_sd: dict) -> dict:
     kind = _optimizer_kind(optimizer)
     if kind != meta.get("optimizer"):
-        raise ValueError(f"checkpoint {path!r} holds a {meta.get('optimizer')!r} optimizer state, "
+        raise CheckpointMismatchError(f"checkpoint {path!r} holds a {meta.get('optimizer')!r} optimizer state, "
                          f"this run uses {kind!r}: pass load_optimizer=False")
     _prime_optimizer_state(optimizer)  # a fresh optimizer has no state to load into
     return optimizer.sharded_state_dict(model_sd, is_loading=True,

@@ -33,6 +33,7 @@ class ParallelGroups:
 
     world_size: int
     rank: int
+    world: ProcessGroup  # every rank (the default group, passed explicitly like the others)
     tp: ProcessGroup
     pp: ProcessGroup
     cp: ProcessGroup
@@ -150,6 +151,7 @@ def _snapshot(ps, seed: int, vpp: int | None) -> ParallelGroups:
     return ParallelGroups(
         world_size=dist.get_world_size(),
         rank=dist.get_rank(),
+        world=dist.group.WORLD,
         tp=ps.get_tensor_model_parallel_group(),
         pp=ps.get_pipeline_model_parallel_group(),
         cp=ps.get_context_parallel_group(),

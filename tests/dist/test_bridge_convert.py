@@ -1,4 +1,5 @@
-"""``megatron-fipo convert``: HF -> Megatron dist-checkpoint at tp=2, back to HF at pp=2, bit-identical."""
+"""``megatron-fipo convert``: HF -> Megatron dist-checkpoint at tp=2, back to HF at pp=2, bit-identical;
+``--verify`` passes a good bf16 / fp16 export and fails a broken one, which then leaves no output."""
 import json
 import os
 
@@ -80,6 +81,62 @@ def test_verify_catches_a_broken_conversion(tmp_path):
     ((same, error),) = launch(_verify_mismatch, 1, hf_a, hf_b, timeout=180)
     assert same < 1e-5
     assert error is not None and "--verify failed" in error
+
+
+def _exports(hf, root):
+    """One process: HF -> mcore, then bf16 / fp16 exports with --verify, then the same with layers 0 and 1
+    swapped by the mapping (export and import), then an export onto a non-empty directory."""
+    import contextlib
+    import io
+
+    from megatron_fipo.bridge import qwen2_mapping as M
+    from megatron_fipo.cli import main
+
+    def run(*argv):
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            code = main(["convert", *argv])
+        return code, err.getvalue()
+
+    mcore = os.path.join(root, "mcore")
+    out = {"to_mcore": run("--from-hf", hf, "--to-mcore", mcore)[0]}
+    for dtype in ("bfloat16", "float16"):
+        out[dtype] = run("--from-mcore", mcore, "--to-hf", os.path.join(root, dtype), "--dtype", dtype, "--verify")
+    names = M.hf_names
+    M.hf_names = lambda entry, layer: names(entry, {0: 1, 1: 0}.get(layer, layer))
+    try:
+        out["broken_export"] = run("--from-mcore", mcore, "--to-hf", os.path.join(root, "broken"), "--dtype",
+                                   "bfloat16", "--verify")
+        out["broken_import"] = run("--from-hf", hf, "--to-mcore", os.path.join(root, "broken_mcore"), "--verify")
+    finally:
+        M.hf_names = names
+    out["onto_existing"] = run("--from-mcore", mcore, "--to-hf", os.path.join(root, "bfloat16"))
+    out["listing"] = sorted(os.listdir(root))
+    return out
+
+
+@pytest.mark.timeout(300)
+def test_verify_passes_half_precision_exports_and_a_failed_one_leaves_nothing(tmp_path):
+    from safetensors.torch import load_file
+
+    hf = tiny_hf_model(str(tmp_path / "hf"), **CASES["untied_gqa4to2"])
+    root = tmp_path / "out"
+    root.mkdir()
+    ((r,),) = [launch(_exports, 1, hf, str(root), timeout=240)]
+    assert r["to_mcore"] == 0
+    original = load_file(os.path.join(hf, "model.safetensors"))
+    for dtype in ("bfloat16", "float16"):
+        code, err = r[dtype]
+        assert code == 0, err
+        exported = load_file(str(root / dtype / "model-00001-of-00001.safetensors"))
+        assert all(torch.equal(exported[k], v.to(getattr(torch, dtype))) for k, v in original.items())
+    for case in ("broken_export", "broken_import"):
+        code, err = r[case]
+        assert code == 2 and "--verify failed" in err, (case, err)
+    code, err = r["onto_existing"]
+    assert code == 2 and "already exists and is not empty" in err, err
+    # Nothing that looks like an output (nor a temporary) is left by the failures.
+    assert r["listing"] == ["bfloat16", "float16", "mcore"], r["listing"]
 
 
 def test_convert_rejects_mixed_directions(capsys):

@@ -12,6 +12,10 @@ padded to 1024) trained with AdamW + warm-up scheduler through ``get_forward_bac
 * distributed optimizer, tied embeddings: saved at (tp=1, pp=1, dp=2) before any step (must
   work) and after 2 steps, resumed at (tp=1, pp=2, dp=1) for steps 3-4, against 4
   uninterrupted steps.
+* damaged latest checkpoint (tp=2): steps 1-3 saved; ``load_latest_checkpoint`` falls back to
+  step 2 when step 3 is truncated (integrity record), when an older-format step 3 (no record)
+  lost its ``common.pt`` (the load fails), and when its load fails on rank 1 only; fails naming
+  every checkpoint when none loads; a re-save of step 3 replaces the damaged one.
 
 Each rank returns plain numbers; the assertions run in the pytest process.
 """
@@ -222,13 +226,113 @@ def _distributed_cases(root):
         _train(ddp, opt, sched, step)
     out["resume_diff"] = _max_diff(_full_params(ddp, g), reference)
     out["steps_after_resume"] = _adam_steps(opt)
+    G.destroy(process_group=False)
+    return out
+
+
+def _state(ddp, opt, g):
+    return _full_params(ddp, g), opt.param_groups[0]["lr"]
+
+
+def _load_latest(C, root, ddp, opt, sched, g, reference):
+    """(name, step, extra, max |params - reference|, lr, rng draws, warnings) of ``load_latest_checkpoint``."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        path, step, extra = C.load_latest_checkpoint(root, ddp, opt, sched, g)
+    params, lr = _state(ddp, opt, g)
+    return (os.path.basename(path), step, extra, _max_diff(params, reference), lr, _rng_draws(),
+            [str(w.message) for w in caught if "skipped" in str(w.message)])
+
+
+def _on_rank0(g, fn):
+    import torch.distributed as dist
+
+    if g.rank == 0:
+        fn()
+    dist.barrier()
+
+
+def _fallback_cases(root):
+    """Damaged step 3: every way of failing falls back to step 2 on both ranks, or fails by name."""
+    import json
+    import shutil
+
+    from megatron_fipo.mcore import checkpoint as C
+    from megatron_fipo.mcore import groups as G
+
+    out, saved = {}, {}
+    g = G.init_distributed(tp=2, pp=1, seed=11)
+    ddp, opt, sched = _trainer(g, seed=1)
+    for step in (1, 2, 3):
+        _train(ddp, opt, sched, step)
+        C.save_checkpoint(root, step, ddp, opt, sched, g, extra={"consumed": step})
+        saved[step] = (*_state(ddp, opt, g), _rng_draws())
+    out["saved"] = {k: (v[1], v[2]) for k, v in saved.items()}
+    out["saved_diff"] = {k: _max_diff(v[0], saved[2][0]) for k, v in saved.items()}
+    it3 = os.path.join(root, "iter_0000003")
+    shard, marker = os.path.join(it3, "__0_0.distcp"), os.path.join(it3, C.MARKER)
+    backup = os.path.join(root, "backup")
+    _on_rank0(g, lambda: shutil.copytree(it3, backup))
+
+    def restore():
+        shutil.rmtree(it3)
+        shutil.copytree(backup, it3)
+
+    def truncate():
+        with open(shard, "r+b") as fh:
+            fh.truncate(os.path.getsize(shard) // 2)
+
+    def old_format_without_common():
+        with open(marker) as fh:
+            meta = json.load(fh)
+        del meta["files"]
+        with open(marker, "w") as fh:
+            json.dump(meta, fh)
+        os.remove(os.path.join(it3, "common.pt"))
+
+    ddp, opt, sched = _trainer(g, seed=2)
+    _on_rank0(g, truncate)
+    out["truncated"] = _load_latest(C, root, ddp, opt, sched, g, saved[2][0])
+    _on_rank0(g, restore)
+    _on_rank0(g, old_format_without_common)
+    out["no_common"] = _load_latest(C, root, ddp, opt, sched, g, saved[2][0])
+    _on_rank0(g, restore)
+    set_rng = C._set_rng_state
+    calls = []
+
+    def fail_once(state):  # step 3 fails at the very end of its load, on rank 1 only
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("simulated read error")
+        set_rng(state)
+
+    if g.rank == 1:
+        C._set_rng_state = fail_once
+    out["one_rank"] = _load_latest(C, root, ddp, opt, sched, g, saved[2][0])
+    C._set_rng_state = lambda state: (_ for _ in ()).throw(RuntimeError("simulated read error"))
+    try:
+        C.load_latest_checkpoint(root, ddp, opt, sched, g)
+        out["none_loads"] = None
+    except ValueError as err:
+        out["none_loads"] = str(err)
+    C._set_rng_state = set_rng
+    # Truncated step 3 again: resume from 2, train and re-save step 3 with keep_last=2.
+    _on_rank0(g, truncate)
+    out["before_resave"] = _load_latest(C, root, ddp, opt, sched, g, saved[2][0])[:2]
+    _train(ddp, opt, sched, 3)
+    C.save_checkpoint(root, 3, ddp, opt, sched, g, extra={"consumed": 3}, keep_last=2)
+    out["after_resave"] = (_listing(root), C.checkpoint_problem(it3), _max_diff(_full_params(ddp, g), saved[3][0]))
+    out["resumed_after_resave"] = _load_latest(C, root, ddp, opt, sched, g, saved[2][0])[:3]
     G.destroy()
     return out
 
 
 def _all_cases(root):
     return {"plain": _plain_cases(os.path.join(root, "plain")),
-            "distributed": _distributed_cases(os.path.join(root, "distributed"))}
+            "distributed": _distributed_cases(os.path.join(root, "distributed")),
+            "fallback": _fallback_cases(os.path.join(root, "fallback"))}
 
 
 # ------------------------------------------------------------------------------ tests
@@ -292,6 +396,151 @@ def test_keep_last_prunes_older_and_stale_dirs(results):
     listing, found = results[0]["plain"]["after_prune"]
     assert listing == ["iter_0000004", "iter_0000009", "latest"], listing
     assert found.endswith("iter_0000004")
+
+
+def _fell_back_to_step2(result, saved, reason):
+    name, step, extra, params_diff, lr, draws, warned = result
+    assert (name, step, extra) == ("iter_0000002", 2, {"consumed": 2})
+    assert params_diff == 0.0 and lr == saved[2][0] and draws == saved[2][1]
+    return warned
+
+
+@pytest.mark.timeout(180)
+def test_damaged_latest_checkpoint_falls_back_on_every_rank(results):
+    for rank, r in enumerate(results):
+        f = r["fallback"]
+        assert f["saved_diff"][3] > 0  # step 3 differs from step 2: a fallback is visible
+        warned = _fell_back_to_step2(f["truncated"], f["saved"], "truncated")
+        if rank == 0:
+            assert len(warned) == 1 and "iter_0000003" in warned[0] and "__0_0.distcp" in warned[0], warned
+            assert "truncated" in warned[0], warned
+        warned = _fell_back_to_step2(f["no_common"], f["saved"], "no common.pt")
+        assert len(warned) == (rank == 0) and all("load failed" in w for w in warned), warned
+        warned = _fell_back_to_step2(f["one_rank"], f["saved"], "rank 1 only")
+        assert len(warned) == (rank == 0) and all("rank 1" in w and "simulated read error" in w for w in warned)
+        message = f["none_loads"]
+        assert message and all(f"iter_000000{i} (" in message for i in (1, 2, 3)), message
+        assert "Nothing was deleted" in message
+
+
+@pytest.mark.timeout(180)
+def test_resave_after_fallback_replaces_the_damaged_checkpoint(results):
+    for r in results:
+        f = r["fallback"]
+        assert f["before_resave"] == ("iter_0000002", 2)
+        listing, problem, diff = f["after_resave"]
+        assert listing == ["backup", "iter_0000002", "iter_0000003", "latest"], listing
+        assert problem is None and diff == 0.0
+        assert f["resumed_after_resave"] == ("iter_0000003", 3, {"consumed": 3})
+
+
+# ------------------------------------------------------------------------------ file system only
+def _fake_checkpoint(root, step, files):
+    """A published checkpoint dir of ``files`` ({name: bytes}) with its integrity record."""
+    from megatron_fipo.mcore import checkpoint as C
+
+    tmp = os.path.join(root, f"iter_{step:07d}.tmp-t{step}")
+    os.makedirs(tmp)
+    for name, data in files.items():
+        with open(os.path.join(tmp, name), "wb") as fh:
+            fh.write(data)
+    return tmp, {"step": step, "files": C.integrity_record(tmp)}
+
+
+@pytest.mark.timeout(30)
+def test_integrity_record_catches_missing_truncated_and_changed_files(tmp_path):
+    from megatron_fipo.mcore import checkpoint_integrity as I
+
+    (tmp_path / "common.pt").write_bytes(b"x" * 100)
+    (tmp_path / "big.distcp").write_bytes(b"y" * (I.CHECKSUM_MAX_BYTES + 1))
+    record = I.integrity_record(str(tmp_path))
+    assert record["big.distcp"] == [I.CHECKSUM_MAX_BYTES + 1, None]  # large: size only
+    assert I.check_integrity(str(tmp_path), record) is None
+    assert I.check_integrity(str(tmp_path), None) is None  # saved before records existed
+    (tmp_path / "common.pt").write_bytes(b"z" * 100)
+    assert "common.pt has other content" in I.check_integrity(str(tmp_path), record)
+    (tmp_path / "common.pt").write_bytes(b"x" * 100)
+    with open(tmp_path / "big.distcp", "r+b") as fh:
+        fh.truncate(10)
+    assert I.check_integrity(str(tmp_path), record) == \
+        f"big.distcp is 10 bytes, {I.CHECKSUM_MAX_BYTES + 1} when saved (truncated?)"
+    os.remove(tmp_path / "common.pt")
+    assert I.check_integrity(str(tmp_path), record) == "big.distcp is 10 bytes, 1048577 when saved (truncated?)"
+    (tmp_path / "big.distcp").write_bytes(b"y" * (I.CHECKSUM_MAX_BYTES + 1))
+    assert I.check_integrity(str(tmp_path), record) == "common.pt is missing"
+
+
+@pytest.mark.timeout(30)
+def test_resume_candidates_start_at_latest_and_skip_newer_abandoned_ones(tmp_path):
+    from megatron_fipo.mcore import checkpoint as C
+
+    root = str(tmp_path)
+    for step in (1, 2, 3, 5):
+        tmp, meta = _fake_checkpoint(root, step, {"common.pt": b"c"})
+        C._publish(root, tmp, os.path.join(root, C.checkpoint_dir_name(step)), meta, None)
+    (tmp_path / "latest").write_text("iter_0000003\n")  # resumed from 3 and saved it again
+    assert [os.path.basename(p) for p in C.resume_candidates(root)] == ["iter_0000003", "iter_0000002",
+                                                                         "iter_0000001"]
+    (tmp_path / "latest").write_text("iter_0000004\n")  # names nothing complete: scan all
+    assert [os.path.basename(p) for p in C.resume_candidates(root)] == ["iter_0000005", "iter_0000003",
+                                                                         "iter_0000002", "iter_0000001"]
+    os.remove(tmp_path / "iter_0000005" / "common.pt")
+    assert "common.pt is missing" in C.checkpoint_problem(os.path.join(root, "iter_0000005"))
+    assert C.checkpoint_problem(os.path.join(root, "iter_0000003")) is None
+
+
+@pytest.mark.timeout(30)
+def test_keep_last_never_counts_a_damaged_checkpoint(tmp_path):
+    """keep_last=2 after iter 3 was damaged: the save of 4 keeps the intact 2 (the loadable fallback)
+    and leaves 3 alone; the next save prunes both."""
+    from megatron_fipo.mcore import checkpoint as C
+
+    root = str(tmp_path)
+    for step in (1, 2, 3):
+        tmp, meta = _fake_checkpoint(root, step, {"common.pt": b"c" * 10})
+        C._publish(root, tmp, os.path.join(root, C.checkpoint_dir_name(step)), meta, 2)
+    with open(tmp_path / "iter_0000003" / "common.pt", "r+b") as fh:
+        fh.truncate(3)
+    tmp, meta = _fake_checkpoint(root, 4, {"common.pt": b"c" * 10})
+    C._publish(root, tmp, os.path.join(root, "iter_0000004"), meta, 2)
+    assert sorted(os.listdir(root)) == ["iter_0000002", "iter_0000003", "iter_0000004", "latest"]
+    tmp, meta = _fake_checkpoint(root, 5, {"common.pt": b"c" * 10})
+    C._publish(root, tmp, os.path.join(root, "iter_0000005"), meta, 2)
+    assert sorted(os.listdir(root)) == ["iter_0000004", "iter_0000005", "latest"]
+
+
+@pytest.mark.timeout(30)
+def test_resume_paths_name_what_to_pass(tmp_path):
+    """A run directory stands for its checkpoints; an empty one, or an incomplete checkpoint, is an
+    error that says what to pass (not an internal function)."""
+    from megatron_fipo.mcore import checkpoint as C
+    from megatron_fipo.trainer_setup import _resume_path
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    for path in (run, run / "checkpoints"):
+        with pytest.raises(ValueError, match="holds no complete checkpoint") as err:
+            _resume_path(str(path), str(run / "checkpoints"))
+        assert "RUN_DIR/checkpoints" in str(err.value) and "checkpoint.resume=auto" in str(err.value)
+        assert "latest_checkpoint" not in str(err.value)
+    assert _resume_path("auto", str(run / "checkpoints")) is None
+    root = str(run / "checkpoints")
+    tmp, meta = _fake_checkpoint(root, 2, {"common.pt": b"c"})
+    C._publish(root, tmp, os.path.join(root, "iter_0000002"), meta, None)
+    assert _resume_path(str(run), "elsewhere") == ("root", root)
+    assert _resume_path(root, "elsewhere") == ("root", root)
+    assert _resume_path(os.path.join(root, "iter_0000002"), "elsewhere") == ("dir", os.path.join(root, "iter_0000002"))
+    assert _resume_path("auto", root) == ("root", root)
+    os.makedirs(os.path.join(root, "iter_0000003"))
+    with pytest.raises(ValueError, match="incomplete") as err:
+        _resume_path(os.path.join(root, "iter_0000003"), root)
+    assert "RUN_DIR/checkpoints" in str(err.value) and "latest_checkpoint" not in str(err.value)
+    with pytest.raises(ValueError, match="does not exist"):
+        _resume_path(str(tmp_path / "missing"), root)
+    with open(os.path.join(root, "iter_0000002", "common.pt"), "wb") as fh:
+        fh.write(b"")
+    with pytest.raises(ValueError, match="is damaged: common.pt is 0 bytes"):
+        C.load_checkpoint(os.path.join(root, "iter_0000002"), [], None, None, None)
 
 
 @pytest.mark.timeout(30)

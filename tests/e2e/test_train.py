@@ -188,6 +188,25 @@ def test_stop_file_checkpoints_after_the_current_step(demo, tmp_path):
     assert [r["step"] for r in _records(run)] == [1, 2, 3] and os.path.isdir(os.path.join(run, "hf"))
 
 
+def test_damaged_latest_checkpoint_resumes_from_the_one_before(demo, tmp_path):
+    """The newest checkpoint lost half of its shard: the next start skips it (by name, with a warning),
+    resumes from the one before, redoes that step and replaces the damaged checkpoint."""
+    run = str(tmp_path / "run")
+    overrides = _overrides(demo, run, *SMALL, "checkpoint.every_steps=1", "checkpoint.keep_last=2",
+                           "checkpoint.export_hf=false")
+    launch(_train, 1, CONFIG, [*overrides, "train.steps=2"], timeout=600)
+    root = os.path.join(run, "checkpoints")
+    shard = os.path.join(root, "iter_0000002", "__0_0.distcp")
+    with open(shard, "r+b") as fh:
+        fh.truncate(os.path.getsize(shard) // 2)
+    launch(_train, 1, CONFIG, [*overrides, "train.steps=3"], timeout=600)
+    assert [r["step"] for r in _records(run)] == [1, 2, 3]
+    assert sorted(os.listdir(root)) == ["iter_0000002", "iter_0000003", "latest"]
+    from megatron_fipo.mcore.checkpoint import checkpoint_problem
+
+    assert checkpoint_problem(os.path.join(root, "iter_0000002")) is None
+
+
 def _train_with_nan(config_path, overrides):
     from megatron_fipo.mcore.actor import Actor
 
