@@ -68,6 +68,7 @@ def _mcore_source(args) -> tuple:
     """(hf_config, tokenizer source, checkpoint directory) of ``--from-mcore``."""
     import os
 
+    from megatron_fipo.hf_config import read_hf_config
     from megatron_fipo.mcore.checkpoint import checkpoint_problem, read_checkpoint_meta, resolve_checkpoint, \
         resume_candidates
 
@@ -84,8 +85,6 @@ def _mcore_source(args) -> tuple:
         else:
             raise ValueError(f"no intact checkpoint under {path}: {'; '.join(problems)}")
     extra = read_checkpoint_meta(path).get("extra", {})
-    from megatron_fipo.hf_config import read_hf_config
-
     hf_config = read_hf_config(args.hf_config) if args.hf_config else extra.get("hf_config")
     if hf_config is None:
         raise ValueError(f"{path}: no HF config in the checkpoint; pass --hf-config DIR")
