@@ -68,7 +68,8 @@ class RolloutConfig:
 
 @dataclass(frozen=True)
 class AlgoConfig:
-    use_influence: bool = True  # False: DAPO
+    use_influence: bool = True  # False (with drop_filter: false): DAPO
+    drop_filter: bool = True  # FIPO's sequence-drop filter; false for DAPO / GRPO (the release's vanilla loss)
     decay_rate: float = 32.0
     clip_low: float = 0.2
     clip_high: float = 0.28
@@ -87,8 +88,8 @@ class AlgoConfig:
     on_exhausted: str = "train_short"  # or "error": what to do when max_gen_rounds leaves the batch short
 
     def loss_kwargs(self) -> dict:
-        names = ("use_influence", "decay_rate", "clip_low", "clip_high", "dual_clip_c", "future_kl_clip_ratio",
-                 "future_kl_clip_high_only", "safety_thresh", "negative_only_mask")
+        names = ("use_influence", "drop_filter", "decay_rate", "clip_low", "clip_high", "dual_clip_c",
+                 "future_kl_clip_ratio", "future_kl_clip_high_only", "safety_thresh", "negative_only_mask")
         return {k: getattr(self, k) for k in names}
 
 

@@ -1,6 +1,6 @@
 """GRPO group advantages and the DAPO scaffolding around them.
 
-Owns the per-sequence quantities of the recipe table in ``docs/fipo_spec.md``:
+Owns the per-sequence quantities of the recipe in ``docs/algorithm.md``:
 ``grpo_advantages`` (``(R - mean_g) / (std_g + eps)`` within each prompt group, or mean-only),
 ``dynamic_sampling_filter`` and ``dynamic_sampling_step`` (DAPO's ``filter_groups``: keep groups
 whose rewards are not all equal, regenerate up to a cap on rounds, trim to the target),

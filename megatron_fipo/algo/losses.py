@@ -2,7 +2,9 @@
 
 Owns ``fipo_policy_loss``: probability shift, participation mask, Future-KL, influence weight,
 safety override, DAPO dual-clip surrogate with clip-higher, and the sequence-drop filter, exactly
-as the released FIPO code computes them (see ``docs``: ``fipo_spec.md`` steps 1-9).
+as the released FIPO code computes them (``docs/algorithm.md`` states every formula). DAPO and GRPO
+are settings of the same function: ``use_influence=False, drop_filter=False`` is the release's DAPO
+baseline (verl's vanilla loss) exactly.
 
 Imports torch and ``algo.future_kl`` only: no torch.distributed, no megatron, no config objects.
 
@@ -14,8 +16,10 @@ Departures from the released code:
   a denominator you pass (the local kept-token count when omitted).
 - Future-KL is an O(T) blocked scan on packed or padded tokens instead of an O(T^2) matmul.
 - Metrics are returned as sums / maxima / minima so they can be reduced across ranks exactly.
-- ``dual_clip_c=None`` disables the dual clip, the participation mask and the drop filter (plain
-  PPO clipping, for GRPO baselines); ``negative_only_mask=True`` applies the participation mask to
+- The drop filter is a setting (``drop_filter``); the release applies it in its FIPO loss only, so
+  FIPO turns it on and DAPO / GRPO turn it off.
+- ``dual_clip_c=None`` disables the dual clip, the participation mask and (having no dual-clipped
+  token to count) the drop filter: plain PPO clipping; ``negative_only_mask=True`` applies the participation mask to
   negative-advantage tokens only (the paper's Eq. 5; the released code masks every token).
 """
 
@@ -98,10 +102,11 @@ def fipo_policy_loss(
     safety_thresh: float = 10.0,
     negative_only_mask: bool = False,
     use_influence: bool = True,
+    drop_filter: bool = True,
     cu_seqlens: Optional[torch.Tensor] = None,
     sequences: Optional["SequenceIndex"] = None,
 ) -> PolicyLossOutput:
-    """FIPO per-token policy loss; DAPO with ``use_influence=False``.
+    """FIPO per-token policy loss; DAPO with ``use_influence=False, drop_filter=False``.
 
     Denominator: none applied here. Divide ``per_token_loss.sum()`` by the global kept-token count
     (``sums["kept_tokens"]`` all-reduced over micro-batches and dp x cp ranks), e.g. with
@@ -124,6 +129,10 @@ def fipo_policy_loss(
         safety_thresh: where ``A < 0`` and ``r > safety_thresh`` the weight is clamped to [0.8, 1].
         negative_only_mask: participation mask on negative-advantage tokens only (paper Eq. 5).
         use_influence: False sets the influence weight to 1 everywhere (DAPO).
+        drop_filter: remove from the loss every sequence with two or more dual-clipped
+            negative-advantage tokens (``A < 0`` and ``r > dual_clip_c``), as the released FIPO loss
+            does. False keeps every response token (the release's DAPO baseline); under context
+            parallelism it also skips the per-sequence count's all-reduce.
         cu_seqlens: ``[S + 1]`` int offsets when the inputs are packed 1-D tokens.
         sequences: a ``SequenceIndex`` for the tokens instead of ``cu_seqlens`` (everything that
             spans a sequence: the Future-KL scan, the per-sequence drop counts, sequence metrics).
@@ -173,7 +182,10 @@ def fipo_policy_loss(
     else:
         per_token = clipped
         lower_clipped = torch.zeros_like(mask)
-    dropped = seq.count(lower_clipped) > 1
+    if drop_filter:
+        dropped = seq.count(lower_clipped) > 1
+    else:  # no per-sequence count, so no collective under CP
+        dropped = torch.zeros(seq.num_sequences, dtype=torch.bool, device=mask.device)
     kept = mask & ~seq.expand(dropped)
     per_token_loss = torch.where(kept, per_token, torch.zeros_like(per_token))
 

@@ -2,7 +2,7 @@
 
 Owns ``avg_at_k`` (mean accuracy), ``cons_at_k`` (majority vote over extracted answers),
 ``pass_at_k`` (chance that at least one of ``k`` samples is correct) and ``eval_metrics``, which
-averages the three over problems (``docs/fipo_spec.md``, evaluation row: AIME, 32 samples).
+averages the three over problems (``docs/algorithm.md``, recipe table, evaluation row: AIME, 32 samples).
 Values are fractions in ``[0, 1]`` (the paper reports percentages).
 
 Pure Python: the stdlib, and ``rewards`` for the no-answer markers that do not vote. No torch,

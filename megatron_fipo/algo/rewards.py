@@ -1,6 +1,6 @@
 """Verifiable math rewards, and a process pool that scores them with a per-item time bound.
 
-Owns ``dapo_math_reward`` (DAPO's reward, ``docs/fipo_spec.md`` reward row: last ``Answer:`` in
+Owns ``dapo_math_reward`` (DAPO's reward, ``docs/algorithm.md``, "Around the loss": last ``Answer:`` in
 the final 300 characters, Minerva-style normalisation, exact match, +1 / -1), ``boxed_math_reward``
 (last ``\\boxed{}``, equivalence checked by math-verify), their normaliser / extractors, and
 ``RewardPool`` / ``score_batch``, which run a reward in spawned workers.

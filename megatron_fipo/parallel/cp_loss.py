@@ -7,7 +7,8 @@ sequence metrics counted once, on CP rank 0) and ``cp_policy_loss``.
 Each CP rank computes the per-token loss of the tokens it owns. The only cross-rank quantities of
 the FIPO loss are Future-KL (a distributed scan exchanging ``2 * cp`` scalars per sequence) and the
 drop filter's per-sequence count of dual-clipped negative tokens (one all-reduce of ``S`` integers),
-so every rank reaches the same drop decision for a sequence. The caller divides the local loss sum
+so every rank reaches the same drop decision for a sequence. With ``drop_filter=False`` (DAPO, GRPO)
+nothing is counted and that all-reduce is skipped on every rank of the group alike. The caller divides the local loss sum
 by the kept-token count summed over the data- and context-parallel ranks (Megatron's
 ``finalize_model_grads`` does with ``calculate_per_token_loss``), so loss and gradients do not
 depend on how the batch is split over (dp, cp). Peers instead all-gather the log-probs of whole

@@ -16,8 +16,10 @@ import torch
 from tests.dist.launcher import launch
 
 SEEDS = list(range(40, 46))
-SETTINGS = [dict(), dict(use_influence=False), dict(future_kl_clip_high_only=False, decay_rate=4.0),
-            dict(dual_clip_c=None, clip_high=0.2), dict(negative_only_mask=True)]
+SETTINGS = [dict(), dict(use_influence=False), dict(use_influence=False, drop_filter=False),  # DAPO
+            dict(future_kl_clip_high_only=False, decay_rate=4.0),
+            dict(dual_clip_c=None, clip_high=0.2),
+            dict(negative_only_mask=True)]
 
 
 def _case(seed):

@@ -80,9 +80,9 @@ def test_demo_raises_heldout_accuracy(demo, tmp_path, seed):
 
 @pytest.mark.parametrize("variant", [
     [],  # FIPO
-    ["algo.use_influence=false"],  # DAPO
-    ["algo.use_influence=false", "algo.clip_high=0.2", "algo.dual_clip_c=null", "algo.dynamic_sampling=false",
-     "algo.overlong_buffer=0"],  # GRPO
+    ["algo.use_influence=false", "algo.drop_filter=false"],  # DAPO
+    ["algo.use_influence=false", "algo.drop_filter=false", "algo.clip_high=0.2", "algo.dual_clip_c=null",
+     "algo.dynamic_sampling=false", "algo.overlong_buffer=0"],  # GRPO
 ])
 def test_variants_change_every_parameter(demo, tmp_path, variant):
     run = str(tmp_path / "run")

@@ -2,6 +2,7 @@
 the plan figures quoted in their comments (which must not go stale)."""
 import json
 import os
+import re
 
 import pytest
 
@@ -35,21 +36,47 @@ def test_32b_recipe_is_the_papers():
     assert (c.optim.lr, c.algo.clip_low, c.algo.clip_high, c.algo.dual_clip_c, c.algo.decay_rate) == \
         (1e-6, 0.2, 0.28, 10.0, 32.0)
     assert c.algo.use_influence and c.algo.future_kl_clip_high_only and c.algo.future_kl_clip_ratio == 0.2  # [1.0, 1.2]
+    assert c.algo.drop_filter
     assert (c.optim.warmup_steps, c.optim.weight_decay, c.optim.clip_grad) == (10, 0.1, 1.0)
     assert (c.rollout.temperature, c.rollout.top_p, c.eval.n, c.eval.top_p) == (1.0, 1.0, 32, 0.7)
     assert c.model.params_dtype == "bfloat16" and c.rollout.engine == "sglang" and c.parallel.cp == 2
 
 
-def test_dapo_baseline_differs_only_in_the_influence_weight():
+def test_dapo_baseline_differs_only_in_the_influence_weight_and_the_drop_filter():
     fipo, dapo = (to_dict(load_config(_path(f"qwen2.5-32b-{a}.yaml"))) for a in ("fipo", "dapo"))
     assert fipo["algo"].pop("use_influence") is True and dapo["algo"].pop("use_influence") is False
+    assert fipo["algo"].pop("drop_filter") is True and dapo["algo"].pop("drop_filter") is False
     assert fipo["train"].pop("run_dir") != dapo["train"].pop("run_dir")
     assert fipo == dapo
+
+
+def _readme_overrides(pattern: str) -> list[str]:
+    text = " ".join(open(os.path.join(EXAMPLES, "..", "README.md"), encoding="utf-8").read().split())
+    found = re.search(pattern, text)
+    assert found, f"README.md no longer documents the overrides matching {pattern!r}"
+    return found.group(1).split()
+
+
+def test_readme_grpo_settings_turn_the_drop_filter_off():
+    """README: "`<dapo>` is DAPO; add `<more>` for GRPO". GRPO keeps every response token (no sequence dropped)."""
+    import torch
+
+    from megatron_fipo.algo.losses import fipo_policy_loss
+
+    grpo = _readme_overrides(r"`([^`]*)` is DAPO") + _readme_overrides(r"add `([^`]*)` for GRPO")
+    kw = load_config(None, grpo).algo.loss_kwargs()
+    assert kw["use_influence"] is False and kw["clip_high"] == kw["clip_low"]
+    assert kw["drop_filter"] is False or kw["dual_clip_c"] is None  # off, or nothing dual-clipped to count
+    logp = torch.log(torch.tensor([[12.0, 12.0, 1.0]], dtype=torch.float64))  # the review's case: A = -1, r > c twice
+    out = fipo_policy_loss(logp, torch.zeros(1, 3, dtype=torch.float64), torch.tensor([-1.0], dtype=torch.float64),
+                           torch.ones(1, 3), **kw)
+    assert out.dropped_sequences.tolist() == [False] and out.sums["kept_tokens"].item() == 3
 
 
 def test_7b_recipe_uses_the_symmetric_influence_clip():
     c = load_config(_path("qwen2.5-7b-fipo.yaml"))
     assert c.algo.use_influence and not c.algo.future_kl_clip_high_only and c.algo.future_kl_clip_ratio == 0.2
+    assert c.algo.drop_filter  # FIPO keeps the release's sequence-drop filter
     big = load_config(_path("qwen2.5-32b-fipo.yaml"))
     assert (c.rollout.max_response_length, c.algo.decay_rate, c.optim.lr) == \
         (big.rollout.max_response_length, big.algo.decay_rate, big.optim.lr)

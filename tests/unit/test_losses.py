@@ -10,7 +10,8 @@ from tests.helpers import fresh_seeds, random_policy_batch
 
 
 def naive_fipo(logp, old_logp, adv, mask, *, decay_rate=32.0, c=10.0, eps_low=0.2, eps_high=0.28,
-               clip_ratio=0.2, high_only=True, safety=10.0, negative_only=False, use_influence=True):
+               clip_ratio=0.2, high_only=True, safety=10.0, negative_only=False, use_influence=True,
+               drop_filter=True):
     """Spec steps 1-9 with Python loops, one token at a time (autograd through each token)."""
     gamma = 2.0 ** (-1.0 / decay_rate)
     rows, length = logp.shape
@@ -48,7 +49,7 @@ def naive_fipo(logp, old_logp, adv, mask, *, decay_rate=32.0, c=10.0, eps_low=0.
             losses[b][t] = loss
             if mask[b, t] and c is not None and a < 0 and r[t] > c:
                 lower_clips += 1
-        drop = lower_clips >= 2
+        drop = drop_filter and lower_clips >= 2
         dropped.append(drop)
         for t in range(length):
             kept[b, t] = bool(mask[b, t]) and not drop
@@ -61,11 +62,13 @@ def naive_fipo(logp, old_logp, adv, mask, *, decay_rate=32.0, c=10.0, eps_low=0.
 SETTINGS = [
     {},
     dict(use_influence=False),
+    dict(use_influence=False, drop_filter=False),  # DAPO
+    dict(drop_filter=False),
     dict(high_only=False),
     dict(negative_only=True),
     dict(clip_ratio=0.0),
     dict(decay_rate=4.0, safety=2.0),
-    dict(c=None, eps_high=0.2, use_influence=False),  # GRPO
+    dict(c=None, eps_high=0.2, use_influence=False, drop_filter=False),  # GRPO
 ]
 
 
@@ -75,7 +78,8 @@ def _ours(batch, s):
         decay_rate=s.get("decay_rate", 32.0), dual_clip_c=s.get("c", 10.0), clip_low=0.2,
         clip_high=s.get("eps_high", 0.28), future_kl_clip_ratio=s.get("clip_ratio", 0.2),
         future_kl_clip_high_only=s.get("high_only", True), safety_thresh=s.get("safety", 10.0),
-        negative_only_mask=s.get("negative_only", False), use_influence=s.get("use_influence", True))
+        negative_only_mask=s.get("negative_only", False), use_influence=s.get("use_influence", True),
+        drop_filter=s.get("drop_filter", True))
 
 
 @pytest.mark.parametrize("setting", SETTINGS, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()) or "fipo")
@@ -132,6 +136,9 @@ def test_drop_filter_needs_two_dual_clipped_negative_tokens():
     assert out.sums["participation_masked"].item() == 5
     # the masked tokens contribute nothing to Future-KL: F is zero everywhere here
     assert torch.all(out.future_kl == 0)
+    off = fipo_policy_loss(logp, old, adv, torch.ones(3, 6), drop_filter=False)  # DAPO / GRPO keep every token
+    assert off.dropped_sequences.tolist() == [False] * 3 and off.kept_mask.all()
+    assert off.sums["dropped_sequences"].item() == 0 and off.sums["kept_tokens"].item() == 18
 
 
 def test_influence_weight_bounds_and_safety_override():
