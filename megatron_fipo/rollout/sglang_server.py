@@ -2,9 +2,10 @@
 
 Owns ``ServerProcess`` (one ``sglang.launch_server`` process in its own process group, its log
 file, health polling with a deadline, the log tail in every error, kill on shutdown, at
-interpreter exit and on SIGTERM) and ``post_json`` / ``get`` (stdlib HTTP with timeouts; SGLang's weight endpoints
-answer ``{"success": bool, "message": str}``, turned into ``EngineError`` on failure). Does not
-import sglang: it runs a command line.
+interpreter exit and on SIGTERM; each server runs under ``watchdog.py``, which ends its group
+when this process is gone, SIGKILL included) and ``post_json`` / ``get`` (stdlib HTTP with
+timeouts; SGLang's weight endpoints answer ``{"success": bool, "message": str}``, turned into
+``EngineError`` on failure). Does not import sglang: it runs a command line.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from typing import Any, Optional
 from megatron_fipo.rollout.engine import EngineError
 
 _LIVE: "weakref.WeakSet[ServerProcess]" = weakref.WeakSet()
+_WATCHDOG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "watchdog.py")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -78,6 +80,10 @@ def post_checked(url: str, payload: Mapping, *, timeout: float, what: str) -> di
 class ServerProcess:
     """One SGLang server: ``argv`` run in its own process group with stdout+stderr to ``log_path``.
 
+    ``proc`` is the group's leader, ``watchdog.py``, which runs ``argv`` as its child and exits
+    with its exit status; it holds the read end of a pipe whose write end only this process
+    holds, and ends the group when that pipe has no writer left (this process died).
+
     Args:
         argv: the full command (launcher prefix + ``--host --port`` + server arguments).
         url: ``http://host:port`` it will serve.
@@ -90,14 +96,24 @@ class ServerProcess:
         self.env = dict(env or {})
         self.proc: Optional[subprocess.Popen] = None
         self.restarts = 0
+        self._watch: Optional[int] = None  # write end of the watchdog pipe, open while the server may run
 
     def start(self) -> None:
         os.makedirs(os.path.dirname(os.path.abspath(self.log_path)), exist_ok=True)
         with open(self.log_path, "ab") as log:
             log.write(f"\n=== start: {' '.join(self.argv)}\n".encode())
             log.flush()
-            self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         env={**os.environ, **self.env}, start_new_session=True)
+            self._close_watch()
+            read_end, self._watch = os.pipe()  # both non-inheritable: only this server gets the read end
+            try:
+                self.proc = subprocess.Popen(watchdog_argv(read_end, self.argv), stdout=log, stderr=subprocess.STDOUT,
+                                             stdin=subprocess.DEVNULL, env={**os.environ, **self.env},
+                                             start_new_session=True, pass_fds=(read_end,))
+            except BaseException:
+                self._close_watch()
+                raise
+            finally:
+                os.close(read_end)
         _LIVE.add(self)
         _install_sigterm_handler()
 
@@ -147,7 +163,18 @@ class ServerProcess:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
+        self._close_watch()
         self.proc = None
+
+    def _close_watch(self) -> None:
+        if self._watch is not None:
+            os.close(self._watch)
+            self._watch = None
+
+
+def watchdog_argv(read_fd: int, argv: Sequence[str], grace: float = 5.0) -> list[str]:
+    """``argv`` run under ``watchdog.py``, which ends the server's group when ``read_fd``'s pipe has no writer left."""
+    return [sys.executable, _WATCHDOG, "--fd", str(read_fd), "--grace", str(grace), "--", *argv]
 
 
 def default_launcher() -> list[str]:
