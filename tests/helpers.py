@@ -52,3 +52,17 @@ def random_policy_batch(
         "advantages": adv,
         "response_mask": mask,
     }
+
+
+def alive_processes(procs: list) -> list:
+    """The ``psutil.Process`` objects of ``procs`` still running (zombies, reaped or not, count as gone)."""
+    import psutil
+
+    out = []
+    for p in procs:
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return out

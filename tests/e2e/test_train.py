@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from tests.dist.launcher import DistributedTestError, launch
+from tests.helpers import alive_processes
 
 pytestmark = pytest.mark.timeout(1800)  # the session fixture builds the demo; slow when the machine is shared
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -287,19 +288,6 @@ def test_overflowing_update_is_rolled_back_never_published_then_stops(demo, tmp_
     assert not bad, bad
 
 
-def _alive(procs):
-    import psutil
-
-    out = []
-    for p in procs:
-        try:
-            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
-                out.append(p)
-        except psutil.NoSuchProcess:
-            pass
-    return out
-
-
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
 def test_killed_trainer_leaves_no_child_process(demo, tmp_path, sig):
     """SIGTERM: exit 143 with one line and no traceback, children reaped; SIGKILL: the children (reward
@@ -323,9 +311,9 @@ def test_killed_trainer_leaves_no_child_process(demo, tmp_path, sig):
             assert proc.returncode == 143, out[-3000:]
             assert "terminated by SIGTERM" in out and "Traceback" not in out, out[-3000:]
         deadline = time.time() + 20
-        while _alive(kids) and time.time() < deadline:
+        while alive_processes(kids) and time.time() < deadline:
             time.sleep(0.2)
-        assert not _alive(kids), [(p.pid, p.cmdline()) for p in _alive(kids)]
+        assert not alive_processes(kids), [(p.pid, p.cmdline()) for p in alive_processes(kids)]
     finally:
         for pid in [proc.pid] + [k.pid for k in kids]:
             try:

@@ -25,6 +25,7 @@ from megatron_fipo.algo.rewards import (
     normalize_final_answer,
 )
 from megatron_fipo.algo.reward_pool import RewardPool, score_batch
+from tests.helpers import alive_processes
 
 SEEDS = [3, 17, 29, 101]
 PAD = "We are done. " * 30  # > 300 characters of reasoning
@@ -338,19 +339,6 @@ RewardPool(2, timeout_s=600).score(marked_hang, ["a", "b"], [sys.argv[1]] * 2)
 """
 
 
-def _alive(procs):
-    import psutil
-
-    out = []
-    for p in procs:
-        try:
-            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
-                out.append(p)
-        except psutil.NoSuchProcess:
-            pass
-    return out
-
-
 @pytest.mark.timeout(180, method="thread")
 def test_busy_workers_and_resource_tracker_die_with_a_sigkilled_parent(tmp_path):
     """A parent killed by SIGKILL (no cleanup runs) while both workers hang in the reward function:
@@ -378,9 +366,9 @@ def test_busy_workers_and_resource_tracker_die_with_a_sigkilled_parent(tmp_path)
         proc.kill()
         proc.wait()
         deadline = time.monotonic() + 20
-        while _alive(kids) and time.monotonic() < deadline:
+        while alive_processes(kids) and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert not _alive(kids), [(p.pid, p.cmdline()) for p in _alive(kids)]
+        assert not alive_processes(kids), [(p.pid, p.cmdline()) for p in alive_processes(kids)]
     finally:
         for p in [proc.pid] + [k.pid for k in kids]:
             try:
