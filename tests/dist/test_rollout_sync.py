@@ -8,6 +8,7 @@ samples responses; the actor's ``compute_logprobs`` on the same tokens must matc
 per-token log-probs within 1e-5, and the mismatch metrics must report it. Before the sync the
 engine must disagree (the test can fail).
 """
+import functools
 import random
 import types
 
@@ -30,7 +31,7 @@ def _check(hf_dir, tp, pp):
     from megatron_fipo.mcore.model import Qwen2Arch
     from megatron_fipo.rollout.cpu_engine import CPUEngine
     from megatron_fipo.rollout.engine import GenerationRequest, SamplingParams
-    from megatron_fipo.trainer_setup import sync_weights
+    from megatron_fipo.trainer_setup import RunState, sync_weights
 
     groups = G.init_distributed(tp=tp, pp=pp, seed=3)
     arch = Qwen2Arch.from_hf(hf_dir)
@@ -60,8 +61,10 @@ def _check(hf_dir, tp, pp):
 
     before = sample_and_compare()
     cfg = load_config(None, ["rollout.bucket_mb=1"])
-    sync_weights(types.SimpleNamespace(groups=groups, config=cfg, actor=actor, arch=arch, offsets=offsets, spec="mcore",
-                                       engine=engine, sync_buffer=None), version=1)
+    run = types.SimpleNamespace(groups=groups, config=cfg, actor=actor, arch=arch, offsets=offsets, spec="mcore",
+                                engine=engine, sync_buffer=None, checkpoint_root="(none)")
+    run.refuse_nonfinite = functools.partial(RunState.refuse_nonfinite, run)  # the real check, before any byte
+    sync_weights(run, version=1)
     after_trainer_sync = sample_and_compare()
     # again through small buckets that reuse one buffer (the producer overwrites it after each bucket)
     buffer = torch.empty((16 << 10) // 4)
