@@ -1,10 +1,10 @@
 """Run configuration: frozen dataclasses, YAML + dotted overrides, validation before any process starts.
 
 Owns the schema (``Config`` and its sections), ``load_config(path, overrides)``, ``apply_overrides``,
-``validate(config, world_size=None)`` (``RANGES``: the allowed range of every numeric field, then the
-cross-field checks) and ``to_dict`` / ``save_config``. YAML is read with YAML 1.2 floats (``1e-6``). Must not import torch,
-megatron, sglang or any other project module: it is read by ``plan`` on a laptop and by every
-launcher before anything heavy starts.
+``validate(config, world_size=None)`` (the checks themselves, ``RANGES`` and ``cp_alignment`` live in
+``config_checks`` and are re-exported here) and ``to_dict`` / ``save_config``. YAML is read with YAML 1.2
+floats (``1e-6``). Must not import torch, megatron, sglang or any other project module except its stdlib-only
+sibling ``config_checks``: it is read by ``plan`` on a laptop and by every launcher before anything heavy starts.
 
 Departures: pass-through dicts (``model.transformer_overrides``, ``rollout.sglang``) are not
 checked here; their owners (megatron-core, SGLang) validate them.
@@ -18,6 +18,9 @@ import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Sequence
+
+# Re-exported: these names were defined here before the checks moved (plan and the tests read them).
+from megatron_fipo.config_checks import RANGES, RESUME_WORDS, REWARD_NAMES, cp_alignment, find_problems  # noqa: F401
 
 
 @dataclass(frozen=True)
@@ -169,62 +172,11 @@ class Config:
 
 
 # ---------------------------------------------------------------------------------------------- validation
-REWARD_NAMES = ("dapo_math", "boxed_math")  # algo.rewards.REWARD_FNS (a test keeps the two in step)
-RESUME_WORDS = ("auto", "never")  # any other checkpoint.resume is a checkpoint directory
-
-
-def _ge(lo, nullable: bool = False):
-    return (lambda v: v >= lo), f">= {lo}" + (" or null" if nullable else "")
-
-
-def _gt(lo):
-    return (lambda v: v > lo), f"> {lo}"
-
-
-def _unit(open_low: bool):
-    """(0, 1] when ``open_low`` (a probability mass), else [0, 1) (a ratio or moment decay)."""
-    return ((lambda v: 0 < v <= 1), "in (0, 1]") if open_low else ((lambda v: 0 <= v < 1), "in [0, 1)")
-
-
-# Every int / float field -> (test, what it must be). null passes wherever the field is Optional.
-RANGES = {
-    "parallel.tp": _ge(1), "parallel.pp": _ge(1), "parallel.cp": _ge(1), "parallel.vpp": _ge(2, nullable=True),
-    "rollout.n": _ge(1), "rollout.temperature": _gt(0), "rollout.top_p": _unit(True),
-    "rollout.top_k": ((lambda v: v >= 0), ">= 0 (0 disables it)"), "rollout.max_prompt_length": _ge(1),
-    "rollout.max_response_length": _ge(1), "rollout.bucket_mb": _ge(1), "rollout.replicas": _ge(1),
-    "rollout.max_restarts": _ge(0), "rollout.cpu_max_batch_rows": _ge(1),
-    "algo.decay_rate": _gt(0), "algo.clip_low": _unit(False), "algo.clip_high": _ge(0),
-    "algo.dual_clip_c": ((lambda v: v > 1), "> 1 or null (no dual clip)"), "algo.future_kl_clip_ratio": _unit(False),
-    "algo.safety_thresh": _gt(0), "algo.overlong_buffer": ((lambda v: v >= 0), ">= 0 (0 disables the penalty)"),
-    "algo.overlong_penalty_factor": _ge(0), "algo.max_gen_rounds": _ge(1),
-    "optim.lr": _gt(0), "optim.warmup_steps": _ge(0), "optim.weight_decay": _ge(0),
-    "optim.clip_grad": ((lambda v: v >= 0), ">= 0 (0 disables clipping)"), "optim.adam_beta1": _unit(False),
-    "optim.adam_beta2": _unit(False), "optim.adam_eps": _gt(0), "optim.max_tokens_per_micro_batch": _ge(1),
-    "optim.logprob_chunk_tokens": _ge(1), "data.seed": _ge(0),
-    "train.steps": _ge(1), "train.prompts_per_step": _ge(1), "train.mini_batch_prompts": _ge(1), "train.seed": _ge(0),
-    "train.reward_workers": _ge(1), "train.reward_timeout_s": _gt(0), "train.max_nonfinite_steps": _ge(1),
-    "eval.every_steps": ((lambda v: v >= 0), ">= 0 (0: only at start / end)"), "eval.n": _ge(1),
-    "eval.temperature": ((lambda v: v > 0), "> 0 (the engines sample; there is no greedy decoding)"),
-    "eval.top_p": _unit(True), "eval.max_response_length": _ge(1, nullable=True),
-    "eval.max_problems": _ge(1, nullable=True),
-    "checkpoint.every_steps": ((lambda v: v >= 0), ">= 0 (0: only at the end)"),
-    "checkpoint.keep_last": ((lambda v: v >= 1), ">= 1 or null (keep every checkpoint)"),
-}
-
-
-def _range_errors(config: Config) -> list[str]:
-    out = []
-    for name, (ok, what) in RANGES.items():
-        section, key = name.split(".")
-        value = getattr(getattr(config, section), key)
-        if value is not None and not ok(value):
-            out.append(f"{name} must be {what}, got {value!r}")
-    return out
-
-
 def validate(config: Config, world_size: Optional[int] = None, hf_config: Optional[Mapping[str, Any]] = None,
              *, for_training: bool = True) -> list[str]:
-    """Ranges of every field, then cross-field checks; raises ``ValueError`` listing every problem, returns warnings.
+    """Check ``config`` (``config_checks.find_problems``); raise ``ValueError`` listing every problem, return warnings.
+
+    Each section's ranges and own checks, in schema order, then the checks across sections.
 
     Args:
         config: the resolved config.
@@ -232,104 +184,10 @@ def validate(config: Config, world_size: Optional[int] = None, hf_config: Option
         hf_config: the model's HF ``config.json`` (heads and layers checked against tp / pp).
         for_training: also require what ``train`` needs (model path, data files).
     """
-    errors, warnings = _range_errors(config), []
-    par, ro, algo, tr = config.parallel, config.rollout, config.algo, config.train
-
-    def need(cond: bool, msg: str) -> None:
-        if not cond:
-            errors.append(msg)
-
-    layout_ok = min(par.tp, par.pp, par.cp, par.vpp or 2) >= 1  # else the checks below would divide by zero
-    need(par.vpp is None or par.pp >= 2, "parallel.vpp needs parallel.pp >= 2 (or vpp null)")
-    need(par.backend in (None, "nccl", "gloo"), f"parallel.backend must be nccl, gloo or null, got {par.backend!r}")
-    if par.sequence_parallel and par.tp == 1:
-        warnings.append("parallel.sequence_parallel has no effect with parallel.tp=1")
-    dp = None
-    if world_size is not None:
-        need(world_size >= 1, f"world size must be >= 1, got {world_size}")
-    if world_size is not None and world_size >= 1 and layout_ok:
-        model_parallel = par.tp * par.pp * par.cp
-        need(world_size % model_parallel == 0, f"world size {world_size} is not a multiple of tp*pp*cp = "
-             f"{par.tp}*{par.pp}*{par.cp} = {model_parallel}")
-        dp = max(world_size // model_parallel, 1)
-    need(ro.engine in ("cpu", "sglang"), f"rollout.engine must be 'cpu' or 'sglang', got {ro.engine!r}")
-    need(ro.mode in ("colocated", "disaggregated"), f"rollout.mode must be colocated or disaggregated, got {ro.mode!r}")
-    need(not (ro.engine == "cpu" and ro.mode != "colocated"), "rollout.engine=cpu runs colocated only")
-    if ro.n == 1:
-        warnings.append("rollout.n=1: every GRPO group has one sample, so every advantage is 0")
-    need(all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ro.stop_token_ids),
-         f"rollout.stop_token_ids must be token ids (integers >= 0), got {list(ro.stop_token_ids)}")
-    need(algo.overlong_buffer <= ro.max_response_length,
-         f"algo.overlong_buffer must be in [0, rollout.max_response_length={ro.max_response_length}]")
-    need(algo.reward_fn in REWARD_NAMES, f"algo.reward_fn must be one of {list(REWARD_NAMES)}, got {algo.reward_fn!r}")
-    need(algo.filter_metric in ("acc", "score"), "algo.filter_metric must be 'acc' or 'score'")
-    need(algo.on_exhausted in ("train_short", "error"), "algo.on_exhausted must be 'train_short' or 'error'")
-    need(tr.mini_batch_prompts <= tr.prompts_per_step and tr.prompts_per_step % max(tr.mini_batch_prompts, 1) == 0,
-         f"train.prompts_per_step ({tr.prompts_per_step}) must be a multiple of train.mini_batch_prompts "
-         f"({tr.mini_batch_prompts})")
-    if dp is not None:
-        need((tr.mini_batch_prompts * ro.n) % dp == 0,
-             f"a mini-batch of {tr.mini_batch_prompts} prompts x {ro.n} samples does not split over "
-             f"{dp} data-parallel ranks")
-    if layout_ok:
-        errors += _budget_errors(config)
-    errors += _choice_errors(config, for_training)
-    if hf_config is not None and layout_ok:
-        heads, kv = hf_config.get("num_attention_heads", 0), hf_config.get("num_key_value_heads", 0)
-        layers = hf_config.get("num_hidden_layers", 0)
-        need(heads % par.tp == 0, f"parallel.tp={par.tp} does not divide the model's {heads} attention heads")
-        need(kv % par.tp == 0 or par.tp % kv == 0, f"parallel.tp={par.tp} and the model's {kv} KV heads "
-             "must divide one another")
-        need(layers % (par.pp * (par.vpp or 1)) == 0,
-             f"the model's {layers} layers do not split into pp*vpp = {par.pp * (par.vpp or 1)} stages")
+    errors, warnings = find_problems(config, world_size, hf_config, for_training=for_training)
     if errors:
         raise ValueError("invalid config:\n  - " + "\n  - ".join(errors))
     return warnings
-
-
-def _budget_errors(config: Config) -> list[str]:
-    """The micro-batch token budget must hold one full (CP-padded) sequence."""
-    par, ro, budget = config.parallel, config.rollout, config.optim.max_tokens_per_micro_batch
-    longest = ro.max_prompt_length + ro.max_response_length
-    align = cp_alignment(par.cp, par.tp, par.sequence_parallel)
-    padded = -(-longest // align) * align
-    if budget >= padded:
-        return []
-    return [f"optim.max_tokens_per_micro_batch ({budget}) must hold one full "
-            f"sequence (rollout.max_prompt_length + max_response_length = {longest}"
-            + (f", padded to a multiple of {align} for context parallelism = {padded}" if padded != longest else "")
-            + ")"]
-
-
-def _choice_errors(config: Config, for_training: bool) -> list[str]:
-    """String settings with a fixed set of values, and what ``train`` needs."""
-    out = []
-    if config.data.on_bad_row not in ("error", "skip") or config.data.on_too_long not in ("error", "skip"):
-        out.append("data.on_bad_row / on_too_long must be 'error' or 'skip'")
-    if config.model.params_dtype not in ("float32", "bfloat16"):
-        out.append("model.params_dtype must be float32 or bfloat16")
-    resume = config.checkpoint.resume
-    if resume.strip().lower() in RESUME_WORDS and resume not in RESUME_WORDS:
-        out.append(f"checkpoint.resume={resume!r}: write {resume.strip().lower()!r} (lower case, no spaces); "
-                   "any other value is taken as a checkpoint directory")
-    elif not resume.strip():
-        out.append("checkpoint.resume must be 'auto', 'never' or a checkpoint directory, got ''")
-    if for_training and not config.model.hf_path:
-        out.append("model.hf_path is required (an HF Qwen2 checkpoint directory)")
-    if for_training and not config.data.train_files:
-        out.append("data.train_files is required")
-    return out
-
-
-def cp_alignment(cp: int, tp: int = 1, sequence_parallel: bool = False) -> int:
-    """Under context parallelism every sequence is padded to a multiple of this many tokens.
-
-    Megatron's load-balanced layout splits each sequence into ``2 * cp`` equal chunks; with sequence
-    parallelism each rank's share must also split over the ``tp`` ranks. 1 without context parallelism.
-    """
-    if cp <= 1:
-        return 1
-    return 2 * cp * (tp if sequence_parallel else 1)
 
 
 # ---------------------------------------------------------------------------------------------- loading

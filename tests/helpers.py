@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import random
 
+import pytest
 import torch
 
 
@@ -52,6 +54,49 @@ def random_policy_batch(
         "advantages": adv,
         "response_mask": mask,
     }
+
+
+# ---------------------------------------------------------------------------------------------- actor tests
+# The tiny Qwen2 and the batch shared by the actor tests (tests/dist/test_actor*.py, test_cp_actor.py,
+# test_update_guard.py) and their GPU variants (tests/gpu/).
+ACTOR_HF = dict(architectures=["Qwen2ForCausalLM"], hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, intermediate_size=128, vocab_size=200, rms_norm_eps=1e-6, rope_theta=10000.0,
+                max_position_embeddings=256, tie_word_embeddings=False, hidden_act="silu")
+ACTOR_SETTINGS = dict(lr=1e-3, warmup_steps=0, weight_decay=0.01, clip_grad=1.0, adam_eps=1e-4, track_update_norm=True)
+ACTOR_LOSS = dict(decay_rate=8.0)
+BF16_SETTINGS = {"params_dtype": "bfloat16"}  # extra ActorSettings of the GPU tests
+
+
+def actor_samples(seed: int = 0, n: int = 8) -> tuple[list[list[int]], list[list[int]]]:
+    """``n`` random (prompt, response) token-id lists for ``ACTOR_HF`` (prompts 1-6, responses 1-14 tokens)."""
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(200) for _ in range(rng.randint(1, 6))] for _ in range(n)]
+    responses = [[rng.randrange(200) for _ in range(rng.randint(1, 14))] for _ in range(n)]
+    return prompts, responses
+
+
+def actor_per_token(responses, logp, seed: int = 1) -> dict:
+    """Old log-probs (``logp`` + N(0, 0.3) noise) and one random advantage per response, per token."""
+    gen = torch.Generator().manual_seed(seed)
+    old = [lp + 0.3 * torch.randn(len(lp), generator=gen) for lp in logp]
+    adv = [torch.full((len(r),), float(torch.randn((), generator=gen))) for r in responses]
+    return {"old_logp": old, "advantages": adv}
+
+
+def enough_gpus(n: int) -> bool:
+    """True when CUDA is available with at least ``n`` devices."""
+    return torch.cuda.is_available() and torch.cuda.device_count() >= n
+
+
+def check_bf16_layouts(results, ref, layouts) -> None:
+    """Every rank's log-probs, losses and grad norms of each layout against the one-GPU run, at bf16 tolerances."""
+    for rank_results in results:
+        for layout, got in zip(layouts, rank_results):
+            for a, b in zip(got["logp"], ref["logp"]):
+                torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=0, atol=5e-2, msg=str(layout))
+            for s, r in zip(got["steps"], ref["steps"]):
+                assert s["loss"] == pytest.approx(r["loss"], rel=5e-2, abs=1e-2), layout
+                assert s["grad_norm"] == pytest.approx(r["grad_norm"], rel=5e-2), layout
 
 
 def alive_processes(procs: list) -> list:

@@ -6,18 +6,12 @@ over the data-parallel ranks, and micro-batch token budgets differ between runs:
 policy-loss metrics, the grad norm and the parameters after two FIPO steps must all agree.
 """
 
-import random
-
 import pytest
 import torch
 
 from tests.dist.launcher import launch
+from tests.helpers import ACTOR_HF, ACTOR_LOSS, ACTOR_SETTINGS, actor_per_token, actor_samples
 
-HF = dict(architectures=["Qwen2ForCausalLM"], hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
-          num_key_value_heads=2, intermediate_size=128, vocab_size=200, rms_norm_eps=1e-6, rope_theta=10000.0,
-          max_position_embeddings=256, tie_word_embeddings=False, hidden_act="silu")
-SETTINGS = dict(lr=1e-3, warmup_steps=0, weight_decay=0.01, clip_grad=1.0, adam_eps=1e-4, track_update_norm=True)
-LOSS = dict(decay_rate=8.0)
 LAYOUTS = [  # (tp, pp, vpp, sequence_parallel, micro-batch token budget)
     (2, 1, None, False, 40),
     (1, 2, None, False, 64),
@@ -30,20 +24,6 @@ LAYOUTS = [  # (tp, pp, vpp, sequence_parallel, micro-batch token budget)
 ]
 
 
-def _samples(seed=0, n=8):
-    rng = random.Random(seed)
-    prompts = [[rng.randrange(200) for _ in range(rng.randint(1, 6))] for _ in range(n)]
-    responses = [[rng.randrange(200) for _ in range(rng.randint(1, 14))] for _ in range(n)]
-    return prompts, responses
-
-
-def _per_token(responses, logp, seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    old = [lp + 0.3 * torch.randn(len(lp), generator=gen) for lp in logp]
-    adv = [torch.full((len(r),), float(torch.randn((), generator=gen))) for r in responses]
-    return {"old_logp": old, "advantages": adv}
-
-
 def _run(tp, pp, vpp, sp, budget, weights, tie=False, extra=None):
     from megatron_fipo.mcore import groups as G
     from megatron_fipo.mcore.actor import Actor, ActorSettings
@@ -51,20 +31,20 @@ def _run(tp, pp, vpp, sp, budget, weights, tie=False, extra=None):
     from tests.dist import tiny_gpt as T
 
     groups = G.init_distributed(tp=tp, pp=pp, vpp=vpp, seed=7)
-    arch = Qwen2Arch.from_hf(dict(HF, tie_word_embeddings=tie))
-    settings = dict(SETTINGS, sequence_parallel=sp, max_tokens_per_micro_batch=budget, **(extra or {}))
+    arch = Qwen2Arch.from_hf(dict(ACTOR_HF, tie_word_embeddings=tie))
+    settings = dict(ACTOR_SETTINGS, sequence_parallel=sp, max_tokens_per_micro_batch=budget, **(extra or {}))
     actor = Actor(arch, groups, ActorSettings(**settings))
     initial = T.full_weights(actor.chunks) if weights is None else weights
     if weights is not None:
         T.load_full_weights(actor.chunks, weights, groups)
-    prompts, responses = _samples()
+    prompts, responses = actor_samples()
     logp = actor.compute_logprobs(prompts, responses)
-    per_token = _per_token(responses, [lp.detach() for lp in logp])
+    per_token = actor_per_token(responses, [lp.detach() for lp in logp])
     mine = list(range(groups.dp_rank, len(prompts), groups.dp_size))
     steps = []
     for _ in range(2):
         steps.append(actor.train_step([prompts[i] for i in mine], [responses[i] for i in mine],
-                                      {k: [v[i] for i in mine] for k, v in per_token.items()}, LOSS))
+                                      {k: [v[i] for i in mine] for k, v in per_token.items()}, ACTOR_LOSS))
     result = dict(logp=[lp.tolist() for lp in logp], steps=steps, initial=initial,
                   final=T.full_weights(actor.chunks) if groups.world_size == 1 else None, diff=None)
     return result, actor, groups

@@ -8,8 +8,8 @@ give the same per-token log-probs, and the same next step as the uninterrupted r
 import pytest
 import torch
 
-from tests.dist import test_actor as A
 from tests.dist.launcher import launch
+from tests.helpers import ACTOR_HF, ACTOR_LOSS, ACTOR_SETTINGS, actor_per_token, actor_samples
 
 LAYOUTS = [(2, 1, None, False), (1, 2, None, False), (2, 2, None, False), (2, 1, None, True)]
 
@@ -20,21 +20,21 @@ def _actor(tp, pp, vpp, sp, extra=None):
     from megatron_fipo.mcore.model import Qwen2Arch
 
     groups = G.init_distributed(tp=tp, pp=pp, vpp=vpp, seed=11)
-    settings = dict(A.SETTINGS, sequence_parallel=sp, max_tokens_per_micro_batch=64, **(extra or {}))
-    return Actor(Qwen2Arch.from_hf(A.HF), groups, ActorSettings(**settings)), groups
+    settings = dict(ACTOR_SETTINGS, sequence_parallel=sp, max_tokens_per_micro_batch=64, **(extra or {}))
+    return Actor(Qwen2Arch.from_hf(ACTOR_HF), groups, ActorSettings(**settings)), groups
 
 
 def _reference(root, extra=None):
     from megatron_fipo.mcore import groups as G
 
     actor, _ = _actor(1, 1, None, False, extra)
-    prompts, responses = A._samples()
+    prompts, responses = actor_samples()
     actor.save(root + "/init")
     logp = actor.compute_logprobs(prompts, responses)
-    per_token = A._per_token(responses, logp)
-    actor.train_step(prompts, responses, per_token, A.LOSS)
+    per_token = actor_per_token(responses, logp)
+    actor.train_step(prompts, responses, per_token, ACTOR_LOSS)
     actor.save(root + "/step1", extra={"note": "after one step"})
-    second = actor.train_step(prompts, responses, per_token, A.LOSS)
+    second = actor.train_step(prompts, responses, per_token, ACTOR_LOSS)
     after = actor.compute_logprobs(prompts, responses)
     G.destroy()
     return [lp.tolist() for lp in logp], second, [lp.tolist() for lp in after]
@@ -44,8 +44,8 @@ def _layouts(root, reference_logp, extra=None):
     from megatron_fipo.mcore import groups as G
     from megatron_fipo.mcore.checkpoint import latest_checkpoint
 
-    prompts, responses = A._samples()
-    per_token = A._per_token(responses, [torch.tensor(lp) for lp in reference_logp])
+    prompts, responses = actor_samples()
+    per_token = actor_per_token(responses, [torch.tensor(lp) for lp in reference_logp])
     out = []
     for layout in LAYOUTS:
         actor, groups = _actor(*layout, extra)
@@ -54,7 +54,7 @@ def _layouts(root, reference_logp, extra=None):
         saved_extra = actor.load(latest_checkpoint(root + "/step1"))
         mine = list(range(groups.dp_rank, len(prompts), groups.dp_size))
         second = actor.train_step([prompts[i] for i in mine], [responses[i] for i in mine],
-                                  {k: [v[i] for i in mine] for k, v in per_token.items()}, A.LOSS)
+                                  {k: [v[i] for i in mine] for k, v in per_token.items()}, ACTOR_LOSS)
         after = actor.compute_logprobs(prompts, responses)
         out.append(([lp.tolist() for lp in logp], second, [lp.tolist() for lp in after], saved_extra, actor.steps))
         G.destroy(process_group=False)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tests.dist.launcher import launch
-from tests.dist.test_actor import HF, LOSS, SETTINGS, _per_token, _samples
+from tests.helpers import ACTOR_HF, ACTOR_LOSS, ACTOR_SETTINGS, actor_per_token, actor_samples
 
 LAYOUTS = [  # (tp, pp, cp, sequence_parallel, micro-batch token budget)
     (1, 1, 1, False, 40),  # (dp, cp) = (4, 1)
@@ -25,7 +25,7 @@ LAYOUTS = [  # (tp, pp, cp, sequence_parallel, micro-batch token budget)
 ]
 # Adam with a large eps makes the first update nearly linear in the gradient (lr * g / (|g| + eps)), so
 # the parameters after the steps compare the gradients themselves, not just their signs.
-SETTINGS = dict(SETTINGS, lr=0.05, adam_eps=1.0)
+SETTINGS = dict(ACTOR_SETTINGS, lr=0.05, adam_eps=1.0)
 STEP_KEYS = ("loss", "kept_tokens", "response_tokens", "pg_clipfrac", "influence_weight_mean", "future_kl_mean",
              "grad_norm", "update_norm", "entropy", "dropped_sequences", "ppo_kl")
 
@@ -39,18 +39,18 @@ def _run(tp, pp, cp, sp, budget, weights, extra=None):
     extra = dict(extra or {})
     use_te = extra.pop("use_te", None)  # an Actor argument (the GPU tests force the local spec with it)
     groups = G.init_distributed(tp=tp, pp=pp, cp=cp, seed=7)
-    actor = Actor(Qwen2Arch.from_hf(HF), groups,
+    actor = Actor(Qwen2Arch.from_hf(ACTOR_HF), groups,
                   ActorSettings(**SETTINGS, sequence_parallel=sp, max_tokens_per_micro_batch=budget, **extra),
                   use_te=use_te)
     initial = T.full_weights(actor.chunks) if weights is None else None
     if weights is not None:
         T.load_full_weights(actor.chunks, weights, groups)
-    prompts, responses = _samples(seed=3, n=8)
+    prompts, responses = actor_samples(seed=3, n=8)
     logp = actor.compute_logprobs(prompts, responses)
-    per_token = _per_token(responses, [lp.detach() for lp in logp])
+    per_token = actor_per_token(responses, [lp.detach() for lp in logp])
     mine = list(range(groups.dp_rank, len(prompts), groups.dp_size))
     steps = [actor.train_step([prompts[i] for i in mine], [responses[i] for i in mine],
-                              {k: [v[i] for i in mine] for k, v in per_token.items()}, LOSS) for _ in range(2)]
+                              {k: [v[i] for i in mine] for k, v in per_token.items()}, ACTOR_LOSS) for _ in range(2)]
     return dict(logp=[lp.tolist() for lp in logp], steps=steps, initial=initial), actor, groups
 
 

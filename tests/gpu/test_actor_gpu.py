@@ -9,43 +9,28 @@ import torch
 
 from tests.dist import test_actor as A
 from tests.dist.launcher import launch
-
-BF16 = {"params_dtype": "bfloat16"}
-
-
-def _enough_gpus(n):
-    return torch.cuda.is_available() and torch.cuda.device_count() >= n
-
-
-def check_bf16_layouts(results, ref, layouts):
-    """Every rank's log-probs, losses and grad norms of each layout against the one-GPU run, at bf16 tolerances."""
-    for rank_results in results:
-        for layout, got in zip(layouts, rank_results):
-            for a, b in zip(got["logp"], ref["logp"]):
-                torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=0, atol=5e-2, msg=str(layout))
-            for s, r in zip(got["steps"], ref["steps"]):
-                assert s["loss"] == pytest.approx(r["loss"], rel=5e-2, abs=1e-2), layout
-                assert s["grad_norm"] == pytest.approx(r["grad_norm"], rel=5e-2), layout
+from tests.helpers import BF16_SETTINGS, check_bf16_layouts, enough_gpus
 
 
 @pytest.mark.gpu
 @pytest.mark.timeout(900)
-@pytest.mark.skipif(not _enough_gpus(4), reason="needs 4 GPUs")
+@pytest.mark.skipif(not enough_gpus(4), reason="needs 4 GPUs")
 def test_te_bf16_layouts_match_single_gpu():
     pytest.importorskip("transformer_engine")
-    (ref,) = launch(A._reference, 1, False, BF16, timeout=300)
-    check_bf16_layouts(launch(A._layouts, 4, ref["initial"], ref["final"], False, BF16, timeout=600), ref, A.LAYOUTS)
+    (ref,) = launch(A._reference, 1, False, BF16_SETTINGS, timeout=300)
+    results = launch(A._layouts, 4, ref["initial"], ref["final"], False, BF16_SETTINGS, timeout=600)
+    check_bf16_layouts(results, ref, A.LAYOUTS)
 
 
 @pytest.mark.gpu
 @pytest.mark.timeout(900)
-@pytest.mark.skipif(not _enough_gpus(4), reason="needs 4 GPUs")
+@pytest.mark.skipif(not enough_gpus(4), reason="needs 4 GPUs")
 def test_te_bf16_checkpoint_resharding(tmp_path):
     pytest.importorskip("transformer_engine")
     from tests.dist import test_actor_checkpoint as C
 
-    (ref,) = launch(C._reference, 1, str(tmp_path), BF16, timeout=300)
-    results = launch(C._layouts, 4, str(tmp_path), ref[0], BF16, timeout=600)
+    (ref,) = launch(C._reference, 1, str(tmp_path), BF16_SETTINGS, timeout=300)
+    results = launch(C._layouts, 4, str(tmp_path), ref[0], BF16_SETTINGS, timeout=600)
     for rank_results in results:
         for layout, (logp, second, _after, extra, steps) in zip(C.LAYOUTS, rank_results):
             assert steps == 2 and extra == {"note": "after one step"}, layout

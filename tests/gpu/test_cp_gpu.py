@@ -10,23 +10,24 @@ import pytest
 
 from tests.dist import test_cp_actor as C
 from tests.dist.launcher import launch
-from tests.gpu.test_actor_gpu import BF16, _enough_gpus, check_bf16_layouts
+from tests.helpers import BF16_SETTINGS, check_bf16_layouts, enough_gpus
 
 
 @pytest.mark.gpu
 @pytest.mark.timeout(1200)
-@pytest.mark.skipif(not _enough_gpus(4), reason="needs 4 GPUs")
+@pytest.mark.skipif(not enough_gpus(4), reason="needs 4 GPUs")
 def test_te_cp_attention_matches_single_gpu():
     pytest.importorskip("transformer_engine")
-    (ref,) = launch(C._reference, 1, BF16, timeout=300)
-    check_bf16_layouts(launch(C._layouts, 4, ref["initial"], ref["final"], BF16, timeout=900), ref, C.LAYOUTS)
+    (ref,) = launch(C._reference, 1, BF16_SETTINGS, timeout=300)
+    results = launch(C._layouts, 4, ref["initial"], ref["final"], BF16_SETTINGS, timeout=900)
+    check_bf16_layouts(results, ref, C.LAYOUTS)
 
 
 @pytest.mark.gpu
 @pytest.mark.timeout(1200)
-@pytest.mark.skipif(not _enough_gpus(4), reason="needs 4 GPUs")
+@pytest.mark.skipif(not enough_gpus(4), reason="needs 4 GPUs")
 def test_local_spec_cp_attention_on_cuda_matches_single_gpu():
     """GPUs without TE: the all-gather CP attention of the local spec on NCCL."""
-    (ref,) = launch(C._reference, 1, BF16, timeout=300)
-    local = dict(BF16, use_te=False)
+    (ref,) = launch(C._reference, 1, BF16_SETTINGS, timeout=300)
+    local = dict(BF16_SETTINGS, use_te=False)
     check_bf16_layouts(launch(C._layouts, 4, ref["initial"], ref["final"], local, timeout=900), ref, C.LAYOUTS)

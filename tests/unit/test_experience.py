@@ -17,7 +17,11 @@ from megatron_fipo.rollout.engine import RolloutEngine, Sample
 
 
 class FakeEngine(RolloutEngine):
-    """Samples answer tokens: ``[correct_answer]`` with prob p(prompt), random garbage otherwise."""
+    """Samples answer tokens: ``[correct_answer]`` with prob p(prompt), random garbage otherwise.
+
+    The first prompt token is the kind: 0 always right, 1 always wrong, 2 right with prob 0.5,
+    3 only sample 0 right (a group that is always mixed, so dynamic sampling always keeps it).
+    """
 
     def __init__(self):
         self.calls = []
@@ -29,8 +33,8 @@ class FakeEngine(RolloutEngine):
             group = []
             for j in range(req.params.n):
                 rng = random.Random(req.params.seed + j)
-                kind = req.prompt_ids[0]  # 0: always right, 1: always wrong, 2: mixed
-                right = kind == 0 or (kind == 2 and rng.random() < 0.5)
+                kind = req.prompt_ids[0]  # 0: always right, 1: always wrong, 2: mixed, 3: only sample 0 right
+                right = kind == 0 or (kind == 2 and rng.random() < 0.5) or (kind == 3 and j == 0)
                 length = rng.randint(1, req.params.max_new_tokens)
                 toks = [1 if right else 2] + [3] * (length - 1)
                 group.append(Sample(req.prompt_ids, toks, [-0.1] * length, "stop", 0, ri, j))
@@ -105,13 +109,20 @@ def test_exhausted_rounds():
 
 
 def test_short_batch_trimmed_to_split_over_dp():
-    # n=3 and dp=2: group counts must be even
+    # n=3 and dp=2: a group count must be even for its samples to split over the ranks.
     cfg = load_config(None, ["rollout.n=3", "train.prompts_per_step=4", "train.mini_batch_prompts=2",
                              "rollout.max_response_length=8", "algo.overlong_buffer=0", "algo.max_gen_rounds=1"])
-    kinds = [2, 2, 2, 0]
-    with pytest.warns(UserWarning):
-        exp = collect_experience(FakeEngine(), _drawer(kinds), _score, _decode, cfg, step=5, dp_size=2)
-    assert len(exp.prompts) % 2 == 0 and exp.num_groups % 2 == 0
+    # Prompts 10, 11, 12 always give mixed groups (kept); 13 is always right (filtered): 3 of 4 groups
+    # kept in the one round allowed, trimmed to the first 2 so that 2 * 3 samples split over 2 ranks.
+    items = iter([PromptItem((3, 10), "1", ""), PromptItem((3, 11), "1", ""), PromptItem((3, 12), "1", ""),
+                  PromptItem((0, 13), "1", "")])
+    with pytest.warns(UserWarning, match="kept 3 of 4 groups"):
+        exp = collect_experience(FakeEngine(), lambda k: [next(items) for _ in range(k)], _score, _decode, cfg,
+                                 step=5, dp_size=2)
+    assert exp.prompts == [[3, 10]] * 3 + [[3, 11]] * 3
+    assert exp.num_groups == 2 and len(exp.responses) == len(exp.advantages) == 6
+    assert [r[0] for r in exp.responses] == [1, 2, 2, 1, 2, 2]  # sample 0 of each group is the right one
+    assert exp.metrics["train/kept_groups"] == 2.0
 
 
 def test_seeds_deterministic_and_distinct():

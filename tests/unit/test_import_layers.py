@@ -25,7 +25,8 @@ ALLOWED = {
     "trainer_setup": {"algo", "parallel", "mcore", "bridge", "rollout", "data", "config", "experience", "tracking"},
     "trainer": {"algo", "parallel", "mcore", "bridge", "rollout", "data", "config", "experience", "trainer_setup",
                 "hf_config"},
-    "config": set(),
+    "config": {"config_checks"},
+    "config_checks": set(),  # config's validation: stdlib only, reads the config by attribute
     "hf_config": set(),  # config.json reading: stdlib only, importable by every layer
     "plan": {"config", "hf_config"},
     "convert": {"algo", "parallel", "mcore", "bridge", "data", "hf_config"},
