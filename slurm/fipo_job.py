@@ -125,14 +125,14 @@ def resolve(job: Job) -> Config:
 
 
 def torchrun_argv(job: Job, config: Config, node_rank: int) -> list[str]:
-    """``torchrun ... -m megatron_fipo.cli train ...`` of training node ``node_rank`` (static rendezvous)."""
+    """``torchrun ... -m megatron_fipo train ...`` of training node ``node_rank`` (static rendezvous)."""
     nodes = len(job.train_hosts)
     if not 0 <= node_rank < nodes:
         raise ValueError(f"node rank {node_rank} is not one of the {nodes} training node(s)")
     resume = ["--resume"] if job.restart > 0 else []
     return ["torchrun", f"--nnodes={nodes}", f"--nproc-per-node={job.gpus_per_node}", f"--node-rank={node_rank}",
             f"--master-addr={job.train_hosts[0]}", f"--master-port={job.master_port}",
-            "-m", "megatron_fipo.cli", "train", *resume, "--config", job.config, *train_overrides(job, config)]
+            "-m", "megatron_fipo", "train", *resume, "--config", job.config, *train_overrides(job, config)]
 
 
 def sglang_argvs(job: Job, config: Config, launcher: Sequence[str]) -> list[list[str]]:

@@ -79,7 +79,7 @@ if sys.argv[1:3] == ["show", "hostnames"]:
 _TORCHRUN = _RECORD + r'''
 keys = %r
 record("torchrun", argv=sys.argv[1:], host=os.environ.get("SLURMD_NODENAME"), env={k: os.environ.get(k) for k in keys})
-deadline = time.monotonic() + 60
+deadline = time.monotonic() + 300  # generous: on a loaded 2-core machine two interpreters start per server
 while time.monotonic() < deadline and int(os.environ.get("FAKE_WAIT_FOR_SGLANG", "0")) > sum(
         '"kind": "sglang"' in line for line in open(os.environ["FAKE_SLURM_LOG"])):
     time.sleep(0.05)

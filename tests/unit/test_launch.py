@@ -81,7 +81,7 @@ class FakeCluster:
 
 def _torchrun_expected(cluster, train_nodes, extra=(), resume=False):
     return [[f"--nnodes={train_nodes}", "--nproc-per-node=8", f"--node-rank={rank}", "--master-addr=gpu01",
-             "--master-port=29742", "-m", "megatron_fipo.cli", "train", *(["--resume"] if resume else []),
+             "--master-port=29742", "-m", "megatron_fipo", "train", *(["--resume"] if resume else []),
              "--config", RECIPE, *cluster.overrides, *extra] for rank in range(train_nodes)]
 
 
