@@ -100,6 +100,13 @@ def test_variants_change_every_parameter(demo, tmp_path, variant):
         assert rec["train/influence_weight_max"] > 1.0
 
 
+# train/ppo_kl is a mean of differences of nearly equal log-probs after the first Adam update (about
+# 2.6e-3 on the demo): the layouts' rounding of that update shows in it at about 1.3e-6 absolute,
+# 0.05 % of its value. A real error (a 1 % loss scale on one rank moves the update by 1 %) moves it
+# by about 2.6e-5, which this still catches.
+_ABS = {"train/ppo_kl": 5e-6}
+
+
 def test_parallel_layouts_agree_with_one_process(demo, tmp_path):
     """Step 1 (same rollouts, same old log-probs) gives the same loss and metrics at tp=2, pp=2, dp=2, cp=2 as at 1x1."""
     keys = ["train/loss", "train/ppo_kl", "train/pg_clipfrac", "train/influence_weight_mean", "train/entropy",
@@ -113,7 +120,7 @@ def test_parallel_layouts_agree_with_one_process(demo, tmp_path):
         runs[name] = _records(run)[-1]
     for name in ("tp2", "pp2", "dp2", "cp2"):
         for k in keys:
-            assert runs[name][k] == pytest.approx(runs["1x1"][k], rel=1e-4, abs=1e-6), (name, k)
+            assert runs[name][k] == pytest.approx(runs["1x1"][k], rel=1e-4, abs=_ABS.get(k, 1e-6)), (name, k)
 
 
 def test_demo_at_cp2_checkpoints_and_resumes_at_cp1(demo, tmp_path):
@@ -129,7 +136,7 @@ def test_demo_at_cp2_checkpoints_and_resumes_at_cp1(demo, tmp_path):
     assert [r["step"] for r in got] == [1, 2, 3]
     for r, g in zip(ref, got):
         for k in keys:
-            assert g[k] == pytest.approx(r[k], rel=1e-4, abs=1e-6), (r["step"], k)
+            assert g[k] == pytest.approx(r[k], rel=1e-4, abs=_ABS.get(k, 1e-6)), (r["step"], k)
     a, b = _hf_state(os.path.join(whole, "hf")), _hf_state(os.path.join(split, "hf"))
     assert a.keys() == b.keys()
     # Adam (eps 1e-8) turns rounding-level gradient differences of near-zero elements into visible
