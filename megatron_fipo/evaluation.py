@@ -57,10 +57,11 @@ def _max_new_tokens(requested, model_dir: str, items) -> int:
         if requested < 1:
             raise ValueError(f"--max-new-tokens must be >= 1, got {requested}")
         return requested
+    from megatron_fipo.hf_config import read_hf_config
+
     try:
-        with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as fh:
-            positions = json.load(fh).get("max_position_embeddings")
-    except (OSError, ValueError):
+        positions = read_hf_config(model_dir).get("max_position_embeddings")
+    except ValueError:
         positions = None  # not an HF directory we can read: the engine reports what is wrong
     if not positions or not items:
         return DEFAULT_MAX_NEW_TOKENS

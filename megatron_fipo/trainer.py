@@ -72,7 +72,7 @@ def _train(config: Config) -> dict:
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     messages = validate(config, world_size=world)  # the config alone first: errors before any file is read
-    hf_config = _read_hf_config(config.model.hf_path)
+    hf_config = read_hf_config(config.model.hf_path, hint=" (model.hf_path must be an HF Qwen2 checkpoint directory)")
     validate(config, world_size=world, hf_config=hf_config)  # heads / layers against tp / pp
     check_inputs(config)  # data rows, prompts per step, safetensors headers: before any process group
     for message in messages:
@@ -131,13 +131,6 @@ class _SigtermGuard:
 
 
 _SIGTERM = _SigtermGuard()
-
-
-def _read_hf_config(path: str) -> dict:
-    cfg = os.path.join(path, "config.json")
-    if not os.path.isfile(cfg):
-        raise ValueError(f"model.hf_path={path!r}: no config.json there (an HF Qwen2 checkpoint directory is needed)")
-    return read_hf_config(cfg)
 
 
 class Trainer:

@@ -8,7 +8,9 @@ from megatron_fipo.evaluation import DEFAULT_MAX_NEW_TOKENS, _max_new_tokens
 
 
 def _model(tmp_path, positions):
-    (tmp_path / "config.json").write_text(json.dumps({"max_position_embeddings": positions}))
+    config = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 192,
+              "vocab_size": 24, "max_position_embeddings": positions}
+    (tmp_path / "config.json").write_text(json.dumps(config))
     return str(tmp_path)
 
 

@@ -30,7 +30,7 @@ ALLOWED = {
     "hf_config": set(),  # config.json reading: stdlib only, importable by every layer
     "plan": {"config", "hf_config"},
     "convert": {"algo", "parallel", "mcore", "bridge", "data", "hf_config"},
-    "evaluation": {"algo", "rollout", "data", "config", "experience", "trainer_setup", "convert"},
+    "evaluation": {"algo", "rollout", "data", "config", "experience", "trainer_setup", "convert", "hf_config"},
     "cli": {"algo", "parallel", "mcore", "bridge", "rollout", "data", "trainer", "config", "convert", "plan",
             "evaluation"},
     "__main__": {"cli"},
