@@ -62,6 +62,7 @@ from megatron_fipo.mcore.checkpoint_integrity import (  # noqa: F401  (re-export
     resolve_checkpoint,
     resume_candidates,
 )
+from megatron_fipo.mcore.update_guard import inner_optimizers
 
 logger = logging.getLogger(__name__)
 
@@ -403,10 +404,8 @@ def _optimizer_metadata(kind: str | None) -> dict:
 
 def _adam_states(optimizer):
     """Per-parameter state dicts of the torch optimizers inside ``optimizer``."""
-    for opt in _inner(optimizer) if optimizer is not None else []:
-        inner = getattr(opt, "optimizer", None)
-        if inner is not None:
-            yield from inner.state.values()
+    for inner in inner_optimizers(optimizer) if optimizer is not None else []:
+        yield from inner.state.values()
 
 
 def _global_adam_step(optimizer) -> float | None:
