@@ -16,6 +16,8 @@ import math
 import sys
 from typing import Optional, Sequence
 
+from megatron_fipo.conventions import DTYPE_NAMES
+
 
 def _read_scoring_rows(path: str) -> list[dict]:
     """Rows of ``{"ground_truth": str, "responses": [str, ...]}`` from a jsonl file."""
@@ -195,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--hf-config", metavar="PATH", help="HF config.json (or its directory) when the "
                          "Megatron checkpoint does not carry one")
     convert.add_argument("--tokenizer", metavar="DIR", help="copy tokenizer files from here (default: the HF source)")
-    convert.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+    convert.add_argument("--dtype", choices=DTYPE_NAMES,
                          help="HF tensor dtype (default: the config's torch_dtype, else float32)")
     convert.add_argument("--tp", type=_AT_LEAST_1, default=1, help="tensor parallel size (torchrun world must match)")
     convert.add_argument("--pp", type=_AT_LEAST_1, default=1, help="pipeline parallel size")

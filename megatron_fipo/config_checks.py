@@ -1,13 +1,14 @@
 """Config validation: the range of every numeric field, one checker per section, then cross-section checks.
 
 Owns ``RANGES`` (the allowed range of every int / float field), ``REWARD_NAMES``, ``RESUME_WORDS``,
-``cp_alignment`` and ``find_problems(config, ...) -> (errors, warnings)``, which
+and ``find_problems(config, ...) -> (errors, warnings)``, which
 ``megatron_fipo.config.validate`` (the public API) turns into one ``ValueError``. Sections are
 checked in the schema's order (model, parallel, rollout, algo, optim, data, train, eval, log,
 checkpoint): each section's ranges, then its own checks (optim and eval have ranges only, log has
 nothing to check); then the checks that relate sections, the world size and the model's
-``config.json``. Must not import: torch, megatron, sglang or any project module, ``megatron_fipo.config``
-included (it imports this module; the config is read by attribute, so no import is needed).
+``config.json``. Must not import: torch, megatron, sglang or any project module but ``conventions`` (the CP
+alignment and dtype names every layer shares); not ``megatron_fipo.config`` either (it imports
+this module; the config is read by attribute, so no import is needed).
 
 Departures: pass-through dicts (``model.transformer_overrides``, ``rollout.sglang``) are not checked
 here; their owners (megatron-core, SGLang) validate them.
@@ -16,6 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 from typing import Any, Mapping, Optional
+
+from megatron_fipo.conventions import PARAMS_DTYPES, cp_alignment
 
 REWARD_NAMES = ("dapo_math", "boxed_math")  # algo.rewards.REWARD_FNS (a test keeps the two in step)
 RESUME_WORDS = ("auto", "never")  # any other checkpoint.resume is a checkpoint directory
@@ -83,7 +86,7 @@ def _ranges(config, section: str, found: _Found) -> None:
 
 # ------------------------------------------------------------------------------------------ sections
 def _check_model(model, found: _Found) -> None:
-    found.need(model.params_dtype in ("float32", "bfloat16"), "model.params_dtype must be float32 or bfloat16")
+    found.need(model.params_dtype in PARAMS_DTYPES, "model.params_dtype must be float32 or bfloat16")
 
 
 def _check_parallel(par, found: _Found) -> None:
@@ -209,13 +212,3 @@ def find_problems(config, world_size: Optional[int] = None, hf_config: Optional[
         _check_model_shape(par, hf_config, found)
     return found.errors, found.warnings
 
-
-def cp_alignment(cp: int, tp: int = 1, sequence_parallel: bool = False) -> int:
-    """Under context parallelism every sequence is padded to a multiple of this many tokens.
-
-    Megatron's load-balanced layout splits each sequence into ``2 * cp`` equal chunks; with sequence
-    parallelism each rank's share must also split over the ``tp`` ranks. 1 without context parallelism.
-    """
-    if cp <= 1:
-        return 1
-    return 2 * cp * (tp if sequence_parallel else 1)

@@ -16,6 +16,8 @@ import json
 import shutil
 import warnings
 
+from megatron_fipo.conventions import hf_dtype_name, torch_dtype
+
 
 def convert(args) -> int:
     """HF directory -> Megatron checkpoint root, or Megatron checkpoint -> HF directory.
@@ -98,13 +100,12 @@ def _write(args, arch, groups, hf_config: dict, source, path, out: str) -> dict:
     import torch
     import torch.distributed as dist
 
-    from megatron_fipo.bridge.hf_export import export_hf_state, save_hf_checkpoint
+    from megatron_fipo.bridge.hf_export import drain, export_hf_state, save_hf_checkpoint
     from megatron_fipo.bridge.hf_import import load_hf_into_chunks
     from megatron_fipo.mcore.actor import Actor
 
     actor = Actor(arch, groups)
-    offsets = [c.module.decoder.layers[0].layer_number - 1 for c in actor.chunks]
-    spec = "te" if actor.use_te else "mcore"  # parameter names of the layer spec in use
+    offsets, spec = actor.bridge_layout()
     if args.from_hf:
         load_hf_into_chunks(args.from_hf, actor.named_local_parameters(), arch, tp_rank=groups.tp_rank,
                             tp_size=groups.tp_size, padded_vocab=actor.padded_vocab, layer_offsets=offsets, spec=spec)
@@ -112,14 +113,13 @@ def _write(args, arch, groups, hf_config: dict, source, path, out: str) -> dict:
         verify = (args.from_hf, None)
     else:
         actor.load(path, load_optimizer=False)
-        dtype = getattr(torch, args.dtype or hf_config.get("torch_dtype") or hf_config.get("dtype") or "float32")
+        dtype = torch_dtype(args.dtype or hf_dtype_name(hf_config))
         buckets = export_hf_state(actor.named_local_parameters(), arch, groups=groups, layer_offsets=offsets,
                                   dtype=dtype, spec=spec)
         if groups.rank == 0:
             save_hf_checkpoint(buckets, out, hf_config, source if source and os.path.isdir(source) else None)
         else:
-            for _ in buckets:  # the other ranks take part in the collectives
-                pass
+            drain(buckets)
         dist.barrier(group=groups.world)  # the export is on disk before anyone reads it
         verify = (out, dtype)
     if not args.verify:

@@ -1,8 +1,8 @@
 """One training step's experience: generation rounds, rewards, overlong shaping, GRPO advantages, dynamic sampling.
 
 Owns ``collect_experience`` (run on global rank 0, which drives the rollout engine), the
-``Experience`` it returns, ``rollout_seed`` and ``shard_for_rank`` (the data-parallel split of a
-mini-batch). Composition of ``algo`` functions and a ``RolloutEngine``; no megatron, no process
+``Experience`` it returns (and its ``share`` per data-parallel rank: ``data.batches.RankShare``),
+``rollout_seed`` and ``shard_for_rank`` (the data-parallel split of a mini-batch). Composition of ``algo`` functions and a ``RolloutEngine``; no megatron, no process
 groups.
 
 DAPO's loop, as in the spec: draw ``prompts_per_step`` prompts, sample ``n`` responses each,
@@ -28,6 +28,7 @@ from megatron_fipo.algo.advantages import (
     grpo_advantages,
     overlong_penalty,
 )
+from megatron_fipo.data.batches import MiniBatch, RankShare
 from megatron_fipo.rollout.engine import GenerationRequest, SamplingParams
 
 
@@ -62,6 +63,12 @@ class Experience:
     @property
     def num_groups(self) -> int:
         return len(self.prompts) // self.n
+
+    def share(self, mini_batch_prompts: int, dp_size: int, dp_rank: int) -> RankShare:
+        """Data-parallel rank ``dp_rank``'s samples of this step, per mini-batch (``shard_for_rank``)."""
+        return RankShare([MiniBatch(prompts=[self.prompts[i] for i in idx], responses=[self.responses[i] for i in idx],
+                                    advantages=self.advantages[idx], rollout_logp=[self.rollout_logp[i] for i in idx])
+                          for idx in shard_for_rank(len(self.prompts), self.n, mini_batch_prompts, dp_size, dp_rank)])
 
 
 def rollout_seed(base: int, step: int, round_: int, index: int, n: int) -> int:

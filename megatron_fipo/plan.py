@@ -18,7 +18,8 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from megatron_fipo import hf_config
-from megatron_fipo.config import Config, cp_alignment, validate
+from megatron_fipo.config import Config, validate
+from megatron_fipo.conventions import cp_alignment
 
 GiB = float(1 << 30)
 

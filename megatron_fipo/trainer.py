@@ -2,8 +2,10 @@
 
 Owns ``train(config)`` and the ``Trainer`` behind it. Per step: collect experience on global
 rank 0 (generation rounds, rewards, overlong shaping, GRPO advantages, dynamic sampling:
-``experience``), scatter each data-parallel rank its samples, recompute the old log-probs with
-the actor (and the trainer-vs-rollout mismatch), run one optimizer step per mini-batch with the
+``experience``), scatter each data-parallel rank its mini-batches (``data.batches.RankShare``),
+pack each mini-batch once and compute its old log-probs on that packing for every mini-batch
+before the first update (``Actor.prepare``; the trainer-vs-rollout mismatch is summed on the same
+tokens), run one optimizer step per mini-batch with the
 FIPO loss (DAPO / GRPO by settings), sync the weights to the engine, evaluate, log, checkpoint.
 No tensor math here.
 
@@ -35,18 +37,12 @@ import warnings
 
 import torch
 
-from megatron_fipo.algo.mismatch import (
-    MAX_KEYS,
-    SUM_KEYS,
-    logprob_mismatch_sums,
-    summarize_mismatch,
-)
 from megatron_fipo.config import Config, save_config, validate
 from megatron_fipo.experience import collect_experience
 from megatron_fipo.hf_config import read_hf_config
-from megatron_fipo.parallel.metrics import reduce_metrics
+from megatron_fipo.mcore.micro_batches import all_finite, reduce_mismatch
 from megatron_fipo.rollout.engine import EngineError
-from megatron_fipo.trainer_setup import RunState, build_run, check_inputs, evaluate, sync_weights
+from megatron_fipo.trainer_setup import RunState, Skip, build_run, check_inputs, evaluate, sync_weights
 
 
 STOP_FILE = "STOP"
@@ -138,25 +134,24 @@ class Trainer:
 
     def __init__(self, config: Config, groups, hf_config: dict):
         self.groups = groups
-        self.s: RunState = build_run(config, groups, hf_config)
-        self.config = config = self.s.config  # with the resolved stop tokens
+        self.s: RunState = build_run(config, groups, hf_config)  # its config: this one with resolved stop tokens
         if groups.rank == 0:
-            save_config(config, os.path.join(config.train.run_dir, "config.yaml"))
+            save_config(self.s.config, os.path.join(config.train.run_dir, "config.yaml"))
 
     def run(self) -> dict:
-        cfg, s = self.config, self.s
+        cfg, s, counters = self.s.config, self.s, self.s.counters
         last: dict = {}
         last_save_s = None
-        if s.step == 0 and cfg.eval.at_start and s.eval_items:
+        if counters.step == 0 and cfg.eval.at_start and s.eval_items:
             self._log(0, evaluate(s, cfg, step=0))
-        bar = s.progress_bar(initial=s.step, total=cfg.train.steps)
-        while s.step < cfg.train.steps:
-            step = s.step + 1
+        bar = s.progress_bar(initial=counters.step, total=cfg.train.steps)
+        while counters.step < cfg.train.steps:
+            step = counters.step + 1
             start = time.perf_counter()
             metrics = self._train_step(step)
             if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 or step == cfg.train.steps and cfg.eval.at_end:
                 metrics.update(evaluate(s, cfg, step=step))
-            s.step = step
+            counters.step = step
             metrics["time/step_s"] = time.perf_counter() - start
             metrics["perf/tokens_per_s"] = metrics.pop("train/_tokens", 0.0) / metrics["time/step_s"]
             if last_save_s is not None:  # the checkpoint written after the previous step
@@ -175,13 +170,13 @@ class Trainer:
                           f"{s.checkpoint_root}; resume with --resume", flush=True)
                 break
         bar.close()
-        if cfg.checkpoint.export_hf and s.step == cfg.train.steps:  # not for a run stopped early
+        if cfg.checkpoint.export_hf and counters.step == cfg.train.steps:  # not for a run stopped early
             s.export_hf(os.path.join(cfg.train.run_dir, "hf"))
         return last if self.groups.rank == 0 else {}
 
     # ------------------------------------------------------------------ one step
     def _train_step(self, step: int) -> dict:
-        cfg, s, g = self.config, self.s, self.groups
+        cfg, s, g = self.s.config, self.s, self.groups
         metrics: dict = {}
         exp = None
         if g.rank == 0:
@@ -192,68 +187,50 @@ class Trainer:
                                      progress=cfg.log.progress)
             metrics.update(exp.metrics)
         share = s.scatter(exp)  # this data-parallel rank's samples, per mini-batch
-        if not share["prompts"]:
-            return self._skip(step, metrics, "no prompt group with varying rewards was generated")
+        if not share.num_samples:
+            return self._skip(step, metrics, Skip.NOTHING_TO_TRAIN)
         s.engine_release()
-        t = time.perf_counter()
-        old_logp = s.actor.compute_logprobs(share["prompts"], share["responses"])
+        t = time.perf_counter()  # every mini-batch's old log-probs before the first update: the old policy's
+        prepared = [s.actor.prepare(mb) for mb in share.mini_batches]
         metrics["time/old_logp_s"] = time.perf_counter() - t
-        metrics.update(self._mismatch(old_logp, share["rollout_logp"]))
-        if not s.all_finite(old_logp):
+        metrics.update(reduce_mismatch(prepared, g))
+        if not all_finite(prepared, g):
             s.engine_resume()
             sync_weights(s, version=s.synced_version)  # a released engine may have dropped its weights
-            return self._skip(step, metrics, "non-finite old log-probs")
+            return self._skip(step, metrics, Skip.NONFINITE_OLD_LOGP)
         t = time.perf_counter()
-        per_mb = []
-        for idx in share["mini_batches"]:
-            per_token = {"old_logp": [old_logp[i] for i in idx],
-                         "advantages": [share["advantages"][i].expand(len(share["responses"][i])) for i in idx]}
-            per_mb.append(s.actor.train_step([share["prompts"][i] for i in idx], [share["responses"][i] for i in idx],
-                                             per_token, cfg.algo.loss_kwargs()))
+        per_mb = [s.actor.train_step(p, cfg.algo.loss_kwargs()) for p in prepared]
         metrics["time/train_s"] = time.perf_counter() - t
         metrics.update(_mean_metrics(per_mb))
         metrics["train/_tokens"] = s.global_tokens(share)
         s.engine_resume()
         why = _nonfinite_reasons(per_mb)
-        if why:  # those updates were not kept (mcore.update_guard): count the step like the other skips
-            s.nonfinite += 1
+        s.counters.record(Skip.NONFINITE_UPDATE if why else None)
+        if why:  # those updates were not kept (mcore.update_guard): counted like the other non-finite skips
             if g.rank == 0:
                 skipped = sum(m.get("skipped", 0.0) for m in per_mb)
                 warnings.warn(f"step {step}: {skipped:.0f} of {len(per_mb)} optimizer step(s) skipped ({why}); "
                               "weights and optimizer state unchanged by them", stacklevel=2)
-            self._check_nonfinite(step, why)
-        else:
-            s.nonfinite = 0
+            self._stop_if_failing(step, why)
         metrics["time/sync_s"] = sync_weights(s, version=step)
-        metrics["train/nonfinite_skipped_total"] = float(s.nonfinite_total)
+        metrics["train/nonfinite_skipped_total"] = float(s.counters.nonfinite_total)
         return metrics
 
-    def _mismatch(self, old_logp, rollout_logp) -> dict:
-        if not old_logp:
-            return {}
-        trainer, rollout = torch.cat(old_logp), torch.cat(rollout_logp)
-        sums = logprob_mismatch_sums(trainer, rollout)
-        sums, maxes, _ = reduce_metrics({k: float(sums[k]) for k in SUM_KEYS}, {k: float(sums[k]) for k in MAX_KEYS},
-                                        {}, sum_keys=SUM_KEYS, max_keys=MAX_KEYS, min_keys=(),
-                                        groups=(self.groups.dp,), device=trainer.device)
-        return summarize_mismatch({**sums, **maxes})
-
-    def _skip(self, step: int, metrics: dict, why: str) -> dict:
-        if why.startswith("non-finite"):
-            self.s.nonfinite += 1
-            self._check_nonfinite(step, why)
+    def _skip(self, step: int, metrics: dict, why: Skip) -> dict:
+        self.s.counters.record(why)
+        if why is not Skip.NOTHING_TO_TRAIN:
+            self._stop_if_failing(step, why.value)
         if self.groups.rank == 0:
-            warnings.warn(f"step {step}: skipped ({why}); weights unchanged", stacklevel=2)
-        metrics.update({"train/skipped": 1.0, "train/nonfinite_skipped_total": float(self.s.nonfinite_total)})
+            warnings.warn(f"step {step}: skipped ({why.value}); weights unchanged", stacklevel=2)
+        metrics.update({"train/skipped": 1.0, "train/nonfinite_skipped_total": float(self.s.counters.nonfinite_total)})
         return metrics
 
-    def _check_nonfinite(self, step: int, why: str) -> None:
-        s = self.s
-        s.nonfinite_total += 1
-        if s.nonfinite >= self.config.train.max_nonfinite_steps:
-            raise RuntimeError(f"step {step}: {why} in {s.nonfinite} consecutive steps "
-                               f"(train.max_nonfinite_steps={self.config.train.max_nonfinite_steps}); stopping. "
-                               f"The last good checkpoint is in {s.checkpoint_root}; lower optim.lr or check the data.")
+    def _stop_if_failing(self, step: int, why: str) -> None:
+        counters, limit = self.s.counters, self.s.config.train.max_nonfinite_steps
+        if counters.nonfinite_in_a_row >= limit:
+            raise RuntimeError(f"step {step}: {why} in {counters.nonfinite_in_a_row} consecutive steps "
+                               f"(train.max_nonfinite_steps={limit}); stopping. The last good checkpoint is in "
+                               f"{self.s.checkpoint_root}; lower optim.lr or check the data.")
 
     def _stop_requested(self) -> str:
         """The stop file that asks this run to stop after the current step (consumed), or ''; same on every rank.
@@ -263,12 +240,12 @@ class Trainer:
         """
         found = ""
         if self.groups.rank == 0:
-            for path in (os.environ.get("FIPO_STOP_FILE"), os.path.join(self.config.train.run_dir, STOP_FILE)):
+            for path in (os.environ.get("FIPO_STOP_FILE"), os.path.join(self.s.config.train.run_dir, STOP_FILE)):
                 if path and os.path.exists(path):
                     found = found or path
                     os.remove(path)
         flag = [found]
-        torch.distributed.broadcast_object_list(flag, src=0)
+        torch.distributed.broadcast_object_list(flag, src=0, group=self.groups.world)
         return flag[0]
 
     def _save(self, step: int) -> float:

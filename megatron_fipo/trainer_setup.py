@@ -1,7 +1,8 @@
 """What a training run holds besides the loop: built, resumed, synced, evaluated, saved and closed here.
 
 Owns ``check_inputs`` (the data and weight files, read before any process group starts),
-``RunState`` (actor, engine, data, reward pool, logger and counters of one rank),
+``RunState`` (actor, engine, data, reward pool, logger of one rank), ``RunCounters`` (step and
+failure counts, changed in one place) with ``Skip`` (why a step kept no update),
 ``build_run`` (fresh from the HF model, or resumed from the latest complete checkpoint),
 ``sync_weights`` (actor -> engine through the bridge's bucket stream), ``evaluate`` (Avg@k /
 Cons@k / Pass@k with the engine) and the checkpoint / HF export calls. Composition only.
@@ -9,6 +10,7 @@ Cons@k / Pass@k with the engine) and the checkpoint / HF export calls. Compositi
 from __future__ import annotations
 
 import dataclasses
+import enum
 import os
 import time
 from dataclasses import dataclass, field
@@ -17,10 +19,47 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from megatron_fipo.experience import PromptItem, evaluate_items, shard_for_rank
+from megatron_fipo.conventions import hf_dtype_name, torch_dtype
+from megatron_fipo.data.batches import RankShare
+from megatron_fipo.experience import PromptItem, evaluate_items
 from megatron_fipo.rollout.engine import EngineError
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class Skip(enum.Enum):
+    """Why a step kept no update (its value: the warning's words)."""
+
+    NOTHING_TO_TRAIN = "no prompt group with varying rewards was generated"
+    NONFINITE_OLD_LOGP = "non-finite old log-probs"
+    NONFINITE_UPDATE = "non-finite update"  # loss, gradient or update: the warning names which
+
+
+@dataclass
+class RunCounters:
+    """Where a run stands: saved with every checkpoint, restored on resume."""
+
+    step: int = 0
+    """The last completed training step."""
+    nonfinite_in_a_row: int = 0
+    """Consecutive steps whose update was dropped as non-finite (``train.max_nonfinite_steps`` stops the run)."""
+    nonfinite_total: int = 0
+    """Every such step of the run (``train/nonfinite_skipped_total``)."""
+
+    def record(self, skip: Optional[Skip]) -> None:
+        """The one place the failure counters change, once per step: None when the update was kept.
+        A step with nothing to train on is no failure, and does not end a run of failures either."""
+        if skip is None:
+            self.nonfinite_in_a_row = 0
+        elif skip is not Skip.NOTHING_TO_TRAIN:
+            self.nonfinite_in_a_row += 1
+            self.nonfinite_total += 1
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "nonfinite": self.nonfinite_in_a_row, "nonfinite_total": self.nonfinite_total}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "RunCounters":
+        return cls(state.get("step", 0), state.get("nonfinite", 0), state.get("nonfinite_total", 0))
 
 
 @dataclass
@@ -33,10 +72,8 @@ class RunState:
     offsets: list
     spec: str
     checkpoint_root: str
-    step: int = 0
+    counters: RunCounters = field(default_factory=RunCounters)
     synced_version: int = 0  # weight version the engine holds
-    nonfinite: int = 0
-    nonfinite_total: int = 0
     engine: Any = None  # rank 0 only (the other ranks: None)
     tokenizer: Any = None
     loader: Any = None
@@ -57,24 +94,20 @@ class RunState:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     # ------------------------------------------------------------------ collectives
-    def scatter(self, exp) -> dict:
+    def scatter(self, exp) -> RankShare:
         """Rank 0's experience -> this rank's samples (identical within a model-parallel group)."""
         payloads = None
         if self.groups.rank == 0:
             cfg = self.config
-            shares = [_share(exp, cfg, self.groups.dp_size, r) for r in range(self.groups.dp_size)]
+            shares = [exp.share(cfg.train.mini_batch_prompts, self.groups.dp_size, r)
+                      for r in range(self.groups.dp_size)]
             payloads = [shares[self.dp_of_rank[w]] for w in range(self.groups.world_size)]
         out = [None]
-        dist.scatter_object_list(out, payloads, src=0)
+        dist.scatter_object_list(out, payloads, src=0, group=self.groups.world)
         return out[0]
 
-    def all_finite(self, tensors) -> bool:
-        ok = torch.tensor([float(all(bool(torch.isfinite(t).all()) for t in tensors))])
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-        return bool(ok.item())
-
-    def global_tokens(self, share: dict) -> float:
-        n = torch.tensor([float(sum(len(p) + len(r) for p, r in zip(share["prompts"], share["responses"])))])
+    def global_tokens(self, share: RankShare) -> float:
+        n = torch.tensor([float(share.num_tokens)])
         dist.all_reduce(n, group=self.groups.dp)
         return float(n.item())
 
@@ -102,29 +135,28 @@ class RunState:
     # ------------------------------------------------------------------ persistence
     def save(self, step: int) -> str:
         self.refuse_nonfinite(f"save the step-{step} checkpoint", optimizer_state=True)
-        state = [{"step": step, "loader": self.loader.state_dict() if self.loader is not None else None,
-                  "nonfinite": self.nonfinite, "nonfinite_total": self.nonfinite_total}]
-        dist.broadcast_object_list(state, src=0)  # every rank passes the same extra
+        state = [{**self.counters.state_dict(), "step": step,
+                  "loader": self.loader.state_dict() if self.loader is not None else None}]
+        dist.broadcast_object_list(state, src=0, group=self.groups.world)  # every rank passes the same extra
         extra = {"hf_config": self.hf_config, "hf_source": os.path.abspath(self.config.model.hf_path),
                  "trainer": state[0]}
         self.actor.steps = step  # the checkpoint directory is named after the training step
         return self.actor.save(self.checkpoint_root, extra=extra, keep_last=self.config.checkpoint.keep_last)
 
     def export_hf(self, out_dir: str) -> None:
-        from megatron_fipo.bridge.hf_export import export_hf_state, save_hf_checkpoint
+        from megatron_fipo.bridge.hf_export import drain, export_hf_state, save_hf_checkpoint
 
         self.refuse_nonfinite(f"export the HF model to {out_dir}")
         if self.groups.dp_rank != 0 or self.groups.cp_rank != 0:
-            dist.barrier()
+            dist.barrier(group=self.groups.world)
             return
         buckets = export_hf_state(self.actor.named_local_parameters(), self.arch, groups=self.groups,
-                                  layer_offsets=self.offsets, dtype=_hf_dtype(self.hf_config), spec=self.spec)
+                                  layer_offsets=self.offsets, dtype=torch_dtype(hf_dtype_name(self.hf_config)), spec=self.spec)
         if self.groups.rank == 0:
             save_hf_checkpoint(buckets, out_dir, self.hf_config, self.config.model.tokenizer or self.config.model.hf_path)
         else:
-            for _ in buckets:
-                pass
-        dist.barrier()
+            drain(buckets)
+        dist.barrier(group=self.groups.world)
 
     def progress_bar(self, initial: int, total: int):
         from tqdm.auto import tqdm
@@ -139,30 +171,14 @@ class RunState:
         self.engine = self.pool = self.logger = None
 
 
-def _share(exp, cfg, dp_size: int, dp_rank: int) -> dict:
-    mbs = shard_for_rank(len(exp.prompts), exp.n, cfg.train.mini_batch_prompts, dp_size, dp_rank)
-    order = [i for mb in mbs for i in mb]
-    local, pos = [], 0
-    for mb in mbs:
-        local.append(list(range(pos, pos + len(mb))))
-        pos += len(mb)
-    return {"prompts": [exp.prompts[i] for i in order], "responses": [exp.responses[i] for i in order],
-            "rollout_logp": [exp.rollout_logp[i] for i in order],
-            "advantages": exp.advantages[order] if order else torch.zeros(0), "mini_batches": local}
-
-
-def _hf_dtype(hf_config: dict) -> torch.dtype:
-    return getattr(torch, hf_config.get("torch_dtype") or hf_config.get("dtype") or "float32")
-
-
 def sync_weights(s: RunState, version: int) -> float:
     """Stream the actor's weights to the engine (rank 0's model-parallel group exports); returns seconds."""
-    from megatron_fipo.bridge.hf_export import export_hf_state
+    from megatron_fipo.bridge.hf_export import drain, export_hf_state
 
     start = time.perf_counter()
     s.refuse_nonfinite(f"sync weight version {version} to the rollout engine")  # before the engine sees a byte
     if s.groups.dp_rank == 0 and s.groups.cp_rank == 0:
-        dtype = _DTYPES[s.config.model.params_dtype]
+        dtype = torch_dtype(s.config.model.params_dtype)
         bucket_bytes = s.config.rollout.bucket_mb << 20
         if s.sync_buffer is None:  # one buffer for every bucket of every sync
             s.sync_buffer = torch.empty(bucket_bytes // dtype.itemsize, dtype=dtype,
@@ -174,9 +190,8 @@ def sync_weights(s: RunState, version: int) -> float:
             if s.engine.weight_version != version:
                 raise EngineError(f"the engine reports weight version {s.engine.weight_version} after syncing {version}")
         else:
-            for _ in stream:  # the other ranks of the group take part in the collectives
-                pass
-    dist.barrier()
+            drain(stream)  # the other ranks of the group take part in the collectives
+    dist.barrier(group=s.groups.world)
     s.synced_version = version
     return time.perf_counter() - start
 
@@ -199,25 +214,20 @@ def build_run(config, groups, hf_config: dict) -> RunState:
     from megatron_fipo.mcore.model import Qwen2Arch
 
     arch = Qwen2Arch.from_hf(hf_config)
-    m = config.model
-    settings = ActorSettings(**dataclasses.asdict(config.optim), params_dtype=m.params_dtype,
-                             sequence_parallel=config.parallel.sequence_parallel, recompute=dict(m.recompute),
-                             transformer_overrides=dict(m.transformer_overrides))
-    actor = Actor(arch, groups, settings, use_te=m.use_te)
+    settings = ActorSettings.from_sections(config.optim, config.model, config.parallel)
+    actor = Actor(arch, groups, settings, use_te=config.model.use_te)
     root = os.path.join(config.train.run_dir, "checkpoints")
-    s = RunState(config, groups, arch, hf_config, actor, [c.module.decoder.layers[0].layer_number - 1 for c in actor.chunks],
-                 "te" if actor.use_te else "mcore", root)
+    s = RunState(config, groups, arch, hf_config, actor, *actor.bridge_layout(), root)
     path = _resume_path(config.checkpoint.resume, root)
     trainer_state = _load_weights(s, path)
-    s.step = trainer_state.get("step", 0)
-    s.nonfinite, s.nonfinite_total = trainer_state.get("nonfinite", 0), trainer_state.get("nonfinite_total", 0)
+    s.counters = RunCounters.from_state(trainer_state)
     dp_of = [None] * groups.world_size
-    dist.all_gather_object(dp_of, groups.dp_rank)
+    dist.all_gather_object(dp_of, groups.dp_rank, group=groups.world)
     s.dp_of_rank = dp_of
     if groups.rank == 0:
         _build_rank0(s, config, trainer_state)
     if path is not None:
-        sync_weights(s, version=s.step)  # the engine started from the HF weights
+        sync_weights(s, version=s.counters.step)  # the engine started from the HF weights
     return s
 
 
@@ -272,7 +282,7 @@ def _build_rank0(s: RunState, config, trainer_state: dict) -> None:
     if config.eval.files:
         s.eval_items = _items(config, s.tokenizer, config.eval.files)[:config.eval.max_problems]
     s.pool = RewardPool(tr.reward_workers, tr.reward_timeout_s)
-    s.logger = MetricsLogger(tr.run_dir, resume_step=s.step if trainer_state else None,
+    s.logger = MetricsLogger(tr.run_dir, resume_step=s.counters.step if trainer_state else None,
                              tensorboard=config.log.tensorboard, wandb_project=config.log.wandb_project,
                              config=to_dict(config))
     if ro.engine == "cpu":

@@ -75,12 +75,21 @@ def actor_samples(seed: int = 0, n: int = 8) -> tuple[list[list[int]], list[list
     return prompts, responses
 
 
-def actor_per_token(responses, logp, seed: int = 1) -> dict:
-    """Old log-probs (``logp`` + N(0, 0.3) noise) and one random advantage per response, per token."""
+def actor_per_sample(responses, logp, seed: int = 1) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Old log-probs per token (``logp`` + N(0, 0.3) noise) and one random advantage per response."""
     gen = torch.Generator().manual_seed(seed)
     old = [lp + 0.3 * torch.randn(len(lp), generator=gen) for lp in logp]
-    adv = [torch.full((len(r),), float(torch.randn((), generator=gen))) for r in responses]
-    return {"old_logp": old, "advantages": adv}
+    adv = torch.tensor([float(torch.randn((), generator=gen)) for _ in responses])
+    return old, adv
+
+
+def actor_prepare(actor, prompts, responses, per_sample, mine):
+    """The samples ``mine`` as one mini-batch, packed by ``actor`` with the given old log-probs."""
+    from megatron_fipo.data.batches import MiniBatch
+
+    old, adv = per_sample
+    mb = MiniBatch([prompts[i] for i in mine], [responses[i] for i in mine], adv[mine], [old[i] for i in mine])
+    return actor.prepare(mb, old_logp=[old[i] for i in mine])
 
 
 def enough_gpus(n: int) -> bool:

@@ -39,6 +39,13 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "mer
                    "added_tokens.json", "generation_config.json", "chat_template.jinja", "chat_template.json")
 
 
+def drain(stream: Iterable[Bucket]) -> None:
+    """Run an export stream to its end without keeping anything: what the ranks that only take part
+    in its collectives (every rank but the writer / the engine's feeder) do with it."""
+    for _ in stream:
+        pass
+
+
 def export_hf_state(
     named_params: Iterable[tuple[str, torch.Tensor]],
     arch,

@@ -54,6 +54,22 @@ class PackedBatch:
     def max_seqlen(self) -> int:
         return int((self.cu_seqlens[1:] - self.cu_seqlens[:-1]).max()) if self.cu_seqlens.numel() > 1 else 0
 
+    def place(self, per_sample: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Per-response-token values of the packed samples (``sample_index`` order) -> ``[N]`` float32
+        at the positions that predict those tokens, zero elsewhere (the inverse of ``response_values``)."""
+        out = torch.zeros(self.num_tokens, dtype=torch.float32)
+        if len(per_sample) != len(self.sample_index):
+            raise ValueError(f"{len(per_sample)} value lists for {len(self.sample_index)} packed samples")
+        mask = self.loss_mask.bool()
+        parts = [torch.as_tensor(v, dtype=torch.float32).reshape(-1) for v in per_sample]
+        for s, part in enumerate(parts):
+            lo, hi = int(self.cu_seqlens[s]), int(self.cu_seqlens[s + 1])
+            if part.numel() != int(self.loss_mask[lo:hi].sum()):
+                raise ValueError(f"sample {self.sample_index[s]}: {part.numel()} values for "
+                                 f"{int(self.loss_mask[lo:hi].sum())} response tokens")
+        out[mask] = torch.cat(parts) if parts else out[mask]
+        return out
+
     def response_values(self, values: torch.Tensor) -> List[torch.Tensor]:
         """Split a ``[N]`` per-position tensor back into per-sample response-token tensors."""
         out = []

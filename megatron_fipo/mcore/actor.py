@@ -26,7 +26,9 @@ load-balanced THD layout after packing (labels are shifted on the full sequences
 boundary is wrong); every CP rank computes log-probs and the FIPO loss of its own tokens only
 (``parallel.cp_loss``: Future-KL by the distributed scan, drop counts all-reduced over CP), and the
 kept-token denominator is summed over data x context parallel by ``finalize_model_grads``.
-``compute_logprobs`` all-gathers the per-token results over CP, since the trainer needs whole samples.
+``prepare`` packs and cuts a mini-batch once (``mcore.micro_batches``) and keeps its old log-probs
+on the CP-local tokens the update reads; only ``compute_logprobs`` (evaluation, verification)
+all-gathers per-token results over CP, since it returns whole samples.
 """
 
 from __future__ import annotations
@@ -41,9 +43,12 @@ import torch
 import torch.distributed as dist
 
 from megatron_fipo.algo.losses import MAX_KEYS, MIN_KEYS, SUM_KEYS, fipo_policy_loss, summarize_policy_metrics
-from megatron_fipo.data.packing import PackedBatch, pack_samples, plan_micro_batches
+from megatron_fipo.conventions import PARAMS_DTYPES, torch_dtype
+from megatron_fipo.data.batches import MiniBatch
 from megatron_fipo.mcore import model as qwen2
-from megatron_fipo.mcore.context_parallel import CPMicroBatch, shard_micro_batch
+from megatron_fipo.mcore.context_parallel import CPMicroBatch
+from megatron_fipo.mcore.micro_batches import PreparedMiniBatch, RankMicroBatch, plan
+from megatron_fipo.mcore.micro_batches import device as _device
 from megatron_fipo.mcore.update_guard import guarded_step, nonfinite_tensors
 from megatron_fipo.parallel.cp_loss import cp_policy_loss
 from megatron_fipo.parallel.metrics import reduce_metrics
@@ -54,7 +59,11 @@ EXTRA_SUM_KEYS = ("entropy", "loss_sum")
 
 @dataclass(frozen=True)
 class ActorSettings:
-    """Optimiser, batching and precision settings of the actor (the recipe's defaults)."""
+    """Optimiser, batching and precision settings of the actor (the recipe's defaults, as the config's).
+
+    A run builds it with ``from_sections`` from the config; the optimiser / batching defaults here
+    equal ``config.OptimConfig``'s (tests/unit/test_config.py holds them together).
+    """
 
     lr: float = 1e-6
     warmup_steps: int = 10
@@ -63,7 +72,7 @@ class ActorSettings:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
-    max_tokens_per_micro_batch: int = 16384
+    max_tokens_per_micro_batch: int = 24576
     logprob_chunk_tokens: int = 4096
     params_dtype: str = "float32"  # "bfloat16" on GPU
     sequence_parallel: bool = False
@@ -71,6 +80,15 @@ class ActorSettings:
     recompute: Mapping[str, Any] = field(default_factory=dict)
     transformer_overrides: Mapping[str, Any] = field(default_factory=dict)
     track_update_norm: bool = False  # keeps a copy of the local parameters during the step
+
+    @classmethod
+    def from_sections(cls, optim, model, parallel) -> "ActorSettings":
+        """From a run config's ``optim``, ``model`` and ``parallel`` sections. ``optim`` is read by field
+        name, so a config field the actor has no use for is left out instead of failing the run."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        picked = {f.name: getattr(optim, f.name) for f in dataclasses.fields(optim) if f.name in names}
+        return cls(**picked, params_dtype=model.params_dtype, sequence_parallel=parallel.sequence_parallel,
+                   recompute=dict(model.recompute), transformer_overrides=dict(model.transformer_overrides))
 
 
 class Actor:
@@ -91,9 +109,9 @@ class Actor:
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
         self.arch, self.groups, self.settings = arch, groups, settings
-        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(settings.params_dtype)
-        if dtype is None:
-            raise ValueError(f"params_dtype must be 'float32' or 'bfloat16', got {settings.params_dtype!r}")
+        if settings.params_dtype not in PARAMS_DTYPES:
+            raise ValueError(f"params_dtype must be one of {PARAMS_DTYPES}, got {settings.params_dtype!r}")
+        dtype = torch_dtype(settings.params_dtype)
         self.config = qwen2.transformer_config(
             arch, tp=groups.tp_size, pp=groups.pp_size, vpp=groups.vpp_size, cp=groups.cp_size,
             sequence_parallel=settings.sequence_parallel, params_dtype=dtype, recompute=settings.recompute,
@@ -103,7 +121,7 @@ class Actor:
         chunks = qwen2.build_model_chunks(self.config, arch, groups, use_te=self.use_te)
         for chunk in chunks:
             if chunk.post_process:
-                chunk.output_layer.forward = types.MethodType(_hidden_passthrough, chunk.output_layer)
+                chunk.output_layer.forward = types.MethodType(qwen2.hidden_passthrough, chunk.output_layer)
         distributed = torch.cuda.is_available() if settings.use_distributed_optimizer is None \
             else settings.use_distributed_optimizer
         ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=distributed)
@@ -130,6 +148,8 @@ class Actor:
                          *, with_entropy: bool = False) -> List[torch.Tensor] | tuple:
         """Per-response-token log-probs of the sampled tokens (forward only), on every rank.
 
+        For evaluation and verification (whole samples, gathered over CP); training uses ``prepare``.
+
         Args:
             prompts, responses: token ids per sample (this data-parallel rank's samples).
             with_entropy: also return the per-token entropies.
@@ -138,32 +158,52 @@ class Actor:
             ``[tensor of len(response_i)]`` float32 (and the entropies when asked), identical on
             all ranks of this pipeline / tensor group.
         """
-        batches = self._micro_batches(prompts, responses, {})
-        for chunk in self.chunks:
-            chunk.eval()
-        with torch.no_grad():
-            outputs = self._run_schedule(batches, mode="logprob", forward_only=True)
-        for chunk in self.chunks:
-            chunk.train()
+        mbs = self._plan(prompts, responses, torch.zeros(len(prompts)))
+        outputs = self._forward_only(mbs)
         lengths = [len(r) for r in responses]
         logp, ent = [torch.zeros(0)] * len(prompts), [torch.zeros(0)] * len(prompts)
         if self.groups.is_last_stage:
-            for batch, out in zip(batches, outputs):
-                for i, lp, en in zip(batch.sample_index, batch.response_values(out["logp"]),
-                                     batch.response_values(out["entropy"])):
-                    logp[i], ent[i] = lp, en
+            for mb, out in zip(mbs, outputs):
+                lp, en = out["logp"], out["entropy"]
+                if isinstance(mb.view, CPMicroBatch):  # whole samples: every CP rank's tokens
+                    lp, en = mb.view.gather(lp, self.groups.cp), mb.view.gather(en, self.groups.cp)
+                for i, a, b in zip(mb.full.sample_index, mb.full.response_values(lp.cpu()),
+                                   mb.full.response_values(en.cpu())):
+                    logp[i], ent[i] = a, b
         flat = self._from_last_stage(torch.cat([torch.cat(logp), torch.cat(ent)]) if self.groups.is_last_stage
                                      else None, 2 * sum(lengths))
         logp = list(torch.split(flat[:sum(lengths)], lengths))
         return (logp, list(torch.split(flat[sum(lengths):], lengths))) if with_entropy else logp
 
-    def train_step(self, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]],
-                   per_token: Mapping[str, Sequence[torch.Tensor]], loss_kwargs: Mapping[str, Any]) -> Dict[str, float]:
-        """One optimizer step on this rank's share of a mini-batch.
+    def prepare(self, mini_batch: MiniBatch, *, old_logp: Optional[Sequence[torch.Tensor]] = None) -> PreparedMiniBatch:
+        """Pack a mini-batch for this rank once and compute its old log-probs on that packing (forward only).
+
+        Call it for every mini-batch of a step before the step's first ``train_step``: the old
+        log-probs must come from the pre-update policy. They stay on this rank's (CP-local) tokens;
+        the trainer-vs-rollout mismatch is summed over the same tokens (``micro_batches.reduce_mismatch``).
 
         Args:
-            prompts, responses: token ids per sample.
-            per_token: ``old_logp`` and ``advantages`` per response token of each sample.
+            mini_batch: this data-parallel rank's samples of one mini-batch.
+            old_logp: per-response-token log-probs to use instead of computing them (tests, a
+                reference policy): placed on the same packing.
+        """
+        mbs = self._plan(mini_batch.prompts, mini_batch.responses, mini_batch.advantages)
+        last = self.groups.is_last_stage
+        if old_logp is None:
+            local = [out["logp"].cpu() for out in self._forward_only(mbs)]
+        else:
+            local = [mb.local(mb.full.place([old_logp[i] for i in mb.full.sample_index])) for mb in mbs] if last else []
+        prepared = PreparedMiniBatch(mbs)
+        for mb, lp in zip(mbs, local):
+            prepared.keep_old_logp(mb, lp, mb.local(mb.full.place([mini_batch.rollout_logp[i]
+                                                                   for i in mb.full.sample_index])))
+        return prepared
+
+    def train_step(self, prepared: PreparedMiniBatch, loss_kwargs: Mapping[str, Any]) -> Dict[str, float]:
+        """One optimizer step on this rank's share of a mini-batch (``prepare``d: packing and old log-probs).
+
+        Args:
+            prepared: from ``prepare``, before any update of this step.
             loss_kwargs: keyword arguments of ``algo.losses.fipo_policy_loss`` (decay_rate, ...).
 
         Returns:
@@ -173,10 +213,9 @@ class Actor:
             why: ``nonfinite_loss``, ``nonfinite_grad`` (not applied), ``nonfinite_update`` (rolled back).
             A skipped step leaves parameters, optimizer state, lr schedule and ``steps`` as they were.
         """
-        missing = {"old_logp", "advantages"} - set(per_token)
-        if missing:
-            raise ValueError(f"train_step needs per-token {sorted(missing)}")
-        batches = self._micro_batches(prompts, responses, per_token)
+        batches = prepared.micro_batches
+        if self.groups.is_last_stage and any(mb.old_logp is None for mb in batches):
+            raise ValueError("train_step needs a mini-batch from Actor.prepare (old log-probs missing)")
         for chunk in self.chunks:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
@@ -242,6 +281,12 @@ class Actor:
         path, self.steps, extra = found
         return path, extra
 
+    def bridge_layout(self) -> Tuple[List[int], str]:
+        """What the HF bridge needs to name this rank's parameters: the global index of each local
+        chunk's first layer (``layer_offsets``) and the layer spec's naming (``"te"`` or ``"mcore"``)."""
+        offsets = [c.module.decoder.layers[0].layer_number - 1 for c in self.chunks]
+        return offsets, "te" if self.use_te else "mcore"
+
     def named_local_parameters(self):
         """``(name, parameter)`` of this rank's model chunks (chunk index prefixed with vpp)."""
         for i, chunk in enumerate(self.chunks):
@@ -250,20 +295,20 @@ class Actor:
                 yield prefix + name, p
 
     # ------------------------------------------------------------------ internals
-    def _micro_batches(self, prompts, responses, per_token) -> List[PackedBatch]:
-        if len(prompts) != len(responses):
-            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-        align = self._cp_align()
-        lengths = [-(-(len(p) + len(r)) // align) * align for p, r in zip(prompts, responses)]  # CP pads each sequence
-        count = torch.tensor([len(plan_micro_batches(lengths, self.settings.max_tokens_per_micro_batch))])
-        if self.groups.pp_size > 1:  # every stage of a pipeline must run the same micro-batches
-            dist.all_reduce(count, op=dist.ReduceOp.MAX, group=self.groups.pp)
-        count = int(count)
-        if self.groups.vpp_size:  # interleaved 1F1B runs micro-batches in groups of pp
-            count = -(-count // self.groups.pp_size) * self.groups.pp_size
-        plan = plan_micro_batches(lengths, self.settings.max_tokens_per_micro_batch, num_micro_batches=count)
-        return [pack_samples(prompts, responses, per_token, indices=mb) if mb else _filler_batch(per_token)
-                for mb in plan]
+    def _plan(self, prompts, responses, advantages) -> List[RankMicroBatch]:
+        return plan(prompts, responses, advantages, groups=self.groups,
+                    max_tokens=self.settings.max_tokens_per_micro_batch,
+                    sequence_parallel=self.settings.sequence_parallel)
+
+    def _forward_only(self, batches: List[RankMicroBatch]) -> list:
+        """Local log-probs and entropies of each micro-batch (last pipeline stage; [] elsewhere)."""
+        for chunk in self.chunks:
+            chunk.eval()
+        with torch.no_grad():
+            outputs = self._run_schedule(batches, mode="logprob", forward_only=True)
+        for chunk in self.chunks:
+            chunk.train()
+        return outputs
 
     def _run_schedule(self, batches, *, mode, forward_only, loss_kwargs=None):
         from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -273,49 +318,22 @@ class Actor:
         step = functools.partial(self._forward_step, mode=mode, loss_kwargs=loss_kwargs or {})
         return fb(forward_step_func=step, data_iterator=iterators if len(self.chunks) > 1 else iterators[0],
                   model=self.chunks if len(self.chunks) > 1 else self.chunks[0],
-                  num_microbatches=len(batches), seq_length=max(b.num_tokens for b in batches) + self._pad_multiple(),
+                  num_microbatches=len(batches), seq_length=max(b.full.num_tokens for b in batches) + self._pad_multiple(),
                   micro_batch_size=1, forward_only=forward_only)
 
     def _pad_multiple(self) -> int:
         return self.groups.tp_size if self.settings.sequence_parallel else 1
 
-    def _cp_align(self) -> int:
-        """Under CP every sequence is padded to a multiple of ``2 * cp`` (times tp under SP); 1 without CP."""
-        return 2 * self.groups.cp_size * self._pad_multiple() if self.groups.cp_size > 1 else 1
-
     def _forward_step(self, data_iterator, model, *, mode, loss_kwargs):
-        batch: PackedBatch = next(data_iterator)
-        if self.groups.cp_size > 1:  # this CP rank's share: Megatron's load-balanced THD layout
-            view = shard_micro_batch(batch, self.groups.cp_size, self.groups.cp_rank, align=self._cp_align())
-            tokens, positions, mask, packed = view.model_inputs(_device())
-        else:
-            view = batch
-            tokens, positions, mask, packed = self._model_inputs(batch)
+        batch: RankMicroBatch = next(data_iterator)
+        tokens, positions, mask, packed = batch.model_inputs(_device(), pad_multiple=self._pad_multiple(),
+                                                             use_te=self.use_te)
         output = model(tokens, positions, mask, packed_seq_params=packed)
-        return output, functools.partial(self._loss, view, model, mode, loss_kwargs)
+        return output, functools.partial(self._loss, batch, model, mode, loss_kwargs)
 
-    def _model_inputs(self, batch: PackedBatch):
-        dev = _device()
-        n, pad = batch.num_tokens, (-batch.num_tokens) % self._pad_multiple()
-        tokens = torch.nn.functional.pad(batch.tokens, (0, pad)).unsqueeze(0).to(dev)
-        positions = torch.cat([batch.position_ids, torch.arange(pad)]).unsqueeze(0).to(dev)
-        cu = batch.cu_seqlens.to(torch.int64)
-        if pad:
-            cu = torch.cat([cu, torch.tensor([n + pad])])
-        if self.use_te:
-            from megatron.core.packed_seq_params import PackedSeqParams
-
-            cu32 = cu.to(device=dev, dtype=torch.int32)
-            longest = int((cu[1:] - cu[:-1]).max())
-            return tokens, positions, None, PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu32, cu_seqlens_kv=cu32,
-                                                            max_seqlen_q=longest, max_seqlen_kv=longest)
-        seg = torch.repeat_interleave(torch.arange(cu.numel() - 1), cu[1:] - cu[:-1])
-        idx = torch.arange(n + pad)
-        masked = (seg.unsqueeze(0) != seg.unsqueeze(1)) | (idx.unsqueeze(0) > idx.unsqueeze(1))
-        return tokens, positions, masked.view(1, 1, n + pad, n + pad).to(dev), None
-
-    def _loss(self, batch: PackedBatch | CPMicroBatch, model, mode, loss_kwargs, output):
+    def _loss(self, micro: RankMicroBatch, model, mode, loss_kwargs, output):
         """Log-probs (and the FIPO loss) of a micro-batch, or of this CP rank's share of one."""
+        batch = micro.view
         module = getattr(model, "module", model)
         hidden = output[0, :batch.num_tokens]
         weight = module.shared_embedding_or_output_weight() if module.share_embeddings_and_output_weights \
@@ -327,14 +345,12 @@ class Actor:
             group=self.groups.tp, chunk_tokens=self.settings.logprob_chunk_tokens, with_entropy=True,
             reduce_hidden_grad=not self.config.sequence_parallel)
         zero_tokens = torch.zeros((), dtype=torch.int, device=dev)
-        cp = isinstance(batch, CPMicroBatch)
-        if mode == "logprob":
+        if mode == "logprob":  # this rank's tokens only: prepare keeps them there
             logp, entropy = logp.detach(), entropy.detach()
-            if cp:  # full per-position values of the micro-batch on every CP rank
-                logp, entropy = batch.gather(logp, self.groups.cp), batch.gather(entropy, self.groups.cp)
-            return logp.sum() * 0.0, zero_tokens, {"logp": logp.cpu(), "entropy": entropy.cpu()}
-        old_logp, advantages = batch.per_token["old_logp"].to(dev), batch.per_token["advantages"].to(dev)
-        if cp:
+            return logp.sum() * 0.0, zero_tokens, {"logp": logp, "entropy": entropy}
+        # advantages: one per sequence, broadcast over its tokens by the loss's sequence index
+        old_logp, advantages = micro.old_logp.to(dev), micro.advantages.to(dev)
+        if isinstance(batch, CPMicroBatch):
             out = cp_policy_loss(logp, old_logp, advantages, mask, layout=batch.layout, group=self.groups.cp,
                                  **loss_kwargs)
         else:
@@ -375,23 +391,6 @@ class Actor:
         return float(total.sqrt())
 
 
-def _filler_batch(per_token) -> PackedBatch:
-    """A one-token micro-batch with nothing to learn (pads the count for interleaved pipelines)."""
-    batch = pack_samples([[0]], [[]], {k: [torch.zeros(0)] for k in per_token})
-    batch.sample_index = []
-    return batch
-
-
-def _hidden_passthrough(self, hidden_states, weight=None, runtime_gather_output=None):
-    """Replacement forward of the output layer: the final hidden states, gathered over TP under SP."""
-    if self.sequence_parallel:
-        from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
-
-        hidden_states = gather_from_sequence_parallel_region(hidden_states, tensor_parallel_output_grad=True,
-                                                             group=self.tp_group)
-    return hidden_states, None
-
-
 def _merge(outputs) -> tuple:
     sums: Dict[str, torch.Tensor] = {}
     maxes: Dict[str, torch.Tensor] = {}
@@ -404,7 +403,3 @@ def _merge(outputs) -> tuple:
         for k, v in out["mins"].items():
             mins[k] = min(mins.get(k, float("inf")), float(v))
     return sums, maxes, mins
-
-
-def _device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")

@@ -111,7 +111,7 @@ def save_checkpoint(root: str, step: int, chunks: list, optimizer, scheduler, gr
         logger.info("saving checkpoint step %d to %s", step, final)
     if optimizer is not None:
         _prime_optimizer_state(optimizer)  # a never-stepped distributed optimizer cannot save
-    layout, adam_step = _layout(groups), _global_adam_step(optimizer)
+    layout, adam_step = _layout(groups), _global_adam_step(optimizer, groups)
     model_sd = _model_sharded_state_dict(chunks)
     state = {**model_sd, "iteration": step, "extra": extra or {}, "rng_state": _rng_object(groups)}
     if optimizer is not None:
@@ -120,7 +120,7 @@ def save_checkpoint(root: str, step: int, chunks: list, optimizer, scheduler, gr
         state["opt_param_scheduler"] = scheduler.state_dict()
     dist_checkpointing.save(state, tmp)
     written = time.perf_counter()
-    dist.barrier()
+    dist.barrier(group=groups.world)
     meta = {"format_version": FORMAT_VERSION, "step": step, "extra": extra or {}, "layout": layout,
             "optimizer": _optimizer_kind(optimizer), "adam_step": adam_step,
             "megatron_core": mcore_version, "saved_unix_time": round(time.time(), 3)}
@@ -146,7 +146,7 @@ def _check_save_args(step, extra, keep_last) -> None:
 def _make_tmp_dir(final: str, groups) -> str:
     """Rank 0 creates ``final.tmp-<nonce>`` (its nonce broadcast); the others wait for it."""
     nonce = [uuid.uuid4().hex[:12]]
-    dist.broadcast_object_list(nonce, src=0)
+    dist.broadcast_object_list(nonce, src=0, group=groups.world)
     tmp = f"{final}.tmp-{nonce[0]}"
     _on_rank0(lambda: os.makedirs(tmp), groups)
     return tmp
@@ -161,7 +161,7 @@ def _on_rank0(fn, groups) -> None:
         except Exception as err:  # reported on every rank below
             logger.exception("checkpoint finalisation failed")
             error = [f"{type(err).__name__}: {err}"]
-    dist.broadcast_object_list(error, src=0)
+    dist.broadcast_object_list(error, src=0, group=groups.world)
     if error[0] is not None:
         raise RuntimeError(f"checkpoint save failed on rank 0 (nothing published): {error[0]}")
 
@@ -408,12 +408,12 @@ def _adam_states(optimizer):
         yield from inner.state.values()
 
 
-def _global_adam_step(optimizer) -> float | None:
+def _global_adam_step(optimizer, groups) -> float | None:
     """Max over ranks of torch Adam's per-parameter ``step`` (None: no step taken anywhere)."""
     local = max((float(s["step"]) for s in _adam_states(optimizer) if "step" in s), default=-1.0)
     value = torch.tensor(local, dtype=torch.float64,
                          device="cuda" if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=groups.world)
     return None if value.item() < 0 else value.item()
 
 

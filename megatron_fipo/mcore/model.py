@@ -229,3 +229,13 @@ def build_model_chunks(config, arch: Qwen2Arch, groups, *, use_te: Optional[bool
             model.cuda(torch.cuda.current_device())
         chunks.append(model)
     return chunks
+
+
+def hidden_passthrough(self, hidden_states, weight=None, runtime_gather_output=None):
+    """Replacement forward of the output layer: the final hidden states, gathered over TP under SP."""
+    if self.sequence_parallel:
+        from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+
+        hidden_states = gather_from_sequence_parallel_region(hidden_states, tensor_parallel_output_grad=True,
+                                                             group=self.tp_group)
+    return hidden_states, None

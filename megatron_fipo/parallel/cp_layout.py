@@ -24,6 +24,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from megatron_fipo.conventions import cp_alignment
+
 
 def _ranges(starts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """Concatenation of ``arange(starts[i], starts[i] + lengths[i])`` over i (int64)."""
@@ -211,15 +213,18 @@ def build_cp_layout(lengths: torch.Tensor | Sequence[int], cp: int, rank: int, *
         lengths: ``[S]`` real sequence lengths (or ``cu_seqlens`` via ``layout_from_cu_seqlens``).
         cp: context-parallel size (>= 1; 1 gives the identity layout, padded to even lengths).
         rank: this rank in the CP group.
-        align: pad every sequence to a multiple of this (a multiple of ``2 * cp``; default ``2 * cp``).
-            Under sequence parallelism pass ``2 * cp * tp`` so each rank's tokens split over TP.
+        align: pad every sequence to a multiple of this (a multiple of ``2 * cp``); default
+            ``conventions.cp_alignment(cp)``. Under sequence parallelism pass ``cp_alignment(cp, tp, True)``
+            so each rank's tokens split over TP.
 
     Returns:
         CPLayout.
     """
     if cp < 1 or not 0 <= rank < cp:
         raise ValueError(f"need cp >= 1 and 0 <= rank < cp, got cp={cp}, rank={rank}")
-    align = 2 * cp if align is None else int(align)
+    if align is None:  # cp = 1 is never cut by the actor, but its identity layout still has 2 chunks
+        align = cp_alignment(cp) if cp > 1 else 2
+    align = int(align)
     if align < 1 or align % (2 * cp):
         raise ValueError(f"align must be a positive multiple of 2*cp = {2 * cp}, got {align}")
     lengths = torch.as_tensor(lengths, dtype=torch.int64).reshape(-1).cpu()

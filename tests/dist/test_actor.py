@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tests.dist.launcher import launch
-from tests.helpers import ACTOR_HF, ACTOR_LOSS, ACTOR_SETTINGS, actor_per_token, actor_samples
+from tests.helpers import ACTOR_HF, ACTOR_LOSS, ACTOR_SETTINGS, actor_per_sample, actor_prepare, actor_samples
 
 LAYOUTS = [  # (tp, pp, vpp, sequence_parallel, micro-batch token budget)
     (2, 1, None, False, 40),
@@ -39,12 +39,9 @@ def _run(tp, pp, vpp, sp, budget, weights, tie=False, extra=None):
         T.load_full_weights(actor.chunks, weights, groups)
     prompts, responses = actor_samples()
     logp = actor.compute_logprobs(prompts, responses)
-    per_token = actor_per_token(responses, [lp.detach() for lp in logp])
     mine = list(range(groups.dp_rank, len(prompts), groups.dp_size))
-    steps = []
-    for _ in range(2):
-        steps.append(actor.train_step([prompts[i] for i in mine], [responses[i] for i in mine],
-                                      {k: [v[i] for i in mine] for k, v in per_token.items()}, ACTOR_LOSS))
+    prepared = actor_prepare(actor, prompts, responses, actor_per_sample(responses, [lp.detach() for lp in logp]), mine)
+    steps = [actor.train_step(prepared, ACTOR_LOSS) for _ in range(2)]
     result = dict(logp=[lp.tolist() for lp in logp], steps=steps, initial=initial,
                   final=T.full_weights(actor.chunks) if groups.world_size == 1 else None, diff=None)
     return result, actor, groups

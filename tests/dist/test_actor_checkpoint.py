@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests.dist.launcher import launch
-from tests.helpers import ACTOR_HF, ACTOR_LOSS, ACTOR_SETTINGS, actor_per_token, actor_samples
+from tests.helpers import ACTOR_HF, ACTOR_LOSS, ACTOR_SETTINGS, actor_per_sample, actor_prepare, actor_samples
 
 LAYOUTS = [(2, 1, None, False), (1, 2, None, False), (2, 2, None, False), (2, 1, None, True)]
 
@@ -31,10 +31,10 @@ def _reference(root, extra=None):
     prompts, responses = actor_samples()
     actor.save(root + "/init")
     logp = actor.compute_logprobs(prompts, responses)
-    per_token = actor_per_token(responses, logp)
-    actor.train_step(prompts, responses, per_token, ACTOR_LOSS)
+    prepared = actor_prepare(actor, prompts, responses, actor_per_sample(responses, logp), list(range(len(prompts))))
+    actor.train_step(prepared, ACTOR_LOSS)
     actor.save(root + "/step1", extra={"note": "after one step"})
-    second = actor.train_step(prompts, responses, per_token, ACTOR_LOSS)
+    second = actor.train_step(prepared, ACTOR_LOSS)
     after = actor.compute_logprobs(prompts, responses)
     G.destroy()
     return [lp.tolist() for lp in logp], second, [lp.tolist() for lp in after]
@@ -45,7 +45,7 @@ def _layouts(root, reference_logp, extra=None):
     from megatron_fipo.mcore.checkpoint import latest_checkpoint
 
     prompts, responses = actor_samples()
-    per_token = actor_per_token(responses, [torch.tensor(lp) for lp in reference_logp])
+    per_sample = actor_per_sample(responses, [torch.tensor(lp) for lp in reference_logp])
     out = []
     for layout in LAYOUTS:
         actor, groups = _actor(*layout, extra)
@@ -53,8 +53,7 @@ def _layouts(root, reference_logp, extra=None):
         logp = actor.compute_logprobs(prompts, responses)
         saved_extra = actor.load(latest_checkpoint(root + "/step1"))
         mine = list(range(groups.dp_rank, len(prompts), groups.dp_size))
-        second = actor.train_step([prompts[i] for i in mine], [responses[i] for i in mine],
-                                  {k: [v[i] for i in mine] for k, v in per_token.items()}, ACTOR_LOSS)
+        second = actor.train_step(actor_prepare(actor, prompts, responses, per_sample, mine), ACTOR_LOSS)
         after = actor.compute_logprobs(prompts, responses)
         out.append(([lp.tolist() for lp in logp], second, [lp.tolist() for lp in after], saved_extra, actor.steps))
         G.destroy(process_group=False)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tests.dist.launcher import launch
-from tests.helpers import ACTOR_HF, ACTOR_LOSS, ACTOR_SETTINGS, actor_per_token, actor_samples
+from tests.helpers import ACTOR_HF, ACTOR_LOSS, ACTOR_SETTINGS, actor_per_sample, actor_prepare, actor_samples
 
 LAYOUTS = [  # (tp, pp, cp, sequence_parallel, micro-batch token budget)
     (1, 1, 1, False, 40),  # (dp, cp) = (4, 1)
@@ -40,17 +40,16 @@ def _run(tp, pp, cp, sp, budget, weights, extra=None):
     use_te = extra.pop("use_te", None)  # an Actor argument (the GPU tests force the local spec with it)
     groups = G.init_distributed(tp=tp, pp=pp, cp=cp, seed=7)
     actor = Actor(Qwen2Arch.from_hf(ACTOR_HF), groups,
-                  ActorSettings(**SETTINGS, sequence_parallel=sp, max_tokens_per_micro_batch=budget, **extra),
+                  ActorSettings(**ACTOR_SETTINGS, sequence_parallel=sp, max_tokens_per_micro_batch=budget, **extra),
                   use_te=use_te)
     initial = T.full_weights(actor.chunks) if weights is None else None
     if weights is not None:
         T.load_full_weights(actor.chunks, weights, groups)
     prompts, responses = actor_samples(seed=3, n=8)
     logp = actor.compute_logprobs(prompts, responses)
-    per_token = actor_per_token(responses, [lp.detach() for lp in logp])
     mine = list(range(groups.dp_rank, len(prompts), groups.dp_size))
-    steps = [actor.train_step([prompts[i] for i in mine], [responses[i] for i in mine],
-                              {k: [v[i] for i in mine] for k, v in per_token.items()}, ACTOR_LOSS) for _ in range(2)]
+    prepared = actor_prepare(actor, prompts, responses, actor_per_sample(responses, [lp.detach() for lp in logp]), mine)
+    steps = [actor.train_step(prepared, ACTOR_LOSS) for _ in range(2)]
     return dict(logp=[lp.tolist() for lp in logp], steps=steps, initial=initial), actor, groups
 
 

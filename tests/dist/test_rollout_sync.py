@@ -26,6 +26,7 @@ def _check(hf_dir, tp, pp):
     from megatron_fipo.bridge.hf_export import export_hf_state
     from megatron_fipo.bridge.hf_import import load_hf_into_chunks
     from megatron_fipo.config import load_config
+    from megatron_fipo.data.batches import MiniBatch
     from megatron_fipo.mcore import groups as G
     from megatron_fipo.mcore.actor import Actor, ActorSettings
     from megatron_fipo.mcore.model import Qwen2Arch
@@ -43,8 +44,8 @@ def _check(hf_dir, tp, pp):
     prompts = [[rng.randrange(arch.vocab_size) for _ in range(rng.randint(1, 5))] for _ in range(4)]
     responses = [[rng.randrange(arch.vocab_size) for _ in range(rng.randint(1, 8))] for _ in range(4)]
     old = actor.compute_logprobs(prompts, responses)
-    adv = [torch.full((len(r),), 1.0 if i % 2 else -1.0) for i, r in enumerate(responses)]
-    actor.train_step(prompts, responses, {"old_logp": old, "advantages": adv}, {})
+    adv = torch.tensor([1.0 if i % 2 else -1.0 for i in range(len(responses))])
+    actor.train_step(actor.prepare(MiniBatch(prompts, responses, adv, old)), {})
     engine = CPUEngine(hf_dir) if groups.rank == 0 else None
     requests = [GenerationRequest(tuple(p), SamplingParams(n=2, max_new_tokens=6, seed=11)) for p in prompts]
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tests.dist.launcher import launch
-from tests.helpers import ACTOR_HF, ACTOR_LOSS, ACTOR_SETTINGS, actor_per_token, actor_samples
+from tests.helpers import ACTOR_HF, ACTOR_LOSS, ACTOR_SETTINGS, actor_per_sample, actor_prepare, actor_samples
 
 
 def _state(actor):
@@ -47,10 +47,9 @@ def _poisoned_steps():
     groups = G.init_distributed(tp=2, pp=1, seed=7)
     actor = Actor(Qwen2Arch.from_hf(ACTOR_HF), groups, ActorSettings(**ACTOR_SETTINGS))
     prompts, responses = actor_samples()
-    per_token = actor_per_token(responses, [lp.detach() for lp in actor.compute_logprobs(prompts, responses)])
+    per_sample = actor_per_sample(responses, [lp.detach() for lp in actor.compute_logprobs(prompts, responses)])
     mine = list(range(groups.dp_rank, len(prompts), groups.dp_size))
-    batch = ([prompts[i] for i in mine], [responses[i] for i in mine], {k: [v[i] for i in mine] for k, v in
-                                                                         per_token.items()}, ACTOR_LOSS)
+    batch = (actor_prepare(actor, prompts, responses, per_sample, mine), ACTOR_LOSS)
     real, poison = actor_mod.guarded_step, [None]
 
     def guarded_step(optimizer, params, *args):  # poisons the last rank after the gradient all-reduce

@@ -225,14 +225,15 @@ def test_damaged_latest_checkpoint_resumes_from_the_one_before(demo, tmp_path):
 def _train_with_nan(config_path, overrides):
     from megatron_fipo.mcore.actor import Actor
 
-    real = Actor.compute_logprobs
+    real = Actor._forward_only
 
-    def poisoned(self, prompts, responses, **kw):
-        out = real(self, prompts, responses, **kw)
-        out[0] = out[0] * float("nan")
+    def poisoned(self, batches):  # the forward-only pass of Actor.prepare: old log-probs turn NaN
+        out = real(self, batches)
+        if out:  # the last pipeline stage
+            out[0]["logp"] = out[0]["logp"] * float("nan")
         return out
 
-    Actor.compute_logprobs = poisoned
+    Actor._forward_only = poisoned
     return _train(config_path, overrides)
 
 

@@ -102,8 +102,24 @@ def test_optim_section_maps_onto_actor_settings():
     from megatron_fipo.config import OptimConfig
     from megatron_fipo.mcore.actor import ActorSettings
 
-    actor_fields = {f.name for f in dataclasses.fields(ActorSettings)}
-    assert {f.name for f in dataclasses.fields(OptimConfig)} <= actor_fields  # trainer passes optim.* through
+    actor_fields = {f.name: f.default for f in dataclasses.fields(ActorSettings)}
+    optim_fields = {f.name: f.default for f in dataclasses.fields(OptimConfig)}
+    assert set(optim_fields) <= set(actor_fields)  # the actor uses every optim.* setting
+    assert {k: actor_fields[k] for k in optim_fields} == optim_fields  # with the same defaults
+
+
+def test_actor_settings_from_config_sections_ignore_unknown_fields():
+    import dataclasses
+
+    from megatron_fipo.config import Config, OptimConfig
+    from megatron_fipo.mcore.actor import ActorSettings
+
+    cfg = Config()
+    settings = ActorSettings.from_sections(cfg.optim, cfg.model, cfg.parallel)
+    assert settings.max_tokens_per_micro_batch == cfg.optim.max_tokens_per_micro_batch
+    assert settings.params_dtype == cfg.model.params_dtype
+    Extended = dataclasses.make_dataclass("Extended", [("future_knob", int, 3)], bases=(OptimConfig,), frozen=True)
+    assert ActorSettings.from_sections(Extended(lr=0.5), cfg.model, cfg.parallel).lr == 0.5  # no TypeError
 
 
 @pytest.mark.parametrize("override, match", [

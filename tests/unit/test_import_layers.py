@@ -15,24 +15,27 @@ ROOT = pathlib.Path(__file__).resolve().parents[2] / "megatron_fipo"
 # package -> project packages it may import (besides itself)
 ALLOWED = {
     "algo": set(),
-    "parallel": {"algo"},
-    "mcore": {"algo", "parallel", "data", "hf_config"},  # packing and micro-batch planning live in data/
-    "bridge": {"algo", "parallel", "hf_config"},
+    "parallel": {"conventions", "algo"},
+    "mcore": {"conventions", "algo", "parallel", "data", "hf_config"},  # packing and micro-batch planning live in data/
+    "bridge": {"conventions", "algo", "parallel", "hf_config"},
     "rollout": {"algo", "bridge"},
     "data": {"algo"},
-    "experience": {"algo", "rollout"},  # the trainer's rollout phase (rank 0)
+    "experience": {"algo", "rollout", "data"},  # the trainer's rollout phase (rank 0); data: its typed hand-off
     "tracking": set(),
-    "trainer_setup": {"algo", "parallel", "mcore", "bridge", "rollout", "data", "config", "experience", "tracking"},
-    "trainer": {"algo", "parallel", "mcore", "bridge", "rollout", "data", "config", "experience", "trainer_setup",
-                "hf_config"},
-    "config": {"config_checks"},
-    "config_checks": set(),  # config's validation: stdlib only, reads the config by attribute
+    "trainer_setup": {"conventions", "algo", "parallel", "mcore", "bridge", "rollout", "data", "config", "experience",
+                      "tracking", "hf_config"},
+    "trainer": {"conventions", "algo", "parallel", "mcore", "bridge", "rollout", "data", "config", "experience",
+                "trainer_setup", "hf_config"},
+    "config": {"config_checks", "conventions"},
+    "config_checks": {"conventions"},  # config's validation: stdlib only, reads the config by attribute
+    "conventions": set(),  # rules every layer applies the same way (CP alignment, dtype names): stdlib only
     "hf_config": set(),  # config.json reading: stdlib only, importable by every layer
-    "plan": {"config", "hf_config"},
-    "convert": {"algo", "parallel", "mcore", "bridge", "data", "hf_config"},
-    "evaluation": {"algo", "rollout", "data", "config", "experience", "trainer_setup", "convert", "hf_config"},
-    "cli": {"algo", "parallel", "mcore", "bridge", "rollout", "data", "trainer", "config", "convert", "plan",
-            "evaluation"},
+    "plan": {"conventions", "config", "hf_config"},
+    "convert": {"conventions", "algo", "parallel", "mcore", "bridge", "data", "hf_config"},
+    "evaluation": {"conventions", "algo", "rollout", "data", "config", "experience", "trainer_setup", "convert",
+                   "hf_config"},
+    "cli": {"conventions", "algo", "parallel", "mcore", "bridge", "rollout", "data", "trainer", "config", "convert",
+            "plan", "evaluation"},
     "__main__": {"cli"},
     "__init__": set(),
 }
