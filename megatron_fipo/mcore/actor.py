@@ -47,7 +47,7 @@ from megatron_fipo.conventions import PARAMS_DTYPES, torch_dtype
 from megatron_fipo.data.batches import MiniBatch
 from megatron_fipo.mcore import model as qwen2
 from megatron_fipo.mcore.context_parallel import CPMicroBatch
-from megatron_fipo.mcore.micro_batches import PreparedMiniBatch, RankMicroBatch, plan
+from megatron_fipo.mcore.micro_batches import PreparedMiniBatch, RankMicroBatch, merge_outputs, plan
 from megatron_fipo.mcore.micro_batches import device as _device
 from megatron_fipo.mcore.update_guard import guarded_step, nonfinite_tensors
 from megatron_fipo.parallel.cp_loss import cp_policy_loss
@@ -221,7 +221,7 @@ class Actor:
         self.optimizer.zero_grad()
         before = self._local_params() if self.settings.track_update_norm else None
         outputs = self._run_schedule(batches, mode="train", forward_only=False, loss_kwargs=dict(loss_kwargs))
-        sums, maxes, mins = _merge(outputs)
+        sums, maxes, mins = merge_outputs(outputs)
         sums, maxes, mins = reduce_metrics(
             sums, maxes, mins, sum_keys=SUM_KEYS + EXTRA_SUM_KEYS, max_keys=MAX_KEYS, min_keys=MIN_KEYS,
             groups=(self.groups.pp, self.groups.dp_cp), device=_device())
@@ -389,17 +389,3 @@ class Actor:
         for group in (self.groups.tp, self.groups.pp):
             dist.all_reduce(total, group=group)
         return float(total.sqrt())
-
-
-def _merge(outputs) -> tuple:
-    sums: Dict[str, torch.Tensor] = {}
-    maxes: Dict[str, torch.Tensor] = {}
-    mins: Dict[str, torch.Tensor] = {}
-    for out in outputs:
-        for k, v in out["sums"].items():
-            sums[k] = sums.get(k, 0.0) + float(v)
-        for k, v in out["maxes"].items():
-            maxes[k] = max(maxes.get(k, float("-inf")), float(v))
-        for k, v in out["mins"].items():
-            mins[k] = min(mins.get(k, float("inf")), float(v))
-    return sums, maxes, mins

@@ -160,6 +160,21 @@ def reduce_mismatch(prepared: Sequence[PreparedMiniBatch], groups) -> Dict[str, 
     return summarize_mismatch({**sums, **maxes})
 
 
+def merge_outputs(outputs) -> tuple:
+    """Per-micro-batch loss outputs (``sums`` / ``maxes`` / ``mins``) -> this rank's totals / extremes."""
+    sums: Dict[str, torch.Tensor] = {}
+    maxes: Dict[str, torch.Tensor] = {}
+    mins: Dict[str, torch.Tensor] = {}
+    for out in outputs:
+        for k, v in out["sums"].items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+        for k, v in out["maxes"].items():
+            maxes[k] = max(maxes.get(k, float("-inf")), float(v))
+        for k, v in out["mins"].items():
+            mins[k] = min(mins.get(k, float("inf")), float(v))
+    return sums, maxes, mins
+
+
 def device() -> torch.device:
     """Where this process's collective buffers and model inputs live."""
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
