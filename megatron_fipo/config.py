@@ -21,6 +21,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 # Re-exported: these names were defined here before the checks moved (plan and the tests read them).
 from megatron_fipo.config_checks import RANGES, RESUME_WORDS, REWARD_NAMES, cp_alignment, find_problems  # noqa: F401
+from megatron_fipo.conventions import OptimConfig  # noqa: F401 (the optim section: one definition, shared with the actor)
 
 
 @dataclass(frozen=True)
@@ -94,19 +95,6 @@ class AlgoConfig:
         names = ("use_influence", "drop_filter", "decay_rate", "clip_low", "clip_high", "dual_clip_c",
                  "future_kl_clip_ratio", "future_kl_clip_high_only", "safety_thresh", "negative_only_mask")
         return {k: getattr(self, k) for k in names}
-
-
-@dataclass(frozen=True)
-class OptimConfig:
-    lr: float = 1e-6
-    warmup_steps: int = 10
-    weight_decay: float = 0.1
-    clip_grad: float = 1.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
-    max_tokens_per_micro_batch: int = 24576  # >= one full prompt + response; a whole micro-batch (each CP rank: 1/cp)
-    logprob_chunk_tokens: int = 4096
 
 
 @dataclass(frozen=True)

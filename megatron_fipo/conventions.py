@@ -1,9 +1,12 @@
-"""Rules several layers must apply identically, in one place: the CP alignment and the dtype names.
+"""Rules several layers must apply identically, in one place: the CP alignment, the dtype names and the
+optimizer settings (the config's ``optim`` section, which ``mcore.actor.ActorSettings`` extends).
 
 Stdlib only (torch is imported lazily by ``torch_dtype``), so the config validation, which must
 not import torch, the CP layout math, the actor and the bridge all read the same definition.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 """Dtype names of HF checkpoints (``torch_dtype`` in ``config.json``, ``convert --dtype``), as torch spells them."""
@@ -34,3 +37,18 @@ def torch_dtype(name: str):
 def hf_dtype_name(hf_config: dict) -> str:
     """The dtype an HF ``config.json`` declares for its weights (float32 when it declares none)."""
     return hf_config.get("torch_dtype") or hf_config.get("dtype") or "float32"
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """The ``optim`` section: AdamW, warm-up, gradient clipping and the micro-batch token budgets."""
+
+    lr: float = 1e-6
+    warmup_steps: int = 10
+    weight_decay: float = 0.1
+    clip_grad: float = 1.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    max_tokens_per_micro_batch: int = 24576  # >= one full prompt + response; a whole micro-batch (each CP rank: 1/cp)
+    logprob_chunk_tokens: int = 4096

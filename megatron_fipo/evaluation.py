@@ -19,7 +19,7 @@ def run_eval(args) -> int:
 
     from megatron_fipo.algo.reward_pool import RewardPool
     from megatron_fipo.experience import evaluate_items
-    from megatron_fipo.trainer_setup import encode_items
+    from megatron_fipo.services import encode_items
 
     if bool(args.model) == bool(args.checkpoint):
         raise ValueError("pass exactly one of --model HF_DIR or --checkpoint MEGATRON_DIR")

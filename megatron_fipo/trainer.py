@@ -17,7 +17,7 @@ Safety: a step whose old log-probs, loss, gradient or update are not finite is s
 and optimizer state untouched; a non-finite update is rolled back, ``mcore.update_guard``) with a
 warning, counted and recorded (``train/nonfinite_*``); ``train.max_nonfinite_steps`` in a row stop
 the run with an error before any checkpoint of the broken state is written. Checkpoint save,
-weight sync and HF export refuse non-finite tensors outright (``RunState.refuse_nonfinite``). Checkpoints (model, optimizer, scheduler, RNG,
+weight sync and HF export refuse non-finite tensors outright (``Run.refuse_nonfinite``). Checkpoints (model, optimizer, scheduler, RNG,
 data position, step) are atomic; ``checkpoint.resume=auto`` continues from the latest complete one
 and reproduces the uninterrupted run on CPU (sampling seeds derive from the step). A stop file
 (``<run_dir>/STOP``, or ``$FIPO_STOP_FILE``, which the sbatch launcher creates before the time
@@ -42,7 +42,8 @@ from megatron_fipo.experience import collect_experience
 from megatron_fipo.hf_config import read_hf_config
 from megatron_fipo.mcore.micro_batches import all_finite, reduce_mismatch
 from megatron_fipo.rollout.engine import EngineError
-from megatron_fipo.trainer_setup import RunState, Skip, build_run, check_inputs, evaluate, sync_weights
+from megatron_fipo.services import evaluate
+from megatron_fipo.trainer_setup import Run, Skip, build_run, check_inputs
 
 
 STOP_FILE = "STOP"
@@ -134,7 +135,7 @@ class Trainer:
 
     def __init__(self, config: Config, groups, hf_config: dict):
         self.groups = groups
-        self.s: RunState = build_run(config, groups, hf_config)  # its config: this one with resolved stop tokens
+        self.s: Run = build_run(config, groups, hf_config)  # its config: this one with resolved stop tokens
         if groups.rank == 0:
             save_config(self.s.config, os.path.join(config.train.run_dir, "config.yaml"))
 
@@ -142,15 +143,15 @@ class Trainer:
         cfg, s, counters = self.s.config, self.s, self.s.counters
         last: dict = {}
         last_save_s = None
-        if counters.step == 0 and cfg.eval.at_start and s.eval_items:
-            self._log(0, evaluate(s, cfg, step=0))
+        if counters.step == 0 and cfg.eval.at_start:
+            self._log(0, evaluate(s.services, cfg))
         bar = s.progress_bar(initial=counters.step, total=cfg.train.steps)
         while counters.step < cfg.train.steps:
             step = counters.step + 1
             start = time.perf_counter()
             metrics = self._train_step(step)
             if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 or step == cfg.train.steps and cfg.eval.at_end:
-                metrics.update(evaluate(s, cfg, step=step))
+                metrics.update(evaluate(s.services, cfg))
             counters.step = step
             metrics["time/step_s"] = time.perf_counter() - start
             metrics["perf/tokens_per_s"] = metrics.pop("train/_tokens", 0.0) / metrics["time/step_s"]
@@ -179,31 +180,32 @@ class Trainer:
         cfg, s, g = self.s.config, self.s, self.groups
         metrics: dict = {}
         exp = None
-        if g.rank == 0:
-            if s.engine.weight_version != s.synced_version:
-                raise EngineError(f"the engine holds weight version {s.engine.weight_version}, the actor synced "
-                                  f"{s.synced_version}: a weight update was lost")
-            exp = collect_experience(s.engine, s.draw, s.score, s.decode, cfg, step, dp_size=g.dp_size,
-                                     progress=cfg.log.progress)
+        services = s.services
+        if services is not None:  # global rank 0
+            if services.engine.weight_version != s.sync.version:
+                raise EngineError(f"the engine holds weight version {services.engine.weight_version}, the actor "
+                                  f"synced {s.sync.version}: a weight update was lost")
+            exp = collect_experience(services.engine, services.draw, services.score, services.decode, cfg, step,
+                                     dp_size=g.dp_size, progress=cfg.log.progress)
             metrics.update(exp.metrics)
         share = s.scatter(exp)  # this data-parallel rank's samples, per mini-batch
         if not share.num_samples:
             return self._skip(step, metrics, Skip.NOTHING_TO_TRAIN)
-        s.engine_release()
+        s.release_engine()
         t = time.perf_counter()  # every mini-batch's old log-probs before the first update: the old policy's
         prepared = [s.actor.prepare(mb) for mb in share.mini_batches]
         metrics["time/old_logp_s"] = time.perf_counter() - t
         metrics.update(reduce_mismatch(prepared, g))
         if not all_finite(prepared, g):
-            s.engine_resume()
-            sync_weights(s, version=s.synced_version)  # a released engine may have dropped its weights
+            s.resume_engine()
+            s.sync_weights(version=s.sync.version)  # a released engine may have dropped its weights
             return self._skip(step, metrics, Skip.NONFINITE_OLD_LOGP)
         t = time.perf_counter()
         per_mb = [s.actor.train_step(p, cfg.algo.loss_kwargs()) for p in prepared]
         metrics["time/train_s"] = time.perf_counter() - t
         metrics.update(_mean_metrics(per_mb))
         metrics["train/_tokens"] = s.global_tokens(share)
-        s.engine_resume()
+        s.resume_engine()
         why = _nonfinite_reasons(per_mb)
         s.counters.record(Skip.NONFINITE_UPDATE if why else None)
         if why:  # those updates were not kept (mcore.update_guard): counted like the other non-finite skips
@@ -212,7 +214,7 @@ class Trainer:
                 warnings.warn(f"step {step}: {skipped:.0f} of {len(per_mb)} optimizer step(s) skipped ({why}); "
                               "weights and optimizer state unchanged by them", stacklevel=2)
             self._stop_if_failing(step, why)
-        metrics["time/sync_s"] = sync_weights(s, version=step)
+        metrics["time/sync_s"] = s.sync_weights(version=step)
         metrics["train/nonfinite_skipped_total"] = float(s.counters.nonfinite_total)
         return metrics
 
@@ -255,8 +257,8 @@ class Trainer:
         return time.perf_counter() - t
 
     def _log(self, step: int, metrics: dict) -> None:
-        if self.groups.rank == 0:
-            self.s.logger.log(step, metrics)
+        if self.s.services is not None:
+            self.s.services.logger.log(step, metrics)
 
     def close(self) -> None:
         self.s.close()

@@ -43,7 +43,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_fipo.algo.losses import MAX_KEYS, MIN_KEYS, SUM_KEYS, fipo_policy_loss, summarize_policy_metrics
-from megatron_fipo.conventions import PARAMS_DTYPES, torch_dtype
+from megatron_fipo.conventions import PARAMS_DTYPES, OptimConfig, torch_dtype
 from megatron_fipo.data.batches import MiniBatch
 from megatron_fipo.mcore import model as qwen2
 from megatron_fipo.mcore.context_parallel import CPMicroBatch
@@ -58,22 +58,10 @@ EXTRA_SUM_KEYS = ("entropy", "loss_sum")
 
 
 @dataclass(frozen=True)
-class ActorSettings:
-    """Optimiser, batching and precision settings of the actor (the recipe's defaults, as the config's).
+class ActorSettings(OptimConfig):
+    """The config's ``optim`` settings (inherited: one definition, one set of defaults) plus the
+    actor's precision, parallelism and model options. A run builds it with ``from_sections``."""
 
-    A run builds it with ``from_sections`` from the config; the optimiser / batching defaults here
-    equal ``config.OptimConfig``'s (tests/unit/test_config.py holds them together).
-    """
-
-    lr: float = 1e-6
-    warmup_steps: int = 10
-    weight_decay: float = 0.1
-    clip_grad: float = 1.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
-    max_tokens_per_micro_batch: int = 24576
-    logprob_chunk_tokens: int = 4096
     params_dtype: str = "float32"  # "bfloat16" on GPU
     sequence_parallel: bool = False
     use_distributed_optimizer: Optional[bool] = None  # default: on with CUDA
@@ -85,8 +73,7 @@ class ActorSettings:
     def from_sections(cls, optim, model, parallel) -> "ActorSettings":
         """From a run config's ``optim``, ``model`` and ``parallel`` sections. ``optim`` is read by field
         name, so a config field the actor has no use for is left out instead of failing the run."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        picked = {f.name: getattr(optim, f.name) for f in dataclasses.fields(optim) if f.name in names}
+        picked = {f.name: getattr(optim, f.name) for f in dataclasses.fields(OptimConfig)}
         return cls(**picked, params_dtype=model.params_dtype, sequence_parallel=parallel.sequence_parallel,
                    recompute=dict(model.recompute), transformer_overrides=dict(model.transformer_overrides))
 

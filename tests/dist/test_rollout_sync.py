@@ -2,13 +2,12 @@
 
 An ``Actor`` at (tp, pp) in {(1, 1), (2, 1), (1, 2)} loads a tiny random HF Qwen2 (tied and untied),
 takes one FIPO optimizer step (so its weights differ from the HF files the engine started from),
-and streams its weights to a ``CPUEngine`` on rank 0: through the trainer's ``sync_weights`` and
+and streams its weights to a ``CPUEngine`` on rank 0: through the trainer's ``Run.sync_weights`` and
 directly through ``export_hf_state`` with small buckets in one reused buffer. The engine then
 samples responses; the actor's ``compute_logprobs`` on the same tokens must match the engine's
 per-token log-probs within 1e-5, and the mismatch metrics must report it. Before the sync the
 engine must disagree (the test can fail).
 """
-import functools
 import random
 import types
 
@@ -32,12 +31,13 @@ def _check(hf_dir, tp, pp):
     from megatron_fipo.mcore.model import Qwen2Arch
     from megatron_fipo.rollout.cpu_engine import CPUEngine
     from megatron_fipo.rollout.engine import GenerationRequest, SamplingParams
-    from megatron_fipo.trainer_setup import RunState, sync_weights
+    from megatron_fipo.trainer_setup import Run
+    from megatron_fipo.weight_sync import WeightSync
 
     groups = G.init_distributed(tp=tp, pp=pp, seed=3)
     arch = Qwen2Arch.from_hf(hf_dir)
     actor = Actor(arch, groups, ActorSettings(lr=1e-2, warmup_steps=0, max_tokens_per_micro_batch=64))
-    offsets = [c.module.decoder.layers[0].layer_number - 1 for c in actor.chunks]
+    offsets, _ = actor.bridge_layout()
     load_hf_into_chunks(hf_dir, actor.named_local_parameters(), arch, tp_rank=groups.tp_rank, tp_size=groups.tp_size,
                         padded_vocab=actor.padded_vocab, layer_offsets=offsets)
     rng = random.Random(0)
@@ -62,10 +62,11 @@ def _check(hf_dir, tp, pp):
 
     before = sample_and_compare()
     cfg = load_config(None, ["rollout.bucket_mb=1"])
-    run = types.SimpleNamespace(groups=groups, config=cfg, actor=actor, arch=arch, offsets=offsets, spec="mcore",
-                                engine=engine, sync_buffer=None, checkpoint_root="(none)")
-    run.refuse_nonfinite = functools.partial(RunState.refuse_nonfinite, run)  # the real check, before any byte
-    sync_weights(run, version=1)
+    sync = WeightSync(actor, groups, arch, {}, params_dtype="float32", bucket_mb=cfg.rollout.bucket_mb)
+    services = types.SimpleNamespace(engine=engine) if engine is not None else None
+    run = Run(cfg, groups, actor, sync, "(none)", services=services)
+    run.sync_weights(version=1)  # the trainer's path: the non-finite check, then the bucket stream
+    assert sync.version == 1
     after_trainer_sync = sample_and_compare()
     # again through small buckets that reuse one buffer (the producer overwrites it after each bucket)
     buffer = torch.empty((16 << 10) // 4)

@@ -96,16 +96,24 @@ def test_loss_kwargs_match_the_loss_signature():
     assert all(params[k].default == v for k, v in kwargs.items())  # the config defaults are the recipe's
 
 
+def _sections():
+    from megatron_fipo.config import Config
+
+    return Config().model, Config().parallel
+
+
 def test_optim_section_maps_onto_actor_settings():
     import dataclasses
 
     from megatron_fipo.config import OptimConfig
     from megatron_fipo.mcore.actor import ActorSettings
 
+    assert issubclass(ActorSettings, OptimConfig)  # one definition of the optim settings and their defaults
     actor_fields = {f.name: f.default for f in dataclasses.fields(ActorSettings)}
     optim_fields = {f.name: f.default for f in dataclasses.fields(OptimConfig)}
-    assert set(optim_fields) <= set(actor_fields)  # the actor uses every optim.* setting
-    assert {k: actor_fields[k] for k in optim_fields} == optim_fields  # with the same defaults
+    assert {k: actor_fields[k] for k in optim_fields} == optim_fields
+    settings = ActorSettings.from_sections(OptimConfig(lr=0.25, max_tokens_per_micro_batch=77), *_sections())
+    assert (settings.lr, settings.max_tokens_per_micro_batch) == (0.25, 77)
 
 
 def test_actor_settings_from_config_sections_ignore_unknown_fields():

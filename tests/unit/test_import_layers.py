@@ -22,17 +22,19 @@ ALLOWED = {
     "data": {"algo"},
     "experience": {"algo", "rollout", "data"},  # the trainer's rollout phase (rank 0); data: its typed hand-off
     "tracking": set(),
+    "services": {"algo", "rollout", "data", "config", "experience", "tracking"},  # rank 0's rollout side
+    "weight_sync": {"conventions", "bridge", "rollout"},  # actor -> engine / HF directory
     "trainer_setup": {"conventions", "algo", "parallel", "mcore", "bridge", "rollout", "data", "config", "experience",
-                      "tracking", "hf_config"},
+                      "tracking", "hf_config", "services", "weight_sync"},
     "trainer": {"conventions", "algo", "parallel", "mcore", "bridge", "rollout", "data", "config", "experience",
-                "trainer_setup", "hf_config"},
+                "trainer_setup", "hf_config", "services", "weight_sync"},
     "config": {"config_checks", "conventions"},
     "config_checks": {"conventions"},  # config's validation: stdlib only, reads the config by attribute
     "conventions": set(),  # rules every layer applies the same way (CP alignment, dtype names): stdlib only
     "hf_config": set(),  # config.json reading: stdlib only, importable by every layer
     "plan": {"conventions", "config", "hf_config"},
     "convert": {"conventions", "algo", "parallel", "mcore", "bridge", "data", "hf_config"},
-    "evaluation": {"conventions", "algo", "rollout", "data", "config", "experience", "trainer_setup", "convert",
+    "evaluation": {"conventions", "algo", "rollout", "data", "config", "experience", "services", "convert",
                    "hf_config"},
     "cli": {"conventions", "algo", "parallel", "mcore", "bridge", "rollout", "data", "trainer", "config", "convert",
             "plan", "evaluation"},
@@ -44,7 +46,8 @@ RESTRICTED = {
     "megatron": ("mcore",),
     "transformer_engine": ("mcore",),
     "sglang": ("rollout/sglang_engine.py",),
-    "torch.distributed": ("parallel", "mcore", "bridge", "rollout", "trainer", "trainer_setup", "cli", "convert"),
+    "torch.distributed": ("parallel", "mcore", "bridge", "rollout", "trainer", "trainer_setup", "weight_sync", "cli",
+                          "convert"),
 }
 
 
