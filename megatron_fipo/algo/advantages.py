@@ -4,11 +4,10 @@ Owns the per-sequence quantities of the recipe in ``docs/algorithm.md``:
 ``grpo_advantages`` (``(R - mean_g) / (std_g + eps)`` within each prompt group, or mean-only),
 ``dynamic_sampling_filter`` and ``dynamic_sampling_step`` (DAPO's ``filter_groups``: keep groups
 whose rewards are not all equal, regenerate up to a cap on rounds, trim to the target),
-``overlong_penalty`` (DAPO's soft overlong reward shaping), and the broadcast of a
-per-sequence value to response tokens (padded ``[B, T]`` with a mask, or packed with
-``cu_seqlens``).
+and ``overlong_penalty`` (DAPO's soft overlong reward shaping). Advantages stay one per sequence;
+the loss broadcasts them over response tokens (``algo.losses.SequenceIndex``).
 
-Imports torch, the stdlib and ``algo.future_kl`` (offset validation) only: no torch.distributed, no numpy, no megatron, no config
+Imports torch and the stdlib only: no torch.distributed, no numpy, no megatron, no config
 objects. Everything is a pure function of tensors / lists; no trainer state.
 
 Departs from verl (the reference implementation of GRPO / DAPO) in three documented ways:
@@ -34,7 +33,6 @@ from typing import NamedTuple, Sequence, TypeVar, Union
 
 import torch
 
-from megatron_fipo.algo.future_kl import sequence_lengths
 
 GroupSpec = Union[int, torch.Tensor, Sequence[int]]
 """A fixed group size ``n`` (samples ``[g * n, (g + 1) * n)`` form group ``g``), or one
@@ -224,51 +222,6 @@ def overlong_penalty(
     penalty = torch.clamp(-exceed / buffer_length, max=0.0) * factor + 0.0  # + 0.0: no -0.0
     out_dtype = torch.float64 if response_lengths.dtype == torch.float64 else torch.float32
     return penalty.to(out_dtype)
-
-
-def broadcast_to_tokens(values: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
-    """Per-sequence values on every response token of padded rows, 0 elsewhere.
-
-    Args:
-        values: ``[B]`` one value per sequence (e.g. advantages), any float dtype.
-        response_mask: ``[B, T]`` bool or 0/1 numeric; nonzero marks a response token.
-
-    Returns:
-        ``[B, T]`` in ``values``' dtype: ``values[b]`` where the mask is set, else 0.
-
-    Raises:
-        ValueError: shapes that do not match.
-    """
-    if values.dim() != 1 or response_mask.dim() != 2 or response_mask.shape[0] != values.shape[0]:
-        raise ValueError(
-            f"expected values [B] and response_mask [B, T], got {tuple(values.shape)} and "
-            f"{tuple(response_mask.shape)}"
-        )
-    mask = response_mask.to(device=values.device) != 0
-    return torch.where(mask, values.unsqueeze(1), torch.zeros((), dtype=values.dtype))
-
-
-def broadcast_to_packed(values: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
-    """Per-sequence values repeated over the tokens of packed sequences.
-
-    Args:
-        values: ``[S]`` one value per sequence.
-        cu_seqlens: ``[S + 1]`` int offsets, ``cu_seqlens[0] == 0``, non-decreasing; sequence
-            ``s`` occupies tokens ``cu_seqlens[s]:cu_seqlens[s + 1]`` (empty allowed).
-
-    Returns:
-        ``[cu_seqlens[-1]]`` in ``values``' dtype.
-
-    Raises:
-        ValueError: bad ``cu_seqlens`` or a sequence count that does not match ``values``.
-    """
-    lengths = sequence_lengths(cu_seqlens, device=values.device)
-    if values.dim() != 1 or cu_seqlens.numel() != values.numel() + 1:
-        raise ValueError(
-            f"values must be [S] with cu_seqlens [S + 1], got {tuple(values.shape)} and "
-            f"{tuple(cu_seqlens.shape)}"
-        )
-    return torch.repeat_interleave(values, lengths)
 
 
 def _check_values(x: torch.Tensor, name: str, fallback: torch.dtype = torch.float32) -> torch.Tensor:

@@ -20,7 +20,6 @@ import os
 import random
 import shutil
 import tempfile
-from typing import Optional
 
 import torch
 
@@ -172,7 +171,3 @@ def build_demo(out_dir: str, *, seed: int = 0, n_train: int = 2000, n_test: int 
         if os.path.exists(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
     return info
-
-
-def default_out_dir(root: Optional[str] = None) -> str:
-    return os.path.join(root or os.getcwd(), "build", "demo")

@@ -47,7 +47,8 @@ def _run(tp, pp, vpp, sp, budget, weights, tie=False, extra=None):
     return result, actor, groups
 
 
-def _reference(tie, extra=None):
+def run_reference(tie, extra=None):
+    """One process, the reference (a launch worker; tests/gpu/test_actor_gpu.py runs it with bf16 settings)."""
     import torch.distributed as dist
 
     from megatron_fipo.mcore import groups as G
@@ -58,7 +59,8 @@ def _reference(tie, extra=None):
     return result
 
 
-def _layouts(weights, final, tie, extra=None):
+def run_layouts(weights, final, tie, extra=None):
+    """Every layout of ``LAYOUTS`` on 4 processes (a launch worker; tests/gpu/test_actor_gpu.py runs it with bf16 settings)."""
     from megatron_fipo.mcore import groups as G
     from tests.dist import tiny_gpt as T
 
@@ -76,8 +78,8 @@ def _layouts(weights, final, tie, extra=None):
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
 def test_layouts_match_single_process(tie):
-    (ref,) = launch(_reference, 1, tie, timeout=240)
-    results = launch(_layouts, 4, ref["initial"], ref["final"], tie, timeout=480)
+    (ref,) = launch(run_reference, 1, tie, timeout=240)
+    results = launch(run_layouts, 4, ref["initial"], ref["final"], tie, timeout=480)
     for rank_results in results:
         for layout, got in zip(LAYOUTS, rank_results):
             for a, b in zip(got["logp"], ref["logp"]):
@@ -98,8 +100,8 @@ def test_layouts_match_single_process(tie):
 def test_activation_recomputation_changes_nothing():
     recompute = {"recompute": {"recompute_granularity": "full", "recompute_method": "uniform",
                                "recompute_num_layers": 1}}
-    (plain,) = launch(_reference, 1, False, timeout=240)
-    (ref,) = launch(_reference, 1, False, recompute, timeout=240)
+    (plain,) = launch(run_reference, 1, False, timeout=240)
+    (ref,) = launch(run_reference, 1, False, recompute, timeout=240)
     for a, b in zip(ref["logp"], plain["logp"]):
         assert a == b
     for s, r in zip(ref["steps"], plain["steps"]):

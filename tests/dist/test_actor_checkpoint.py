@@ -24,7 +24,8 @@ def _actor(tp, pp, vpp, sp, extra=None):
     return Actor(Qwen2Arch.from_hf(ACTOR_HF), groups, ActorSettings(**settings)), groups
 
 
-def _reference(root, extra=None):
+def run_reference(root, extra=None):
+    """One process, the reference (a launch worker; tests/gpu/test_actor_gpu.py runs it with bf16 settings)."""
     from megatron_fipo.mcore import groups as G
 
     actor, _ = _actor(1, 1, None, False, extra)
@@ -40,7 +41,8 @@ def _reference(root, extra=None):
     return [lp.tolist() for lp in logp], second, [lp.tolist() for lp in after]
 
 
-def _layouts(root, reference_logp, extra=None):
+def run_layouts(root, reference_logp, extra=None):
+    """Every layout of ``LAYOUTS`` on 4 processes (a launch worker; tests/gpu/test_actor_gpu.py runs it with bf16 settings)."""
     from megatron_fipo.mcore import groups as G
     from megatron_fipo.mcore.checkpoint import latest_checkpoint
 
@@ -64,9 +66,9 @@ def _layouts(root, reference_logp, extra=None):
 @pytest.mark.timeout(600)
 def test_checkpoint_loads_at_other_layouts_and_resumes(tmp_path):
     root = str(tmp_path)
-    (ref,) = launch(_reference, 1, root, timeout=240)
+    (ref,) = launch(run_reference, 1, root, timeout=240)
     ref_logp, ref_second, ref_after = ref
-    results = launch(_layouts, 4, root, ref_logp, timeout=480)
+    results = launch(run_layouts, 4, root, ref_logp, timeout=480)
     for rank_results in results:
         for layout, (logp, second, after, extra, steps) in zip(LAYOUTS, rank_results):
             for a, b in zip(logp, ref_logp):

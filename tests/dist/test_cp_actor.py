@@ -53,7 +53,8 @@ def _run(tp, pp, cp, sp, budget, weights, extra=None):
     return dict(logp=[lp.tolist() for lp in logp], steps=steps, initial=initial), actor, groups
 
 
-def _reference(extra=None):
+def run_reference(extra=None):
+    """One process, the reference (a launch worker; tests/gpu/test_cp_gpu.py runs it with bf16 settings)."""
     from megatron_fipo.mcore import groups as G
     from tests.dist import tiny_gpt as T
 
@@ -63,7 +64,8 @@ def _reference(extra=None):
     return result
 
 
-def _layouts(weights, final, extra=None):
+def run_layouts(weights, final, extra=None):
+    """Every layout of ``LAYOUTS`` on 4 processes (a launch worker; tests/gpu/test_cp_gpu.py runs it with bf16 settings)."""
     from megatron_fipo.mcore import groups as G
     from tests.dist import tiny_gpt as T
 
@@ -79,8 +81,8 @@ def _layouts(weights, final, extra=None):
 
 @pytest.mark.timeout(900)
 def test_cp_layouts_match_single_process():
-    (ref,) = launch(_reference, 1, timeout=240)
-    results = launch(_layouts, 4, ref["initial"], ref["final"], timeout=800)
+    (ref,) = launch(run_reference, 1, timeout=240)
+    results = launch(run_layouts, 4, ref["initial"], ref["final"], timeout=800)
     for rank, rank_results in enumerate(results):
         for layout, got in zip(LAYOUTS, rank_results):
             for a, b in zip(got["logp"], ref["logp"]):

@@ -17,8 +17,8 @@ from tests.helpers import BF16_SETTINGS, check_bf16_layouts, enough_gpus
 @pytest.mark.skipif(not enough_gpus(4), reason="needs 4 GPUs")
 def test_te_bf16_layouts_match_single_gpu():
     pytest.importorskip("transformer_engine")
-    (ref,) = launch(A._reference, 1, False, BF16_SETTINGS, timeout=300)
-    results = launch(A._layouts, 4, ref["initial"], ref["final"], False, BF16_SETTINGS, timeout=600)
+    (ref,) = launch(A.run_reference, 1, False, BF16_SETTINGS, timeout=300)
+    results = launch(A.run_layouts, 4, ref["initial"], ref["final"], False, BF16_SETTINGS, timeout=600)
     check_bf16_layouts(results, ref, A.LAYOUTS)
 
 
@@ -29,8 +29,8 @@ def test_te_bf16_checkpoint_resharding(tmp_path):
     pytest.importorskip("transformer_engine")
     from tests.dist import test_actor_checkpoint as C
 
-    (ref,) = launch(C._reference, 1, str(tmp_path), BF16_SETTINGS, timeout=300)
-    results = launch(C._layouts, 4, str(tmp_path), ref[0], BF16_SETTINGS, timeout=600)
+    (ref,) = launch(C.run_reference, 1, str(tmp_path), BF16_SETTINGS, timeout=300)
+    results = launch(C.run_layouts, 4, str(tmp_path), ref[0], BF16_SETTINGS, timeout=600)
     for rank_results in results:
         for layout, (logp, second, _after, extra, steps) in zip(C.LAYOUTS, rank_results):
             assert steps == 2 and extra == {"note": "after one step"}, layout

@@ -18,8 +18,8 @@ from tests.helpers import BF16_SETTINGS, check_bf16_layouts, enough_gpus
 @pytest.mark.skipif(not enough_gpus(4), reason="needs 4 GPUs")
 def test_te_cp_attention_matches_single_gpu():
     pytest.importorskip("transformer_engine")
-    (ref,) = launch(C._reference, 1, BF16_SETTINGS, timeout=300)
-    results = launch(C._layouts, 4, ref["initial"], ref["final"], BF16_SETTINGS, timeout=900)
+    (ref,) = launch(C.run_reference, 1, BF16_SETTINGS, timeout=300)
+    results = launch(C.run_layouts, 4, ref["initial"], ref["final"], BF16_SETTINGS, timeout=900)
     check_bf16_layouts(results, ref, C.LAYOUTS)
 
 
@@ -28,6 +28,6 @@ def test_te_cp_attention_matches_single_gpu():
 @pytest.mark.skipif(not enough_gpus(4), reason="needs 4 GPUs")
 def test_local_spec_cp_attention_on_cuda_matches_single_gpu():
     """GPUs without TE: the all-gather CP attention of the local spec on NCCL."""
-    (ref,) = launch(C._reference, 1, BF16_SETTINGS, timeout=300)
+    (ref,) = launch(C.run_reference, 1, BF16_SETTINGS, timeout=300)
     local = dict(BF16_SETTINGS, use_te=False)
-    check_bf16_layouts(launch(C._layouts, 4, ref["initial"], ref["final"], local, timeout=900), ref, C.LAYOUTS)
+    check_bf16_layouts(launch(C.run_layouts, 4, ref["initial"], ref["final"], local, timeout=900), ref, C.LAYOUTS)

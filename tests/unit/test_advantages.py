@@ -1,4 +1,4 @@
-"""GRPO advantages, dynamic sampling, overlong shaping and broadcasts against naive float64 loops."""
+"""GRPO advantages, dynamic sampling and overlong shaping against naive float64 loops."""
 
 import statistics
 
@@ -6,14 +6,12 @@ import pytest
 import torch
 
 from megatron_fipo.algo.advantages import (
-    broadcast_to_packed,
-    broadcast_to_tokens,
     dynamic_sampling_filter,
     dynamic_sampling_step,
     grpo_advantages,
     overlong_penalty,
 )
-from tests.helpers import fresh_seeds, random_cu_seqlens
+from tests.helpers import fresh_seeds
 
 SEEDS = fresh_seeds(5, base=17)
 
@@ -302,48 +300,3 @@ def test_overlong_spec_recipe_edges():
 def test_overlong_bad_input_raises(lengths, kwargs, match):
     with pytest.raises(ValueError, match=match):
         overlong_penalty(lengths, **kwargs)
-
-
-# ---------------------------------------------------------------- broadcasts
-
-
-@pytest.mark.parametrize("seed", SEEDS)
-def test_broadcast_to_tokens_matches_naive(seed):
-    gen = torch.Generator().manual_seed(seed)
-    batch, length = 7, 13
-    values = torch.randn(batch, generator=gen, dtype=torch.float64)
-    mask = torch.rand(batch, length, generator=gen) < 0.6  # holes anywhere, incl. left padding
-    mask[0] = False
-    for m in (mask, mask.float(), mask.long()):
-        got = broadcast_to_tokens(values, m)
-        ref = [[values[b].item() if mask[b, t] else 0.0 for t in range(length)] for b in range(batch)]
-        assert got.dtype == torch.float64
-        assert torch.equal(got, torch.tensor(ref, dtype=torch.float64))
-
-
-@pytest.mark.parametrize("seed", SEEDS)
-def test_broadcast_to_packed_matches_naive(seed):
-    gen = torch.Generator().manual_seed(seed)
-    cu = random_cu_seqlens(gen, 9, 6, allow_empty=True)
-    values = torch.randn(9, generator=gen)
-    got = broadcast_to_packed(values, cu)
-    ref = []
-    for s in range(9):
-        ref += [values[s].item()] * int(cu[s + 1] - cu[s])
-    assert got.dtype == torch.float32 and torch.equal(got, torch.tensor(ref, dtype=torch.float32))
-    assert broadcast_to_packed(torch.zeros(0), torch.zeros(1, dtype=torch.int32)).shape == (0,)
-
-
-def test_broadcast_bad_input_raises():
-    with pytest.raises(ValueError, match="response_mask"):
-        broadcast_to_tokens(torch.zeros(3), torch.ones(4, 5))
-    with pytest.raises(ValueError, match="response_mask"):
-        broadcast_to_tokens(torch.zeros(3), torch.ones(3))
-    with pytest.raises(ValueError, match="S \\+ 1"):
-        broadcast_to_packed(torch.zeros(3), torch.tensor([0, 1, 2]))
-    with pytest.raises(ValueError, match="int"):
-        broadcast_to_packed(torch.zeros(2), torch.tensor([0.0, 1.0, 2.0]))
-    with pytest.raises(ValueError, match="non-decreasing"):
-        broadcast_to_packed(torch.zeros(2), torch.tensor([0, 3, 2]))
-    with pytest.raises(ValueError, match="start at 0"):
-        broadcast_to_packed(torch.zeros(2), torch.tensor([1, 3, 4]))
