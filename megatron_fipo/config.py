@@ -56,7 +56,9 @@ class RolloutConfig:
     max_response_length: int = 20480
     stop_token_ids: Sequence[int] = ()  # default: the tokenizer's eos
     bucket_mb: int = 512  # weight-sync bucket size
-    replicas: int = 1  # SGLang servers (each with its own TP)
+    replicas: int = 1  # disaggregated: SGLang servers to launch (each with its own TP); colocated: see servers_per_node
+    servers_per_node: Optional[int] = None  # colocated SGLang: servers on every node (default: GPUs per node / tp_size)
+    launcher: Sequence[str] = ()  # argv replacing `python -m sglang.launch_server` (e.g. megatron_fipo.rollout.cpu_server)
     urls: Sequence[str] = ()  # attach to running SGLang servers instead of launching
     sync_host: Optional[str] = None  # disaggregated weight sync: address servers reach rank 0 at (default: route to urls[0])
     max_restarts: int = 1

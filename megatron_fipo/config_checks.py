@@ -43,6 +43,7 @@ RANGES = {
     "rollout.n": _ge(1), "rollout.temperature": _gt(0), "rollout.top_p": _unit(True),
     "rollout.top_k": ((lambda v: v >= 0), ">= 0 (0 disables it)"), "rollout.max_prompt_length": _ge(1),
     "rollout.max_response_length": _ge(1), "rollout.bucket_mb": _ge(1), "rollout.replicas": _ge(1),
+    "rollout.servers_per_node": _ge(1, nullable=True),
     "rollout.max_restarts": _ge(0), "rollout.cpu_max_batch_rows": _ge(1),
     "algo.decay_rate": _gt(0), "algo.clip_low": _unit(False), "algo.clip_high": _ge(0),
     "algo.dual_clip_c": ((lambda v: v > 1), "> 1 or null (no dual clip)"), "algo.future_kl_clip_ratio": _unit(False),
@@ -102,6 +103,11 @@ def _check_rollout(ro, found: _Found) -> None:
     found.need(ro.mode in ("colocated", "disaggregated"),
                f"rollout.mode must be colocated or disaggregated, got {ro.mode!r}")
     found.need(not (ro.engine == "cpu" and ro.mode != "colocated"), "rollout.engine=cpu runs colocated only")
+    found.need(not (ro.engine == "sglang" and ro.mode == "colocated" and not ro.urls and ro.replicas != 1),
+               f"rollout.replicas={ro.replicas}: colocated SGLang servers run on every node; set "
+               "rollout.servers_per_node (default: GPUs per node / rollout.sglang.tp_size) instead")
+    found.need(ro.servers_per_node is None or (ro.engine == "sglang" and ro.mode == "colocated"),
+               "rollout.servers_per_node applies to colocated SGLang servers only")
     if ro.n == 1:
         found.warnings.append("rollout.n=1: every GRPO group has one sample, so every advantage is 0")
     found.need(all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ro.stop_token_ids),

@@ -10,8 +10,9 @@ gradients (``grad_reduce_in_fp32``), fp32 main weights + Adam moments sharded ov
 context-parallel ranks (Megatron's distributed optimizer shards over ``dp * cp``), activations per
 Korthikanti et al. (sequence parallel, flash attention: ``34 * T * h / tp`` bytes per layer
 without recompute, ``2 * T * h`` with full recompute) for the micro-batches in flight on the first pipeline stage. With colocated SGLang
-rollouts the first node's GPUs also hold the servers' static memory while the actor's weights,
-gradients and optimizer state stay resident: ``plan`` adds that check.
+rollouts every node's GPUs also hold the servers' static memory while the actor's weights,
+gradients and optimizer state stay resident: ``plan`` adds that check for every node, and reports
+the GPUs that generate and the bytes a node-local weight sync moves into each node.
 """
 from __future__ import annotations
 
@@ -74,39 +75,79 @@ def estimate_memory(config: Config, hf: Mapping[str, Any], world: int) -> dict:
     return out
 
 
-def colocated_rollout(config: Config, mem: Mapping[str, float], gpus_per_node: int, gpu_gib: float) -> tuple:
-    """``(summary or None, warnings)`` for colocated SGLang servers on the first node's GPUs.
+def stage_parameters(hf: Mapping[str, Any], pp: int) -> list[float]:
+    """Parameters each pipeline stage exports to HF (even layer split; embedding on the first stage, final
+    norm and untied output layer on the last)."""
+    counts = parameter_counts(hf)
+    out = [hf["num_hidden_layers"] / pp * counts["per_layer"] for _ in range(pp)]
+    out[0] += counts["embedding"]
+    out[-1] += hf["hidden_size"] + (0 if hf.get("tie_word_embeddings") else counts["embedding"])
+    return out
 
-    During rollouts the actor keeps its weights, gradient buffer and optimizer shard (activations are
-    freed) while each server holds ``mem_fraction_static`` of its GPUs (weights + KV cache).
+
+def node_sync_bytes(config: Config, hf: Mapping[str, Any], world: int, gpus_per_node: int) -> list[float]:
+    """Bytes each node receives from other nodes per node-local weight sync: every stage it holds no rank
+    of, once (``parallel.nodes.node_sync_plan``), in the serving dtype."""
+    par = config.parallel
+    itemsize = 2 if config.model.params_dtype == "bfloat16" else 4
+    per_stage = [n * itemsize for n in stage_parameters(hf, par.pp)]
+    layout = rank_layout(world, par.tp, par.pp, par.cp, gpus_per_node)
+    nodes = -(-world // gpus_per_node)
+    held = [{r["pp"] for r in layout if r["node"] == k} for k in range(nodes)]
+    return [sum(b for s, b in enumerate(per_stage) if s not in held[k]) for k in range(nodes)]
+
+
+def colocated_rollout(config: Config, hf: Mapping[str, Any], world: int, gpus_per_node: int,
+                      gpu_gib: float) -> tuple:
+    """``(summary or None, warnings)`` for colocated SGLang servers on every node's GPUs.
+
+    During rollouts each actor rank keeps its weights, gradient buffer and optimizer shard
+    (activations are freed) while each server holds ``mem_fraction_static`` of its GPUs (weights + KV
+    cache). Checked for every node: the busiest GPU of each (its pipeline stage's resident memory).
     """
-    ro = config.rollout
-    if ro.engine != "sglang" or ro.mode != "colocated":
+    ro, par = config.rollout, config.parallel
+    if ro.engine != "sglang" or ro.mode != "colocated" or ro.urls:
         return None, []
     tp, args = ro.sglang_server_args()
     tp = int(tp)
-    gpus = ro.replicas * tp
-    if gpus > gpus_per_node:
-        raise ValueError(f"colocated rollout: rollout.replicas * rollout.sglang.tp_size = {ro.replicas} * {tp} = "
-                         f"{gpus} GPUs, but the servers run on the first node's {gpus_per_node} GPUs")
-    resident = mem["weights"] + mem["grads"] + mem["optimizer"]
-    weights = mem["params_total"] * 2 / tp / GiB  # bf16 serving weights per server GPU
-    room = (gpu_gib - resident) / gpu_gib
+    per_node = ro.servers_per_node or gpus_per_node // tp
+    if per_node < 1 or per_node * tp > gpus_per_node:
+        raise ValueError(f"colocated rollout: {per_node} server(s) per node x rollout.sglang.tp_size {tp} = "
+                         f"{per_node * tp} GPUs, but a node has {gpus_per_node} GPUs")
+    nodes = -(-world // gpus_per_node)
+    layout = rank_layout(world, par.tp, par.pp, par.cp, gpus_per_node)
+    resident = [_resident_gib(config, hf, world, stage) for stage in range(par.pp)]
+    node_resident = [max(resident[r["pp"]] for r in layout if r["node"] == k) for k in range(nodes)]
+    worst = max(range(nodes), key=lambda k: node_resident[k])
+    weights = parameter_counts(hf)["total"] * 2 / tp / GiB  # bf16 serving weights per server GPU
+    room = (gpu_gib - node_resident[worst]) / gpu_gib
+    sync = node_sync_bytes(config, hf, world, gpus_per_node)
+    out = {"rollout_gpus": nodes * per_node * tp, "training_gpus": world, "servers_per_node": per_node,
+           "servers": nodes * per_node, "actor_resident_gib": round(node_resident[worst], 2),
+           "sglang_weights_gib": round(weights, 2), "sync_gib_per_node": round(max(sync) / GiB, 2)}
     frac = args.get("mem_fraction_static")
-    out = {"gpus": gpus, "actor_resident_gib": round(resident, 2), "sglang_weights_gib": round(weights, 2)}
     if frac is None:
         return out, [f"colocated SGLang: set rollout.sglang.mem_fraction_static (at most {room:.2f}: the actor "
-                     f"keeps {resident:.1f} GiB per GPU during rollouts)"]
+                     f"keeps {node_resident[worst]:.1f} GiB per GPU during rollouts on node {worst})"]
     static = float(frac) * gpu_gib
-    out.update(sglang_static_gib=round(static, 2), total_gib=round(resident + static, 2))
+    out.update(sglang_static_gib=round(static, 2), total_gib=round(node_resident[worst] + static, 2))
     warnings = []
-    if resident + static > gpu_gib:
-        warnings.append(f"colocated SGLang: actor {resident:.1f} GiB + mem_fraction_static {frac} x {gpu_gib:.0f} "
-                        f"GiB exceeds the GPU; use mem_fraction_static <= {room:.2f}")
+    if node_resident[worst] + static > gpu_gib:
+        warnings.append(f"colocated SGLang: actor {node_resident[worst]:.1f} GiB (node {worst}) + mem_fraction_static "
+                        f"{frac} x {gpu_gib:.0f} GiB exceeds the GPU; use mem_fraction_static <= {room:.2f}")
     if weights >= static:
         warnings.append(f"colocated SGLang: {weights:.1f} GiB of weights per GPU leave no KV cache in "
                         f"mem_fraction_static {frac}; raise rollout.sglang.tp_size or the fraction")
     return out, warnings
+
+
+def _resident_gib(config: Config, hf: Mapping[str, Any], world: int, stage: int) -> float:
+    """Weights + gradients + optimizer shard per GPU of pipeline ``stage`` (what stays during rollouts)."""
+    par = config.parallel
+    dp = world // (par.tp * par.pp * par.cp)
+    params = stage_parameters(hf, par.pp)[stage] / par.tp
+    bf16 = config.model.params_dtype == "bfloat16"
+    return params * ((2 if bf16 else 4) + 4 + (12 if bf16 else 8) / (dp * par.cp)) / GiB
 
 
 def plan(config: Config, world: int, hf: Mapping[str, Any], *, gpus_per_node: int = 8,
@@ -126,7 +167,7 @@ def plan(config: Config, world: int, hf: Mapping[str, Any], *, gpus_per_node: in
     if mem["total"] > gpu_gib:
         warnings.append(f"estimated {mem['total']:.1f} GiB per GPU exceeds {gpu_gib:.0f} GiB: raise tp/pp/cp, "
                         "enable recompute, or lower optim.max_tokens_per_micro_batch")
-    rollout, rollout_warnings = colocated_rollout(config, mem, gpus_per_node, gpu_gib)
+    rollout, rollout_warnings = colocated_rollout(config, hf, world, gpus_per_node, gpu_gib)
     warnings += rollout_warnings
     return {"world": world, "nodes": -(-world // gpus_per_node), "tp": par.tp, "pp": par.pp, "cp": par.cp,
             "dp": dp, "vpp": par.vpp, "memory_gib": {k: round(v, 2) for k, v in mem.items()
@@ -162,9 +203,13 @@ def format_plan(report: dict) -> str:
         lines.insert(3, f"context parallel: sequences padded to multiples of {cp['pad_to']}; <= {cp['tokens_per_gpu']} "
                         f"tokens per GPU of a {cp['micro_batch_tokens']}-token micro-batch; Future-KL scan "
                         f"{cp['scan_bytes_per_sequence']} B per sequence per rank")
-    if report.get("colocated_rollout"):
-        lines.insert(3, "colocated SGLang (GiB per GPU of the first node): " + ", ".join(
-            f"{k} {v}" for k, v in report["colocated_rollout"].items()))
+    ro = report.get("colocated_rollout")
+    if ro:
+        lines.insert(3, f"colocated SGLang on every node: {ro['rollout_gpus']} of {ro['training_gpus']} GPUs generate "
+                        f"({ro['servers']} servers, {ro['servers_per_node']} per node); node-local weight sync "
+                        f"{ro['sync_gib_per_node']} GiB into a node per sync")
+        lines.insert(4, "colocated SGLang (GiB per GPU, busiest node): " + ", ".join(
+            f"{k} {v}" for k, v in ro.items() if k.endswith("_gib") and k != "sync_gib_per_node"))
     for r in report["first_node"]:
         lines.append(f"             {r['rank']:4d} {r['gpu']:4d} {r['tp']:3d} {r['cp']:3d} {r['dp']:3d} {r['pp']:3d}")
     lines += [f"warning: {w}" for w in report["warnings"]]

@@ -62,9 +62,10 @@ class RolloutServices:
         self.engine = self.pool = self.logger = None
 
 
-def build_services(config, *, step: int, trainer_state: dict) -> tuple[RolloutServices, Any]:
+def build_services(config, *, step: int, trainer_state: dict, urls: Optional[list] = None) -> tuple[RolloutServices, Any]:
     """Rank 0's services, and the config with ``rollout.stop_token_ids`` resolved (the tokenizer's eos
-    when unset). ``trainer_state`` is a resumed checkpoint's (data position; {} for a fresh run)."""
+    when unset). ``trainer_state`` is a resumed checkpoint's (data position; {} for a fresh run);
+    ``urls``: the servers the nodes launched (node-local rollouts), which the engine attaches to."""
     from transformers import AutoTokenizer
 
     from megatron_fipo.algo.reward_pool import RewardPool
@@ -88,7 +89,7 @@ def build_services(config, *, step: int, trainer_state: dict) -> tuple[RolloutSe
     pool = engine = None
     try:
         pool = RewardPool(tr.reward_workers, tr.reward_timeout_s)
-        engine = _engine(config)
+        engine = _engine(config, urls)
     except BaseException:
         for obj in (pool, logger):
             if obj is not None:
@@ -99,7 +100,7 @@ def build_services(config, *, step: int, trainer_state: dict) -> tuple[RolloutSe
     return services, config
 
 
-def _engine(config):
+def _engine(config, urls: Optional[list]):
     ro = config.rollout
     if ro.engine == "cpu":
         from megatron_fipo.rollout.cpu_engine import CPUEngine
@@ -107,7 +108,9 @@ def _engine(config):
         return CPUEngine(config.model.hf_path, max_batch_rows=ro.cpu_max_batch_rows)
     from megatron_fipo.rollout.sglang_engine import SGLangEngine
 
-    return SGLangEngine.from_config(config.model.hf_path, ro, log_dir=os.path.join(config.train.run_dir, "sglang_logs"))
+    extra = {"urls": tuple(urls)} if urls else {}  # the nodes' own servers: attached (each node owns its own)
+    return SGLangEngine.from_config(config.model.hf_path, ro, log_dir=os.path.join(config.train.run_dir, "sglang_logs"),
+                                    **extra)
 
 
 def evaluate(services: Optional[RolloutServices], cfg) -> dict:

@@ -145,6 +145,8 @@ class Run:
     def close(self) -> None:
         if self.services is not None:
             self.services.close()
+        if self.sync.node_engine is not None:  # this node's colocated servers
+            self.sync.node_engine.shutdown()
 
 
 def build_run(config, groups, hf_config: dict) -> Run:
@@ -155,25 +157,69 @@ def build_run(config, groups, hf_config: dict) -> Run:
     arch = Qwen2Arch.from_hf(hf_config)
     actor = Actor(arch, groups, ActorSettings.from_sections(config.optim, config.model, config.parallel),
                   use_te=config.model.use_te)
-    sync = WeightSync(actor, groups, arch, hf_config, params_dtype=config.model.params_dtype,
-                      bucket_mb=config.rollout.bucket_mb)
     root = os.path.join(config.train.run_dir, "checkpoints")
     path = _resume_path(config.checkpoint.resume, root)
-    trainer_state = _load_weights(config, actor, sync, path)
-    counters = RunCounters.from_state(trainer_state)
-    dp_of = [None] * groups.world_size
-    dist.all_gather_object(dp_of, groups.dp_rank, group=groups.world)
-    services = None
-    if groups.rank == 0:
-        services, config = build_services(config, step=counters.step, trainer_state=trainer_state)
-    run = Run(config, groups, actor, sync, root, counters, services, dp_of)
+    nodes, node_engine, urls = _node_servers(config, groups)
+    sync = WeightSync(actor, groups, arch, hf_config, params_dtype=config.model.params_dtype,
+                      bucket_mb=config.rollout.bucket_mb, nodes=nodes, node_engine=node_engine)
+    run = Run(config, groups, actor, sync, root)
     try:
+        trainer_state = _load_weights(config, actor, sync, path)
+        run.counters = RunCounters.from_state(trainer_state)
+        dp_of = [None] * groups.world_size
+        dist.all_gather_object(dp_of, groups.dp_rank, group=groups.world)
+        run.dp_of_rank = dp_of
+        if groups.rank == 0:
+            run.services, run.config = build_services(config, step=run.counters.step, trainer_state=trainer_state,
+                                                      urls=urls)
         if path is not None:
-            run.sync_weights(version=counters.step)  # the engine started from the HF weights
+            run.sync_weights(version=run.counters.step)  # the engine started from the HF weights
     except BaseException:
         run.close()
         raise
     return run
+
+
+def node_local_rollout(config) -> bool:
+    """Colocated SGLang servers launched by the run: on every node, fed node-locally."""
+    ro = config.rollout
+    return ro.engine == "sglang" and ro.mode == "colocated" and not ro.urls
+
+
+def _node_servers(config, groups) -> tuple:
+    """``(NodeGroups, this node's engine or None, every server URL)`` for node-local rollouts; Nones otherwise.
+
+    Each node's first rank launches ``rollout.servers_per_node`` servers (default: the node's GPUs /
+    ``tp_size``) on its node's GPUs; the URLs of all nodes go to every rank. A node whose servers
+    fail to start fails the run on every rank (no rank waits for a node that gave up).
+    """
+    if not node_local_rollout(config):
+        return None, None, None
+    from megatron_fipo.parallel.nodes import NodeGroups
+    from megatron_fipo.rollout.sglang_engine import SGLangEngine
+
+    ro = config.rollout
+    nodes = NodeGroups(groups)
+    tp = int(ro.sglang_server_args()[0])
+    per_node = ro.servers_per_node or len(nodes.ranks) // tp
+    engine, status = None, None
+    if nodes.is_leader:
+        try:
+            if per_node < 1 or per_node * tp > len(nodes.ranks):
+                raise ValueError(f"node {nodes.place.node} has {len(nodes.ranks)} GPUs (ranks): too few for "
+                                 f"{per_node} server(s) x rollout.sglang.tp_size={tp}")
+            engine = SGLangEngine.from_config(config.model.hf_path, ro, replicas=per_node, urls=(), log_dir=os.path.join(
+                config.train.run_dir, "sglang_logs", f"node{nodes.place.node}"))
+        except Exception as err:  # noqa: BLE001 - every rank raises below
+            status = f"node {nodes.place.node}: {type(err).__name__}: {err}"
+    found = [None] * groups.world_size
+    dist.all_gather_object(found, (status, engine.urls if engine is not None else []), group=groups.world)
+    errors = [s for s, _ in found if s]
+    if errors:
+        if engine is not None:
+            engine.shutdown()
+        raise RuntimeError("colocated SGLang servers failed to start: " + "; ".join(errors))
+    return nodes, engine, [u for _, urls in found for u in urls]
 
 
 def _resume_path(resume: str, root: str) -> Optional[tuple[str, str]]:

@@ -3,9 +3,18 @@
 Owns ``WeightSync``: what the HF bridge needs to name this rank's parameters (architecture,
 layer offsets, spec), the one bucket buffer every sync reuses, the weight version the engine
 holds, and the two uses of the export stream (``push`` to the engine, ``export_hf`` to a
-directory). Only the ranks of the exporting model-parallel group (data-parallel and context-
-parallel rank 0) run the stream; the others wait at the barrier. Refusing non-finite weights is
-the caller's (``trainer_setup.Run``), before either call.
+directory). Refusing non-finite weights is the caller's (``trainer_setup.Run``), before either call.
+
+Two ways to feed the engine:
+
+* Funnel (the in-process CPU engine, disaggregated or attached SGLang servers): the ranks of the
+  exporting model-parallel group (data- and context-parallel rank 0) run the stream and global
+  rank 0 hands it to the engine; the others wait at the barrier.
+* Node-local (colocated SGLang servers on every node, ``nodes`` given): every rank runs
+  ``bridge.hf_export.export_hf_node_local`` (tensor-parallel gathers inside nodes, each stage
+  crossing into a node once), serializes its copy of each bucket for the server TP rank on its
+  GPU, and the node's first rank posts them to its own servers (``node_engine``). Nothing of
+  one node's servers comes from another node's processes.
 
 Must not import: megatron, the trainer. The engine is duck-typed (``update_weights(stream,
 version)`` and ``weight_version``).
@@ -18,16 +27,21 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from megatron_fipo.bridge.hf_export import drain, export_hf_state, save_hf_checkpoint
+from megatron_fipo.bridge.hf_export import drain, export_hf_node_local, export_hf_state, save_hf_checkpoint
 from megatron_fipo.conventions import hf_dtype_name, torch_dtype
 from megatron_fipo.rollout.engine import EngineError
+from megatron_fipo.rollout.sglang_engine import serialize_named_tensors
 
 
 class WeightSync:
     """One rank's side of the actor -> engine weight stream (see the module docstring)."""
 
-    def __init__(self, actor, groups, arch, hf_config: dict, *, params_dtype: str, bucket_mb: int, version: int = 0):
+    def __init__(self, actor, groups, arch, hf_config: dict, *, params_dtype: str, bucket_mb: int, version: int = 0,
+                 nodes=None, node_engine=None):
         self.actor, self.groups, self.arch, self.hf_config = actor, groups, arch, hf_config
+        self.nodes, self.node_engine = nodes, node_engine
+        """Node-local mode: ``parallel.nodes.NodeGroups``, and on each node's first rank the engine that
+        owns the node's servers (``SGLangEngine.push_tensor_payloads``)."""
         self.offsets, self.spec = actor.bridge_layout()
         self.dtype = torch_dtype(params_dtype)
         self.bucket_bytes = bucket_mb << 20
@@ -45,15 +59,25 @@ class WeightSync:
                                layer_offsets=self.offsets, dtype=dtype, bucket_bytes=bucket_bytes, spec=self.spec,
                                reuse_buffer=reuse_buffer)
 
+    def _buffer(self) -> torch.Tensor:
+        if self.buffer is None:  # one buffer for every bucket of every sync
+            device = next(p for _, p in self.actor.named_local_parameters()).device
+            self.buffer = torch.empty(self.bucket_bytes // self.dtype.itemsize, dtype=self.dtype, device=device)
+        return self.buffer
+
     def push(self, engine, version: int) -> float:
         """Stream the weights to ``engine`` (global rank 0's; None elsewhere) as ``version``; returns seconds.
-        Collective over the world."""
+        Collective over the world. Node-local mode feeds every node's servers, then tells ``engine``."""
         start = time.perf_counter()
+        if self.nodes is not None:
+            self._push_node_local(version)
+            dist.barrier(group=self.groups.world)
+            if engine is not None:
+                engine.adopt_version(version)
+            self.version = version
+            return time.perf_counter() - start
         if self.exports:
-            if self.buffer is None:  # one buffer for every bucket of every sync
-                device = next(p for _, p in self.actor.named_local_parameters()).device
-                self.buffer = torch.empty(self.bucket_bytes // self.dtype.itemsize, dtype=self.dtype, device=device)
-            stream = self._stream(self.dtype, self.bucket_bytes, reuse_buffer=self.buffer)
+            stream = self._stream(self.dtype, self.bucket_bytes, reuse_buffer=self._buffer())
             if engine is not None:
                 engine.update_weights(stream, version)
                 if engine.weight_version != version:
@@ -64,6 +88,49 @@ class WeightSync:
         dist.barrier(group=self.groups.world)
         self.version = version
         return time.perf_counter() - start
+
+    def _push_node_local(self, version: int) -> None:
+        """Every rank serializes each bucket for the server TP rank on its GPU; the node's first rank posts
+        the node's payloads to its servers and tells the node's ranks how it went (so all raise together)."""
+        nodes, engine = self.nodes, self.node_engine
+        stream = export_hf_node_local(self.actor.named_local_parameters(), self.arch, groups=self.groups, nodes=nodes,
+                                      layer_offsets=self.offsets, dtype=self.dtype, bucket_bytes=self.bucket_bytes,
+                                      spec=self.spec, reuse_buffer=self._buffer())
+        feeds = nodes.place.local < self.serving_ranks
+        for bucket in stream:
+            # CPU shared memory is unlinked by the server that opens it: a copy of its own per payload
+            sent = bucket if all(t.is_cuda for _, t in bucket) else [(n, t.clone()) for n, t in bucket]
+            payloads = [None] * len(nodes.ranks) if nodes.is_leader else None
+            dist.gather_object(serialize_named_tensors(sent) if feeds else None, payloads, dst=nodes.leader,
+                               group=nodes.group)
+            self._agree(lambda: engine.push_tensor_payloads(
+                [payloads[i * engine.tp_size:(i + 1) * engine.tp_size] for i in range(len(engine.urls))], version))
+        self._agree(lambda: engine.finish_update(version))
+
+    @property
+    def serving_ranks(self) -> int:
+        """How many of the node's ranks feed a server TP rank (the first ``servers x tp`` GPUs)."""
+        counts = [0]
+        if self.nodes.is_leader:
+            counts = [len(self.node_engine.urls) * self.node_engine.tp_size]
+        dist.broadcast_object_list(counts, src=self.nodes.leader, group=self.nodes.group)
+        return counts[0]
+
+    def _agree(self, call) -> None:
+        """Run ``call`` on the node's first rank; if it fails on any node, every rank of the world raises
+        (a node that went on alone would wait forever in the next bucket's collectives)."""
+        status = [None]
+        if self.nodes.is_leader:
+            try:
+                call()
+            except Exception as err:  # noqa: BLE001 - re-raised on every rank below
+                status = [f"{type(err).__name__}: {err}"]
+        dist.broadcast_object_list(status, src=self.nodes.leader, group=self.nodes.group)
+        failed = torch.tensor([0.0 if status[0] is None else 1.0], device=self._buffer().device)
+        dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=self.groups.world)
+        if failed.item():
+            raise EngineError(f"node {self.nodes.place.node}'s weight sync to its rollout servers failed: {status[0]}"
+                              if status[0] else "another node's weight sync to its rollout servers failed")
 
     def export_hf(self, out_dir: str, tokenizer_source: str) -> None:
         """Write an HF model directory (in the HF config's dtype) from global rank 0. Collective over the world."""

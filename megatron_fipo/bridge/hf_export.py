@@ -1,6 +1,7 @@
 """Megatron parameters -> full HF tensors, streamed in byte-bounded buckets; HF checkpoint writing.
 
-Owns ``export_hf_state`` (a generator of buckets ``[(hf_name, tensor), ...]``) and
+Owns ``export_hf_state`` (a generator of buckets ``[(hf_name, tensor), ...]``), its every-rank,
+node-local form ``export_hf_node_local`` (colocated rollout servers on every node) and
 ``save_hf_checkpoint`` (safetensors shards + ``model.safetensors.index.json`` + ``config.json`` +
 tokenizer files).
 
@@ -80,20 +81,84 @@ def export_hf_state(
         lists of ``(hf_name, tensor)`` with full (unsharded, unpadded) tensors on the parameters'
         device, identical on every rank of the pipeline / tensor group; every HF name exactly once.
     """
+    units, plans, dtype, device = _stage_plans(named_params, arch, groups, layer_offsets, dtype, spec)
+
+    def fill(stage: int, i: int, tensors: list) -> None:
+        if groups.pp_size == 1 or stage == groups.pp_rank:
+            entry, _, param = units[i]
+            M.to_hf_into(entry, _gather_tp(entry, param, groups), arch, tensors)
+        if groups.pp_size > 1:
+            for t in tensors:
+                dist.broadcast(t, src=groups.pp_global_ranks[stage], group=groups.pp)
+
+    yield from _walk(plans, fill, dtype, device, bucket_bytes, reuse_buffer)
+
+
+def export_hf_node_local(
+    named_params: Iterable[tuple[str, torch.Tensor]],
+    arch,
+    *,
+    groups,
+    nodes,
+    layer_offsets: Sequence[int],
+    dtype: torch.dtype | None = None,
+    bucket_bytes: int = 512 << 20,
+    spec: str = "mcore",
+    reuse_buffer: bool | torch.Tensor = False,
+) -> Iterator[Bucket]:
+    """``export_hf_state`` for every rank of the world, with traffic kept inside nodes where it can be.
+
+    Every rank yields the same buckets as ``export_hf_state`` (the full HF state dict), so every GPU
+    of a node can feed the rollout server TP rank on it. Per stage (``nodes.plan``,
+    ``parallel.nodes.node_sync_plan``): on each node holding the stage one tensor-parallel group
+    builds the HF tensors (its all-gather stays in the node); a node without the stage receives
+    them once, from one producer, into its first rank; then one broadcast over the node's group
+    reaches its other ranks. Must be iterated to the end on every rank of the world.
+
+    Args: as ``export_hf_state``, plus ``nodes`` (``parallel.nodes.NodeGroups``).
+    """
+    units, plans, dtype, device = _stage_plans(named_params, arch, groups, layer_offsets, dtype, spec)
+    me, node = groups.rank, nodes.place.node
+
+    def fill(stage: int, i: int, tensors: list) -> None:
+        plan = nodes.plan[stage]
+        if me in plan.producers.get(node, ()):
+            entry, _, param = units[i]
+            M.to_hf_into(entry, _gather_tp(entry, param, groups), arch, tensors)
+        for src, dst in plan.transfers:
+            for t in tensors:
+                if me == src:
+                    dist.send(t, dst, group=groups.world)
+                elif me == dst:
+                    dist.recv(t, src, group=groups.world)
+        if len(nodes.ranks) > 1:
+            for t in tensors:
+                dist.broadcast(t, src=plan.holders[node], group=nodes.group)
+
+    yield from _walk(plans, fill, dtype, device, bucket_bytes, reuse_buffer)
+
+
+def _stage_plans(named_params, arch, groups, layer_offsets, dtype, spec) -> tuple:
+    """This rank's exported units, every stage's ``(HF names, shapes)`` per unit (exchanged over the
+    pipeline group), the export dtype and the device."""
     M.check_tp(arch, groups.tp_size)
     units = [(e, layer, p) for _, e, layer, p in M.iter_global(list(named_params), layer_offsets, spec=spec)
              if not (e is M.OUTPUT_LAYER and arch.tie_word_embeddings)]
     dtype = dtype or (units[0][2].dtype if units else torch.float32)
     device = units[0][2].device if units else torch.device("cpu")
-    plans = [[(M.hf_names(e, layer), [tuple(s) for s in M.hf_shapes(e, arch)]) for e, layer, _ in units]]
+    mine = [(M.hf_names(e, layer), [tuple(s) for s in M.hf_shapes(e, arch)]) for e, layer, _ in units]
+    plans = [mine]
     if groups.pp_size > 1:
         plans = [None] * groups.pp_size
-        dist.all_gather_object(plans, [(M.hf_names(e, layer), [tuple(s) for s in M.hf_shapes(e, arch)])
-                                       for e, layer, _ in units], group=groups.pp)
+        dist.all_gather_object(plans, mine, group=groups.pp)
+    return units, plans, dtype, device
+
+
+def _walk(plans, fill, dtype: torch.dtype, device, bucket_bytes: int, reuse_buffer) -> Iterator[Bucket]:
+    """Buckets of every stage's units in pipeline order; ``fill(stage, i, tensors)`` writes unit i's tensors."""
     flat = _bucket_buffer(reuse_buffer, bucket_bytes, dtype, device)
     bucket, size = [], 0
     for stage, plan in enumerate(plans):
-        mine = groups.pp_size == 1 or stage == groups.pp_rank
         for i, (names, shapes) in enumerate(plan):
             nbytes = sum(torch.Size(s).numel() for s in shapes) * dtype.itemsize
             if bucket and size + nbytes > bucket_bytes:
@@ -104,12 +169,7 @@ def export_hf_state(
                 tensors = [flat[o:o + torch.Size(s).numel()].view(s) for o, s in zip(offsets, shapes)]
             else:
                 tensors = [torch.empty(s, dtype=dtype, device=device) for s in shapes]
-            if mine:
-                entry, _, param = units[i]
-                M.to_hf_into(entry, _gather_tp(entry, param, groups), arch, tensors)
-            if groups.pp_size > 1:
-                for t in tensors:
-                    dist.broadcast(t, src=groups.pp_global_ranks[stage], group=groups.pp)
+            fill(stage, i, tensors)
             bucket.extend(zip(names, tensors))
             size += nbytes
     if bucket:

@@ -196,11 +196,13 @@ class SGLangEngine(RolloutEngine):
 
     @classmethod
     def from_config(cls, model_path: str, rollout, **kwargs) -> "SGLangEngine":
-        """From ``config.RolloutConfig`` (``sglang`` holds the server arguments; ``tp_size`` among them)."""
+        """From ``config.RolloutConfig`` (``sglang`` holds the server arguments; ``tp_size`` among them);
+        ``kwargs`` override (e.g. ``replicas`` and ``urls`` for a node's own servers)."""
         tp, args = rollout.sglang_server_args()
-        return cls(model_path, replicas=rollout.replicas, tp_size=int(tp), server_args=args, mode=rollout.mode,
-                   urls=tuple(rollout.urls), max_restarts=rollout.max_restarts, sync_host=rollout.sync_host,
-                   **kwargs)
+        options = dict(replicas=rollout.replicas, urls=tuple(rollout.urls), launch_cmd=tuple(rollout.launcher) or None)
+        options.update(kwargs)
+        return cls(model_path, tp_size=int(tp), server_args=args, mode=rollout.mode, max_restarts=rollout.max_restarts,
+                   sync_host=rollout.sync_host, **options)
 
     # ------------------------------------------------------------------ generation
     def generate(self, requests: Sequence[GenerationRequest], *, progress: bool = False) -> list[list[Sample]]:
@@ -297,6 +299,31 @@ class SGLangEngine(RolloutEngine):
                 self._broadcast_bucket(bucket, version, urls)
         for url in urls:
             post_checked(url + "/flush_cache", {}, timeout=self.timeout, what="flush_cache")
+
+    def push_tensor_payloads(self, payloads: Sequence[Sequence[str]], version: int) -> None:
+        """One bucket of a node-local colocated sync: ``payloads[i]`` holds replica i's serialized tensors, one
+        string per TP rank, each built by the trainer rank on that TP rank's GPU (``serialize_named_tensors``),
+        so every SGLang TP rank opens handles to tensors on its own GPU. ``finish_update`` ends the sync."""
+        self._check_open()
+        if len(payloads) != len(self.urls) or any(len(p) != self.tp_size for p in payloads):
+            raise ValueError(f"expected {len(self.urls)} replicas x {self.tp_size} TP-rank payloads, got "
+                             f"{[len(p) for p in payloads]}")
+        for url, per_rank in zip(self.urls, payloads):
+            post_checked(url + "/update_weights_from_tensor", {
+                "serialized_named_tensors": list(per_rank), "load_format": None, "flush_cache": False,
+                "weight_version": str(version)}, timeout=self.timeout, what="update_weights_from_tensor")
+
+    def finish_update(self, version: int) -> None:
+        """After the last bucket of ``push_tensor_payloads``: flush the prefix caches; ``version`` is served."""
+        for url in self.urls:
+            post_checked(url + "/flush_cache", {}, timeout=self.timeout, what="flush_cache")
+        self.weight_version = int(version)
+
+    def adopt_version(self, version: int) -> None:
+        """The driver's engine, after every node fed its own servers: they now serve ``version`` (each
+        ``/generate`` answer is checked against it)."""
+        self._check_open()
+        self.weight_version = int(version)
 
     def _ensure_group(self) -> None:
         if self._broadcast is not None:

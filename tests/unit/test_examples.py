@@ -93,6 +93,7 @@ def test_recipes_plan_at_their_world_sizes(name, tmp_path, capsys):
         report = json.loads(capsys.readouterr().out)
         assert report["world"] == world and report["warnings"] == []
         assert report["memory_gib"]["total"] < 80 and report["colocated_rollout"]["total_gib"] < 80
+        assert report["colocated_rollout"]["rollout_gpus"] == world  # every GPU of every node generates
 
 
 @pytest.mark.parametrize("name", ["qwen2.5-32b-fipo.yaml", "qwen2.5-7b-fipo.yaml"])
@@ -111,7 +112,8 @@ def test_plan_output_quoted_in_the_recipe_is_current(name):
     ("parallel.pp=3", "not a multiple of tp*pp*cp"),
     ("parallel.cp=32", "not a multiple of tp*pp*cp"),
     ("optim.max_tokens_per_micro_batch=20000", "must hold one full sequence"),
-    ("rollout.replicas=3", "the servers run on the first node's 8 GPUs"),
+    ("rollout.servers_per_node=3", "3 server(s) per node x rollout.sglang.tp_size 4 = 12 GPUs, but a node has 8"),
+    ("rollout.replicas=3", "colocated SGLang servers run on every node; set rollout.servers_per_node"),
 ])
 def test_impossible_layouts_fail_with_a_clear_message(override, message, tmp_path, capsys):
     hf = _hf_dir(tmp_path, QWEN25_32B)
