@@ -57,3 +57,14 @@ def test_cp_scan_benchmark_quick(tmp_path):
         assert row["F_max_abs_diff"] < 1e-5 * row["F_max_abs"]
         assert max(row["F_max_abs_err_vs_fp64"].values()) < 1e-5 * row["F_max_abs"]
         assert row["time_ms"]["ours"] > 0 and row["time_ms"]["gather"] > 0
+
+
+@pytest.mark.timeout(180)
+def test_node_sync_benchmark_quick(tmp_path):
+    result = run_quick("node_sync.py", tmp_path / "node_sync.json")
+    funnel, local = result["funnel"], result["node_local"]
+    # bytes are a correctness property of the plan (timings are only reported): each node receives the
+    # other node's stage once, the funnel at least that plus the whole model per remote receiver
+    assert local["bytes_into_node"]["0"] > 0 and local["bytes_into_node"]["1"] > 0
+    assert sum(funnel["bytes_into_node"].values()) > 2 * sum(local["bytes_into_node"].values())
+    assert result["qwen2.5_32b"]["node_local_max_gib_into_a_node"] < result["qwen2.5_32b"]["funnel_gib_into_a_node"]
