@@ -10,6 +10,7 @@ Composition only.
 from __future__ import annotations
 
 import enum
+import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -200,6 +201,10 @@ def _node_servers(config, groups) -> tuple:
 
     ro = config.rollout
     nodes = NodeGroups(groups)
+    if groups.rank == 0:  # where every rank runs (host, node, pid): for the operator, and the locality tests
+        os.makedirs(config.train.run_dir, exist_ok=True)
+        with open(os.path.join(config.train.run_dir, "ranks.json"), "w", encoding="utf-8") as fh:
+            json.dump(nodes.records(), fh, indent=1)
     tp = int(ro.sglang_server_args()[0])
     per_node = ro.servers_per_node or len(nodes.ranks) // tp
     engine, status = None, None

@@ -19,6 +19,7 @@ arrive in any object with ``rank``, ``world_size``, ``tp_rank``, ``pp_rank``, ``
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -35,6 +36,8 @@ class RankPlace:
     tp: int
     dp: int
     cp: int
+    host: str = ""
+    pid: int = 0
 
 
 @dataclass(frozen=True)
@@ -110,7 +113,7 @@ class NodeGroups:
 
     def __init__(self, groups, *, node: Optional[int] = None):
         me = (node if node is not None else node_id(groups.rank), groups.pp_rank, groups.tp_rank, groups.dp_rank,
-              groups.cp_rank)
+              groups.cp_rank, socket.gethostname(), os.getpid())
         gathered = [None] * groups.world_size
         dist.all_gather_object(gathered, me, group=groups.world)
         nodes = sorted({g[0] for g in gathered})
@@ -126,6 +129,10 @@ class NodeGroups:
             if n == self.place.node:
                 self.group = group
         self.plan = node_sync_plan(self.places, groups.tp_size)
+
+    def records(self) -> list[dict]:
+        """One dict per rank (rank, node, local, pp, tp, dp, cp, host, pid): what ``ranks.json`` holds."""
+        return [dict(vars(p)) for p in self.places]
 
     @property
     def leader(self) -> int:
