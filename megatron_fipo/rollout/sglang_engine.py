@@ -1,8 +1,9 @@
 """The SGLang rollout engine: owned server replicas, HTTP generation, colocated and disaggregated weight sync.
 
-Owns ``SGLangEngine`` and the payload builders ``serialize_named_tensors`` (SGLang's
-``MultiprocessingSerializer`` format, built with torch's ``ForkingPickler``) and
-``tcp_gloo_group``. The only module that imports sglang, and only lazily (for
+Owns ``SGLangEngine``, ``serialize_named_tensors`` (SGLang's ``MultiprocessingSerializer`` format,
+built with torch's ``ForkingPickler``), ``tcp_gloo_group`` and the request bodies it sends
+(``generate_payload``, ``tensor_update_payload``, ``init_group_payload``,
+``distributed_update_payload``). The only module that imports sglang, and only lazily (for
 ``init_custom_process_group`` in disaggregated mode): on CPU every other path is exercised
 against ``tests/fake_sglang_server.py``, which speaks the same endpoints.
 
@@ -85,6 +86,41 @@ def deserialize_named_tensors(payload: str) -> list:
     import torch.multiprocessing  # noqa: F401 - registers the tensor reductions
 
     return pickle.loads(base64.b64decode(payload))
+
+
+WEIGHT_GROUP = "fipo_weights"  # the name of the disaggregated weight-update group
+_UPDATE_OPTIONS = {"flush_cache": False}  # what every weight-update request says besides its tensors
+
+
+def generate_payload(req: GenerationRequest, j: int) -> dict:
+    """The ``/generate`` body of sample ``j`` of ``req`` (SGLang's ``GenerateReqInput``)."""
+    p = req.params
+    sampling = {"temperature": p.temperature, "top_p": p.top_p, "top_k": p.top_k or -1,
+                "max_new_tokens": p.max_new_tokens, "stop_token_ids": list(p.stop_token_ids)}
+    if p.seed is not None:
+        sampling["sampling_seed"] = p.seed + j
+    return {"input_ids": list(req.prompt_ids), "sampling_params": sampling, "return_logprob": True}
+
+
+def tensor_update_payload(per_rank: Sequence[str], version: int) -> dict:
+    """``/update_weights_from_tensor`` (``UpdateWeightsFromTensorReqInput``): one serialized bucket per TP rank."""
+    return {"serialized_named_tensors": list(per_rank), "load_format": None, "weight_version": str(version),
+            **_UPDATE_OPTIONS}
+
+
+def init_group_payload(master_address: str, master_port: int, rank_offset: int, world_size: int,
+                       backend: str) -> dict:
+    """``/init_weights_update_group`` (``InitWeightsUpdateGroupReqInput``): the server's TP ranks join as
+    ``rank_offset ...``."""
+    return {"master_address": master_address, "master_port": master_port, "rank_offset": rank_offset,
+            "world_size": world_size, "group_name": WEIGHT_GROUP, "backend": backend}
+
+
+def distributed_update_payload(bucket: Sequence[tuple[str, torch.Tensor]], version: int) -> dict:
+    """``/update_weights_from_distributed`` (``UpdateWeightsFromDistributedReqInput``): what is broadcast next."""
+    return {"names": [n for n, _ in bucket], "dtypes": [str(t.dtype).replace("torch.", "") for _, t in bucket],
+            "shapes": [list(t.shape) for _, t in bucket], "group_name": WEIGHT_GROUP,
+            "weight_version": str(version), **_UPDATE_OPTIONS}
 
 
 def tcp_gloo_group(init_method: str, world_size: int, rank: int, group_name: str, backend: str = "gloo"):
@@ -217,12 +253,7 @@ class SGLangEngine(RolloutEngine):
         return out
 
     def _sample(self, k: int, req: GenerationRequest, ri: int, j: int) -> Sample:
-        p = req.params
-        sampling = {"temperature": p.temperature, "top_p": p.top_p, "top_k": p.top_k or -1,
-                    "max_new_tokens": p.max_new_tokens, "stop_token_ids": list(p.stop_token_ids)}
-        if p.seed is not None:
-            sampling["sampling_seed"] = p.seed + j
-        payload = {"input_ids": list(req.prompt_ids), "sampling_params": sampling, "return_logprob": True}
+        payload = generate_payload(req, j)
         replica, attempts = k % len(self.urls), 0
         while True:
             try:
@@ -288,15 +319,15 @@ class SGLangEngine(RolloutEngine):
                     # CPU shared memory is unlinked once a receiver is done with it: one copy per replica
                     # (CUDA IPC handles can be opened by every replica: no copy)
                     sent = bucket if all(t.is_cuda for _, t in bucket) else [(n, t.clone()) for n, t in bucket]
-                    payload = serialize_named_tensors(sent)
-                    post_checked(url + "/update_weights_from_tensor", {
-                        "serialized_named_tensors": [payload] * self.tp_size, "load_format": None,
-                        "flush_cache": False, "weight_version": str(version)}, timeout=self.timeout,
-                        what="update_weights_from_tensor")
+                    payload = tensor_update_payload([serialize_named_tensors(sent)] * self.tp_size, version)
+                    self._post(url, "/update_weights_from_tensor", payload)
             else:
                 self._broadcast_bucket(bucket, version, urls)
         for url in urls:
-            post_checked(url + "/flush_cache", {}, timeout=self.timeout, what="flush_cache")
+            self._post(url, "/flush_cache")
+
+    def _post(self, url: str, route: str, payload: Optional[Mapping] = None) -> dict:
+        return post_checked(url + route, payload or {}, timeout=self.timeout, what=route[1:])
 
     def _ensure_group(self) -> None:
         if self._broadcast is not None:
@@ -304,13 +335,13 @@ class SGLangEngine(RolloutEngine):
         port, world = free_port(self.sync_host), 1 + self.tp_size * len(self.urls)
         init = f"tcp://{self.sync_host}:{port}"
         errors: list = []
-        threads = [threading.Thread(target=_post_into, args=(errors, url + "/init_weights_update_group", {
-            "master_address": self.sync_host, "master_port": port, "rank_offset": 1 + i * self.tp_size,
-            "world_size": world, "group_name": "fipo_weights", "backend": self.backend}, self.timeout))
+        threads = [threading.Thread(target=_post_into, args=(
+            errors, url + "/init_weights_update_group",
+            init_group_payload(self.sync_host, port, 1 + i * self.tp_size, world, self.backend), self.timeout))
             for i, url in enumerate(self.urls)]
         for t in threads:
             t.start()
-        self._broadcast = self.group_factory(init, world, 0, "fipo_weights", self.backend)
+        self._broadcast = self.group_factory(init, world, 0, WEIGHT_GROUP, self.backend)
         for t in threads:
             t.join(self.timeout)
         if errors:
@@ -318,9 +349,7 @@ class SGLangEngine(RolloutEngine):
             raise errors[0]
 
     def _broadcast_bucket(self, bucket, version: int, urls) -> None:
-        meta = {"names": [n for n, _ in bucket], "dtypes": [str(t.dtype).replace("torch.", "") for _, t in bucket],
-                "shapes": [list(t.shape) for _, t in bucket], "group_name": "fipo_weights", "flush_cache": False,
-                "weight_version": str(version)}
+        meta = distributed_update_payload(bucket, version)
         errors: list = []
         threads = [threading.Thread(target=_post_into, args=(errors, url + "/update_weights_from_distributed", meta,
                                                             self.timeout)) for url in urls]
@@ -339,12 +368,12 @@ class SGLangEngine(RolloutEngine):
     def release(self) -> None:
         self._check_open()
         for url in self.urls:
-            post_checked(url + "/release_memory_occupation", {}, timeout=self.timeout, what="release_memory_occupation")
+            self._post(url, "/release_memory_occupation")
 
     def resume(self) -> None:
         self._check_open()
         for url in self.urls:
-            post_checked(url + "/resume_memory_occupation", {}, timeout=self.timeout, what="resume_memory_occupation")
+            self._post(url, "/resume_memory_occupation")
 
     def health(self) -> dict:
         replicas = []
