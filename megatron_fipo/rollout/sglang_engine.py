@@ -7,7 +7,7 @@ built with torch's ``ForkingPickler``), ``tcp_gloo_group`` and the request bodie
 ``init_custom_process_group`` in disaggregated mode): on CPU every other path is exercised
 against ``tests/fake_sglang_server.py``, which speaks the same endpoints.
 
-Design (SGLang 0.5.x HTTP API):
+Design (SGLang 0.5.23 HTTP API, the pin of tools/sglang_pin.txt):
 
 * One server per rollout data-parallel replica (``replicas``), each with ``tp_size`` GPUs
   (``--base-gpu-id``); one HTTP ``/generate`` request per sample (SGLang's radix cache shares
@@ -17,13 +17,18 @@ Design (SGLang 0.5.x HTTP API):
 * Colocated release / resume need the server flags ``enable_memory_saver`` (package
   ``torch_memory_saver``) and, to keep the weights across a release, ``enable_weights_cpu_backup``
   (SGLang >= 0.5.3); the trainer re-syncs after every training phase in any case.
+* Every sync is one weight-update session per server: ``/begin_weight_update``, the buckets,
+  ``/end_weight_update`` (SGLang refuses updates outside a session), then ``/flush_cache``. The
+  update requests send SGLang's defaults explicitly: no flush per bucket (``flush_cache`` and so
+  ``torch_empty_cache`` off), ``load_format`` None (named tensors, not SGLang's flattened bucket),
+  ``selector`` ``"all"`` (the served model and, under speculative decoding, the draft model).
 * Colocated sync: every bucket is pickled once as CUDA-IPC handles (the bucket's tensors are
   views of one buffer, so one handle) and the same string is sent to each of the replica's TP
-  ranks (``serialized_named_tensors``, ``load_format`` None); the call returns after SGLang has
-  copied the weights, and only then is the next bucket requested, so a reused buffer is safe.
-  ``flush_cache`` follows the last bucket. CPU tensors (tests, CPU servers) use the
-  ``file_system`` sharing strategy (fd passing needs a shared ``multiprocessing`` authkey that a
-  separate server lacks) and one copy per replica (a receiver unlinks the shared memory).
+  ranks (``serialized_named_tensors``); the call returns after SGLang has copied the weights, and
+  only then is the next bucket requested, so a reused buffer is safe. CPU tensors (tests, CPU
+  servers) use the ``file_system`` sharing strategy (fd passing needs a shared ``multiprocessing``
+  authkey that a separate server lacks) and one copy per replica (a receiver unlinks the shared
+  memory).
 * Disaggregated sync: ``/init_weights_update_group`` once (this process is rank 0; replica ``i``'s
   TP ranks follow), then per bucket ``/update_weights_from_distributed`` (names, dtypes,
   shapes) posted in background threads while this process broadcasts each tensor in order.
@@ -35,6 +40,7 @@ Design (SGLang 0.5.x HTTP API):
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import ipaddress
 import os
@@ -89,7 +95,8 @@ def deserialize_named_tensors(payload: str) -> list:
 
 
 WEIGHT_GROUP = "fipo_weights"  # the name of the disaggregated weight-update group
-_UPDATE_OPTIONS = {"flush_cache": False}  # what every weight-update request says besides its tensors
+# What every weight-update request says besides its tensors (see the module docstring).
+_UPDATE_OPTIONS = {"flush_cache": False, "torch_empty_cache": False, "load_format": None, "selector": "all"}
 
 
 def generate_payload(req: GenerationRequest, j: int) -> dict:
@@ -104,8 +111,7 @@ def generate_payload(req: GenerationRequest, j: int) -> dict:
 
 def tensor_update_payload(per_rank: Sequence[str], version: int) -> dict:
     """``/update_weights_from_tensor`` (``UpdateWeightsFromTensorReqInput``): one serialized bucket per TP rank."""
-    return {"serialized_named_tensors": list(per_rank), "load_format": None, "weight_version": str(version),
-            **_UPDATE_OPTIONS}
+    return {"serialized_named_tensors": list(per_rank), "weight_version": str(version), **_UPDATE_OPTIONS}
 
 
 def init_group_payload(master_address: str, master_port: int, rank_offset: int, world_size: int,
@@ -313,17 +319,28 @@ class SGLangEngine(RolloutEngine):
         urls = [self.urls[i] for i in only]
         if self.mode == "disaggregated":
             self._ensure_group()
-        for bucket in stream:
-            if self.mode == "colocated":
-                for url in urls:
-                    # CPU shared memory is unlinked once a receiver is done with it: one copy per replica
-                    # (CUDA IPC handles can be opened by every replica: no copy)
-                    sent = bucket if all(t.is_cuda for _, t in bucket) else [(n, t.clone()) for n, t in bucket]
-                    payload = tensor_update_payload([serialize_named_tensors(sent)] * self.tp_size, version)
-                    self._post(url, "/update_weights_from_tensor", payload)
-            else:
-                self._broadcast_bucket(bucket, version, urls)
+        opened: list = []
+        try:
+            for url in urls:
+                self._post(url, "/begin_weight_update")
+                opened.append(url)
+            for bucket in stream:
+                if self.mode == "colocated":
+                    for url in urls:
+                        # CPU shared memory is unlinked once a receiver is done with it: one copy per replica
+                        # (CUDA IPC handles can be opened by every replica: no copy)
+                        sent = bucket if all(t.is_cuda for _, t in bucket) else [(n, t.clone()) for n, t in bucket]
+                        payload = tensor_update_payload([serialize_named_tensors(sent)] * self.tp_size, version)
+                        self._post(url, "/update_weights_from_tensor", payload)
+                else:
+                    self._broadcast_bucket(bucket, version, urls)
+        except BaseException:
+            for url in opened:  # close the sessions so that a later sync can open them; the first error wins
+                with contextlib.suppress(EngineError):
+                    self._post(url, "/end_weight_update")
+            raise
         for url in urls:
+            self._post(url, "/end_weight_update")
             self._post(url, "/flush_cache")
 
     def _post(self, url: str, route: str, payload: Optional[Mapping] = None) -> dict:
