@@ -3,7 +3,8 @@
 Owns ``SGLangEngine``, ``serialize_named_tensors`` (SGLang's ``MultiprocessingSerializer`` format,
 built with torch's ``ForkingPickler``), ``tcp_gloo_group`` and the request bodies it sends
 (``generate_payload``, ``tensor_update_payload``, ``init_group_payload``,
-``distributed_update_payload``). The only module that imports sglang, and only lazily (for
+``distributed_update_payload``; tests/unit/test_sglang_schema.py checks them against the pinned
+SGLang wheel's request classes). The only module that imports sglang, and only lazily (for
 ``init_custom_process_group`` in disaggregated mode): on CPU every other path is exercised
 against ``tests/fake_sglang_server.py``, which speaks the same endpoints.
 
