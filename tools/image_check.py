@@ -11,9 +11,10 @@ flashinfer) are built against. The image keeps the container's torch, so SGLang'
 have the container's ``major.minor`` (``torch_pin`` / ``same_minor``); the torch family is left out
 of SGLang's requirements (``filter_requirements``) so pip never replaces it. ``check`` imports the
 whole stack and fails the build with the reason. ``PAIRS`` records the pairings this repository
-uses, checked against the Dockerfile, setup.py and the pinned wheel's metadata by
-tests/unit/test_dockerfile.py. ``read_pin`` reads the one SGLang pin, ``tools/sglang_pin.txt`` (version
-and wheel hashes). Stdlib plus ``packaging`` (present in the container and wherever pip is).
+uses, checked against the Dockerfile and setup.py by tests/unit/test_dockerfile.py and against the
+pinned wheel's metadata by tests/unit/test_sglang_schema.py. ``read_pin`` reads the one SGLang pin,
+``tools/sglang_pin.txt`` (version and wheel hashes). Stdlib plus ``packaging`` (present in the
+container and wherever pip is).
 """
 from __future__ import annotations
 
@@ -37,7 +38,8 @@ STACK = ("torch", "transformer_engine.pytorch", "apex", "megatron.core", "sglang
 
 def read_pin(path: str = PIN) -> tuple[str, list[str]]:
     """``(version, [sha256, ...])`` of the pin file's one ``sglang==X --hash=sha256:...`` requirement."""
-    text = open(path, encoding="utf-8").read()
+    with open(path, encoding="utf-8") as fh:
+        text = fh.read()
     versions = re.findall(r"^sglang==(\S+)", text, flags=re.M)
     hashes = re.findall(r"--hash=sha256:([0-9a-f]{64})\b", text)
     if len(versions) != 1 or not hashes:
