@@ -1,5 +1,16 @@
 """Install megatron_fipo. CPU machines: `bash tools/bootstrap.sh` (pins torch==2.13.0)."""
+import os
+import re
+
 from setuptools import find_packages, setup
+
+
+def _sglang_pin() -> str:
+    """``sglang==X`` of tools/sglang_pin.txt, the one place the GPU image's SGLang release is written."""
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "tools", "sglang_pin.txt"),
+              encoding="utf-8") as fh:
+        return re.search(r"^sglang==\S+", fh.read(), flags=re.M).group(0)
+
 
 setup(
     name="megatron-fipo",
@@ -33,7 +44,7 @@ setup(
         # GPU-only: never installed on the CPU development machines. The Dockerfile installs these
         # pins into NVIDIA's PyTorch container (which brings Transformer Engine and apex);
         # tests/unit/test_dockerfile.py keeps its build arguments equal to them.
-        "gpu": ["transformer-engine[pytorch]", "megatron-core==0.16.1", "sglang==0.5.5.post3"],
+        "gpu": ["transformer-engine[pytorch]", "megatron-core==0.16.1", _sglang_pin()],
     },
     entry_points={"console_scripts": ["megatron-fipo=megatron_fipo.cli:main"]},
 )

@@ -4,8 +4,10 @@
 SGLang arguments are ignored). It really deserializes ``update_weights_from_tensor`` payloads
 (shared-memory CPU tensors of the same host) for each TP rank, really joins the weight-update
 gloo group (one member per TP rank) and receives the broadcasts, and records a checksum of every
-received tensor per TP rank (``GET /fake_state``). ``/generate`` samples deterministically from a
-hash of (received weights, prompt, ``sampling_seed``), so a weight sync visibly changes outputs.
+received tensor per TP rank (``GET /fake_state``). Like SGLang 0.5.23 it refuses weight updates
+outside a ``/begin_weight_update`` ... ``/end_weight_update`` session. ``/generate`` samples
+deterministically from a hash of (received weights, prompt, ``sampling_seed``), so a weight sync
+visibly changes outputs.
 
 Failure knobs: ``--die-after-requests N`` (exit hard on the N-th ``/generate``),
 ``--fail-endpoint NAME`` (answer ``success: false``), ``--never-healthy``.
@@ -36,6 +38,7 @@ class State:
         self.released = False
         self.groups = None  # per TP rank: broadcast callables
         self.flushes = 0
+        self.session_open, self.sessions = False, 0  # weight-update sessions: open now, closed so far
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(self.checksums, sort_keys=True).encode()).hexdigest()
@@ -69,7 +72,8 @@ def make_handler(state: State):
             if self.path == "/fake_state":
                 return self._send(200, {"weight_version": state.version, "checksums": state.checksums,
                                         "requests": state.requests, "released": state.released,
-                                        "flushes": state.flushes})
+                                        "flushes": state.flushes, "session_open": state.session_open,
+                                        "sessions": state.sessions})
             self._send(404, {"error": self.path})
 
         def do_POST(self):
@@ -80,7 +84,22 @@ def make_handler(state: State):
             handler = getattr(self, "_" + name, None)
             if handler is None:
                 return self._send(404, {"error": self.path})
+            if name.startswith("update_weights_from_") and not state.session_open:  # SGLang's words
+                return self._send(400, {"success": False, "message": f"{name} must run between "
+                                        "begin_weight_update() and end_weight_update()"})
             self._send(200, handler(body))
+
+        def _begin_weight_update(self, body):
+            if state.session_open:
+                return {"success": False, "message": "a weight-update session is already open"}
+            state.session_open = True
+            return {"success": True, "message": "Success"}
+
+        def _end_weight_update(self, body):
+            if not state.session_open:
+                return {"success": False, "message": "no weight-update session is open"}
+            state.session_open, state.sessions = False, state.sessions + 1
+            return {"success": True, "message": "Success"}
 
         def _generate(self, body):
             with state.lock:

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create (or refresh) ./.venv with CPU torch and this package with its test extra.
+# Create (or refresh) ./.venv with CPU torch and this package with its test extra, and download the
+# pinned SGLang wheel into build/wheels/ (for its request schemas, not installed).
 # Idempotent: a second run only checks what is installed. Usage: bash tools/bootstrap.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,4 +14,8 @@ export PIP_CONSTRAINT="$PWD/tools/constraints.txt"
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 .venv/bin/python -m pip install -q torch==2.13.0
 .venv/bin/python -m pip install -q -e '.[test]'
+# The GPU image's SGLang wheel, never installed here: tests/unit/test_sglang_schema.py reads its request
+# classes. One fixed wheel (cp311, x86_64) on any machine; pip checks it against tools/sglang_pin.txt's hashes.
+.venv/bin/python -m pip download -q --no-deps --require-hashes --only-binary=:all: --python-version 3.11 \
+  --implementation cp --abi cp311 --platform manylinux_2_34_x86_64 -d build/wheels -r tools/sglang_pin.txt
 echo "[bootstrap] ready: $(.venv/bin/python -c 'import torch; print("torch", torch.__version__)')"

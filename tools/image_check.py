@@ -3,7 +3,7 @@
 Usage (inside the image build; see Dockerfile)::
 
     python tools/image_check.py requirements sglang > reqs.txt    # Requires-Dist minus torch/torchvision/...
-    python tools/image_check.py check --sglang 0.5.5.post3 --mcore 0.16.1
+    python tools/image_check.py check --mcore 0.16.1              # sglang: the version of tools/sglang_pin.txt
 
 Owns the pairing rule of the image: NVIDIA's PyTorch container brings torch, Transformer Engine and
 apex built together, and SGLang pins one exact torch release that its kernels (sgl-kernel,
@@ -11,14 +11,18 @@ flashinfer) are built against. The image keeps the container's torch, so SGLang'
 have the container's ``major.minor`` (``torch_pin`` / ``same_minor``); the torch family is left out
 of SGLang's requirements (``filter_requirements``) so pip never replaces it. ``check`` imports the
 whole stack and fails the build with the reason. ``PAIRS`` records the pairings this repository
-uses, checked against the Dockerfile and setup.py by tests/unit/test_dockerfile.py. Stdlib plus
-``packaging`` (present in the container and wherever pip is).
+uses, checked against the Dockerfile and setup.py by tests/unit/test_dockerfile.py and against the
+pinned wheel's metadata by tests/unit/test_sglang_schema.py. ``read_pin`` reads the one SGLang pin,
+``tools/sglang_pin.txt`` (version and wheel hashes). Stdlib plus ``packaging`` (present in the
+container and wherever pip is).
 """
 from __future__ import annotations
 
 import argparse
 import importlib
 import importlib.metadata as md
+import os
+import re
 import sys
 from typing import Callable, Iterable, Optional, Sequence
 
@@ -26,9 +30,21 @@ from packaging.requirements import Requirement
 
 TORCH_FAMILY = {"torch", "torchvision", "torchaudio", "triton", "pytorch-triton"}
 # base image -> its torch major.minor; SGLang release -> the torch it pins (from its wheel metadata)
-PAIRS = {"images": {"nvcr.io/nvidia/pytorch:25.06-py3": "2.8"}, "sglang": {"0.5.5.post3": "2.8.0"}}
+PAIRS = {"images": {"nvcr.io/nvidia/pytorch:26.09-py3": "2.14"}, "sglang": {"0.5.23": "2.14.1"}}
+PIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sglang_pin.txt")
 STACK = ("torch", "transformer_engine.pytorch", "apex", "megatron.core", "sglang", "sgl_kernel", "flashinfer",
          "megatron_fipo.cli")
+
+
+def read_pin(path: str = PIN) -> tuple[str, list[str]]:
+    """``(version, [sha256, ...])`` of the pin file's one ``sglang==X --hash=sha256:...`` requirement."""
+    with open(path, encoding="utf-8") as fh:
+        text = fh.read()
+    versions = re.findall(r"^sglang==(\S+)", text, flags=re.M)
+    hashes = re.findall(r"--hash=sha256:([0-9a-f]{64})\b", text)
+    if len(versions) != 1 or not hashes:
+        raise ValueError(f"{path}: expected one sglang==X line with --hash=sha256:... hashes")
+    return versions[0], hashes
 
 
 def _name(req: Requirement) -> str:
@@ -96,17 +112,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     req = sub.add_parser("requirements", help="a distribution's requirements without the torch family")
     req.add_argument("dist")
     chk = sub.add_parser("check", help="versions, torch pairing and imports of the image")
-    chk.add_argument("--sglang", required=True)
+    chk.add_argument("--sglang", default=None, help="default: the version of tools/sglang_pin.txt")
     chk.add_argument("--mcore", required=True)
     args = parser.parse_args(argv)
     if args.command == "requirements":
         print("\n".join(filter_requirements(md.requires(args.dist) or ())))
         return 0
-    problems = check(args.sglang, args.mcore)
+    sglang = args.sglang or read_pin()[0]
+    problems = check(sglang, args.mcore)
     for p in problems:
         print(f"image_check: {p}", file=sys.stderr)
     if not problems:
-        print(f"image_check: torch {md.version('torch')}, sglang {args.sglang}, megatron-core {args.mcore}: ok")
+        print(f"image_check: torch {md.version('torch')}, sglang {sglang}, megatron-core {args.mcore}: ok")
     return 1 if problems else 0
 
 

@@ -1,12 +1,14 @@
 """The SGLang rollout engine: owned server replicas, HTTP generation, colocated and disaggregated weight sync.
 
-Owns ``SGLangEngine`` and the payload builders ``serialize_named_tensors`` (SGLang's
-``MultiprocessingSerializer`` format, built with torch's ``ForkingPickler``) and
-``tcp_gloo_group``. The only module that imports sglang, and only lazily (for
+Owns ``SGLangEngine``, ``serialize_named_tensors`` (SGLang's ``MultiprocessingSerializer`` format,
+built with torch's ``ForkingPickler``), ``tcp_gloo_group`` and the request bodies it sends
+(``generate_payload``, ``tensor_update_payload``, ``init_group_payload``,
+``distributed_update_payload``; tests/unit/test_sglang_schema.py checks them against the pinned
+SGLang wheel's request classes). The only module that imports sglang, and only lazily (for
 ``init_custom_process_group`` in disaggregated mode): on CPU every other path is exercised
 against ``tests/fake_sglang_server.py``, which speaks the same endpoints.
 
-Design (SGLang 0.5.x HTTP API):
+Design (SGLang 0.5.23 HTTP API, the pin of tools/sglang_pin.txt):
 
 * One server per rollout data-parallel replica (``replicas``), each with ``tp_size`` GPUs
   (``--base-gpu-id``); one HTTP ``/generate`` request per sample (SGLang's radix cache shares
@@ -16,13 +18,18 @@ Design (SGLang 0.5.x HTTP API):
 * Colocated release / resume need the server flags ``enable_memory_saver`` (package
   ``torch_memory_saver``) and, to keep the weights across a release, ``enable_weights_cpu_backup``
   (SGLang >= 0.5.3); the trainer re-syncs after every training phase in any case.
+* Every sync is one weight-update session per server: ``/begin_weight_update``, the buckets,
+  ``/end_weight_update`` (SGLang refuses updates outside a session), then ``/flush_cache``. The
+  update requests send SGLang's defaults explicitly: no flush per bucket (``flush_cache`` and so
+  ``torch_empty_cache`` off), ``load_format`` None (named tensors, not SGLang's flattened bucket),
+  ``selector`` ``"all"`` (the served model and, under speculative decoding, the draft model).
 * Colocated sync: every bucket is pickled once as CUDA-IPC handles (the bucket's tensors are
   views of one buffer, so one handle) and the same string is sent to each of the replica's TP
-  ranks (``serialized_named_tensors``, ``load_format`` None); the call returns after SGLang has
-  copied the weights, and only then is the next bucket requested, so a reused buffer is safe.
-  ``flush_cache`` follows the last bucket. CPU tensors (tests, CPU servers) use the
-  ``file_system`` sharing strategy (fd passing needs a shared ``multiprocessing`` authkey that a
-  separate server lacks) and one copy per replica (a receiver unlinks the shared memory).
+  ranks (``serialized_named_tensors``); the call returns after SGLang has copied the weights, and
+  only then is the next bucket requested, so a reused buffer is safe. CPU tensors (tests, CPU
+  servers) use the ``file_system`` sharing strategy (fd passing needs a shared ``multiprocessing``
+  authkey that a separate server lacks) and one copy per replica (a receiver unlinks the shared
+  memory).
 * Disaggregated sync: ``/init_weights_update_group`` once (this process is rank 0; replica ``i``'s
   TP ranks follow), then per bucket ``/update_weights_from_distributed`` (names, dtypes,
   shapes) posted in background threads while this process broadcasts each tensor in order.
@@ -34,6 +41,7 @@ Design (SGLang 0.5.x HTTP API):
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import ipaddress
 import os
@@ -85,6 +93,41 @@ def deserialize_named_tensors(payload: str) -> list:
     import torch.multiprocessing  # noqa: F401 - registers the tensor reductions
 
     return pickle.loads(base64.b64decode(payload))
+
+
+WEIGHT_GROUP = "fipo_weights"  # the name of the disaggregated weight-update group
+# What every weight-update request says besides its tensors (see the module docstring).
+_UPDATE_OPTIONS = {"flush_cache": False, "torch_empty_cache": False, "load_format": None, "selector": "all"}
+
+
+def generate_payload(req: GenerationRequest, j: int) -> dict:
+    """The ``/generate`` body of sample ``j`` of ``req`` (SGLang's ``GenerateReqInput``)."""
+    p = req.params
+    sampling = {"temperature": p.temperature, "top_p": p.top_p, "top_k": p.top_k or -1,
+                "max_new_tokens": p.max_new_tokens, "stop_token_ids": list(p.stop_token_ids)}
+    if p.seed is not None:
+        sampling["sampling_seed"] = p.seed + j
+    return {"input_ids": list(req.prompt_ids), "sampling_params": sampling, "return_logprob": True}
+
+
+def tensor_update_payload(per_rank: Sequence[str], version: int) -> dict:
+    """``/update_weights_from_tensor`` (``UpdateWeightsFromTensorReqInput``): one serialized bucket per TP rank."""
+    return {"serialized_named_tensors": list(per_rank), "weight_version": str(version), **_UPDATE_OPTIONS}
+
+
+def init_group_payload(master_address: str, master_port: int, rank_offset: int, world_size: int,
+                       backend: str) -> dict:
+    """``/init_weights_update_group`` (``InitWeightsUpdateGroupReqInput``): the server's TP ranks join as
+    ``rank_offset ...``."""
+    return {"master_address": master_address, "master_port": master_port, "rank_offset": rank_offset,
+            "world_size": world_size, "group_name": WEIGHT_GROUP, "backend": backend}
+
+
+def distributed_update_payload(bucket: Sequence[tuple[str, torch.Tensor]], version: int) -> dict:
+    """``/update_weights_from_distributed`` (``UpdateWeightsFromDistributedReqInput``): what is broadcast next."""
+    return {"names": [n for n, _ in bucket], "dtypes": [str(t.dtype).replace("torch.", "") for _, t in bucket],
+            "shapes": [list(t.shape) for _, t in bucket], "group_name": WEIGHT_GROUP,
+            "weight_version": str(version), **_UPDATE_OPTIONS}
 
 
 def tcp_gloo_group(init_method: str, world_size: int, rank: int, group_name: str, backend: str = "gloo"):
@@ -219,12 +262,7 @@ class SGLangEngine(RolloutEngine):
         return out
 
     def _sample(self, k: int, req: GenerationRequest, ri: int, j: int) -> Sample:
-        p = req.params
-        sampling = {"temperature": p.temperature, "top_p": p.top_p, "top_k": p.top_k or -1,
-                    "max_new_tokens": p.max_new_tokens, "stop_token_ids": list(p.stop_token_ids)}
-        if p.seed is not None:
-            sampling["sampling_seed"] = p.seed + j
-        payload = {"input_ids": list(req.prompt_ids), "sampling_params": sampling, "return_logprob": True}
+        payload = generate_payload(req, j)
         replica, attempts = k % len(self.urls), 0
         while True:
             try:
@@ -284,21 +322,32 @@ class SGLangEngine(RolloutEngine):
         urls = [self.urls[i] for i in only]
         if self.mode == "disaggregated":
             self._ensure_group()
-        for bucket in stream:
-            if self.mode == "colocated":
-                for url in urls:
-                    # CPU shared memory is unlinked once a receiver is done with it: one copy per replica
-                    # (CUDA IPC handles can be opened by every replica: no copy)
-                    sent = bucket if all(t.is_cuda for _, t in bucket) else [(n, t.clone()) for n, t in bucket]
-                    payload = serialize_named_tensors(sent)
-                    post_checked(url + "/update_weights_from_tensor", {
-                        "serialized_named_tensors": [payload] * self.tp_size, "load_format": None,
-                        "flush_cache": False, "weight_version": str(version)}, timeout=self.timeout,
-                        what="update_weights_from_tensor")
-            else:
-                self._broadcast_bucket(bucket, version, urls)
+        opened: list = []
+        try:
+            for url in urls:
+                self._post(url, "/begin_weight_update")
+                opened.append(url)
+            for bucket in stream:
+                if self.mode == "colocated":
+                    for url in urls:
+                        # CPU shared memory is unlinked once a receiver is done with it: one copy per replica
+                        # (CUDA IPC handles can be opened by every replica: no copy)
+                        sent = bucket if all(t.is_cuda for _, t in bucket) else [(n, t.clone()) for n, t in bucket]
+                        payload = tensor_update_payload([serialize_named_tensors(sent)] * self.tp_size, version)
+                        self._post(url, "/update_weights_from_tensor", payload)
+                else:
+                    self._broadcast_bucket(bucket, version, urls)
+        except BaseException:
+            for url in opened:  # close the sessions so that a later sync can open them; the first error wins
+                with contextlib.suppress(EngineError):
+                    self._post(url, "/end_weight_update")
+            raise
         for url in urls:
-            post_checked(url + "/flush_cache", {}, timeout=self.timeout, what="flush_cache")
+            self._post(url, "/end_weight_update")
+            self._post(url, "/flush_cache")
+
+    def _post(self, url: str, route: str, payload: Optional[Mapping] = None) -> dict:
+        return post_checked(url + route, payload or {}, timeout=self.timeout, what=route[1:])
 
     def push_tensor_payloads(self, payloads: Sequence[Sequence[str]], version: int) -> None:
         """One bucket of a node-local colocated sync: ``payloads[i]`` holds replica i's serialized tensors, one
@@ -331,13 +380,13 @@ class SGLangEngine(RolloutEngine):
         port, world = free_port(self.sync_host), 1 + self.tp_size * len(self.urls)
         init = f"tcp://{self.sync_host}:{port}"
         errors: list = []
-        threads = [threading.Thread(target=_post_into, args=(errors, url + "/init_weights_update_group", {
-            "master_address": self.sync_host, "master_port": port, "rank_offset": 1 + i * self.tp_size,
-            "world_size": world, "group_name": "fipo_weights", "backend": self.backend}, self.timeout))
+        threads = [threading.Thread(target=_post_into, args=(
+            errors, url + "/init_weights_update_group",
+            init_group_payload(self.sync_host, port, 1 + i * self.tp_size, world, self.backend), self.timeout))
             for i, url in enumerate(self.urls)]
         for t in threads:
             t.start()
-        self._broadcast = self.group_factory(init, world, 0, "fipo_weights", self.backend)
+        self._broadcast = self.group_factory(init, world, 0, WEIGHT_GROUP, self.backend)
         for t in threads:
             t.join(self.timeout)
         if errors:
@@ -345,9 +394,7 @@ class SGLangEngine(RolloutEngine):
             raise errors[0]
 
     def _broadcast_bucket(self, bucket, version: int, urls) -> None:
-        meta = {"names": [n for n, _ in bucket], "dtypes": [str(t.dtype).replace("torch.", "") for _, t in bucket],
-                "shapes": [list(t.shape) for _, t in bucket], "group_name": "fipo_weights", "flush_cache": False,
-                "weight_version": str(version)}
+        meta = distributed_update_payload(bucket, version)
         errors: list = []
         threads = [threading.Thread(target=_post_into, args=(errors, url + "/update_weights_from_distributed", meta,
                                                             self.timeout)) for url in urls]
@@ -366,12 +413,12 @@ class SGLangEngine(RolloutEngine):
     def release(self) -> None:
         self._check_open()
         for url in self.urls:
-            post_checked(url + "/release_memory_occupation", {}, timeout=self.timeout, what="release_memory_occupation")
+            self._post(url, "/release_memory_occupation")
 
     def resume(self) -> None:
         self._check_open()
         for url in self.urls:
-            post_checked(url + "/resume_memory_occupation", {}, timeout=self.timeout, what="resume_memory_occupation")
+            self._post(url, "/resume_memory_occupation")
 
     def health(self) -> dict:
         replicas = []

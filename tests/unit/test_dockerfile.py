@@ -1,12 +1,15 @@
 """The GPU image without docker: the Dockerfile is linted (hadolint), its pinned versions agree with
-setup.py and tools/image_check.py, and the image's build-time check is tested with fakes."""
-import ast
+setup.py, tools/sglang_pin.txt and tools/image_check.py, and the image's build-time check is tested
+with fakes. (The pinned SGLang wheel itself is read by tests/unit/test_sglang_schema.py.)"""
 import importlib.metadata as md
 import os
 import re
+import runpy
 import shutil
 import subprocess
 import sys
+
+import setuptools
 
 import pytest
 from packaging.requirements import Requirement
@@ -26,11 +29,11 @@ def _args() -> dict:
     return dict(re.findall(r"^ARG (\w+)=(\S+)$", _dockerfile(), flags=re.M))
 
 
-def _setup_requirements() -> tuple[list, dict]:
-    """``install_requires`` and ``extras_require`` of setup.py, read without running it."""
-    tree = ast.parse(open(os.path.join(ROOT, "setup.py"), encoding="utf-8").read())
-    call = next(n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "setup")
-    kw = {k.arg: ast.literal_eval(k.value) for k in call.keywords if k.arg in ("install_requires", "extras_require")}
+def _setup_requirements(monkeypatch) -> tuple[list, dict]:
+    """``install_requires`` and ``extras_require`` of setup.py, run with ``setuptools.setup`` captured."""
+    kw: dict = {}
+    monkeypatch.setattr(setuptools, "setup", lambda **given: kw.update(given))
+    runpy.run_path(os.path.join(ROOT, "setup.py"), run_name="__main__")
     return kw["install_requires"], kw["extras_require"]
 
 
@@ -42,26 +45,37 @@ def test_hadolint_passes():
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-def test_pinned_versions_agree_with_setup_py():
+def test_pinned_versions_agree_with_setup_py(monkeypatch):
     args = _args()
-    install, extras = _setup_requirements()
+    sglang, hashes = image_check.read_pin()
+    install, extras = _setup_requirements(monkeypatch)
     gpu = {r.name: r for r in map(Requirement, extras["gpu"])}
-    assert str(gpu["sglang"].specifier) == f"=={args['SGLANG_VERSION']}"
+    assert str(gpu["sglang"].specifier) == f"=={sglang}"  # setup.py reads tools/sglang_pin.txt
     assert str(gpu["megatron-core"].specifier) == f"=={args['MCORE_VERSION']}"
     mcore = next(r for r in map(Requirement, install) if r.name == "megatron-core")
     assert mcore.specifier.contains(args["MCORE_VERSION"]), "the image's megatron-core must satisfy install_requires"
-    text = _dockerfile()  # the build installs and checks exactly these versions
-    for needle in ('"megatron-core==${MCORE_VERSION}"', '"sglang==${SGLANG_VERSION}"',
-                   'check --sglang "${SGLANG_VERSION}" --mcore "${MCORE_VERSION}"', "FROM ${BASE_IMAGE}"):
+    assert "SGLANG_VERSION" not in args, "SGLang's version is written only in tools/sglang_pin.txt"
+    assert len(hashes) == len(set(hashes)) == 3  # cp311 x86_64 (the schema test), cp312 x86_64 and aarch64
+    text = _dockerfile()  # the build installs and checks exactly these versions, SGLang hash-checked
+    for needle in ('"megatron-core==${MCORE_VERSION}"', "COPY tools/image_check.py tools/sglang_pin.txt tools/",
+                   "pip install --no-deps --require-hashes -r tools/sglang_pin.txt",
+                   'check --mcore "${MCORE_VERSION}"', "FROM ${BASE_IMAGE}"):
         assert needle in text
 
 
 def test_base_image_torch_pairs_with_sglangs_torch():
     args = _args()
+    sglang = image_check.read_pin()[0]
     assert re.fullmatch(r"nvcr\.io/nvidia/pytorch:\d\d\.\d\d-py3", args["BASE_IMAGE"])
     base = image_check.PAIRS["images"][args["BASE_IMAGE"]]
-    assert image_check.same_minor(base, image_check.PAIRS["sglang"][args["SGLANG_VERSION"]])
-    assert f"{args['SGLANG_VERSION']}: torch {image_check.PAIRS['sglang'][args['SGLANG_VERSION']]}" in _dockerfile()
+    assert image_check.same_minor(base, image_check.PAIRS["sglang"][sglang])
+    assert f"{sglang}: torch {image_check.PAIRS['sglang'][sglang]}" in _dockerfile()
+
+
+def test_read_pin_refuses_a_pin_without_hashes(tmp_path):
+    (tmp_path / "pin.txt").write_text("sglang==0.5.23\n")
+    with pytest.raises(ValueError, match="one sglang==X line"):
+        image_check.read_pin(str(tmp_path / "pin.txt"))
 
 
 def test_copied_paths_exist_and_the_context_leaves_the_venv_out():

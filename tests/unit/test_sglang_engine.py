@@ -108,6 +108,7 @@ def test_generation_and_colocated_sync(tmp_path):
         for i in range(2):
             state = _state(eng, i)
             assert state["weight_version"] == "5" and state["flushes"] == 1
+            assert state["sessions"] == 1 and not state["session_open"]  # one begin ... end session per sync
             for rank in ("0", "1"):
                 assert state["checksums"][rank] == {n: _sha(t) for n, t in tensors}
         after = eng.generate(_requests())
@@ -129,7 +130,7 @@ def test_disaggregated_sync_through_a_gloo_group(tmp_path):
         eng.update_weights(iter([tensors]), version=3)  # the group is set up once
         for i in range(2):
             state = _state(eng, i)
-            assert state["weight_version"] == "3"
+            assert state["weight_version"] == "3" and state["sessions"] == 2 and not state["session_open"]
             for rank in ("0", "1"):
                 assert state["checksums"][rank] == {n: hashlib.sha256(t.view(torch.int16).numpy().tobytes()
                                                                      if t.dtype == torch.bfloat16 else
@@ -187,6 +188,7 @@ def test_error_answers_and_unhealthy_servers(tmp_path):
         with pytest.raises(EngineError, match="injected failure in update_weights_from_tensor"):
             eng.update_weights(iter([[("w", torch.ones(2))]]), version=1)
         assert eng.weight_version == 0
+        assert not _state(eng, 0)["session_open"]  # closed after the failure: the next sync can begin
     with pytest.raises(EngineError, match="(?s)not healthy after 3 s.*GET /health HTTP/1.1\" 503"):
         _engine(tmp_path, "--never-healthy", startup_timeout=3)
     with pytest.raises(EngineError, match="exited with code"):
