@@ -97,14 +97,20 @@ class WeightSync:
                                       layer_offsets=self.offsets, dtype=self.dtype, bucket_bytes=self.bucket_bytes,
                                       spec=self.spec, reuse_buffer=self._buffer())
         feeds = nodes.place.local < self.serving_ranks
-        for bucket in stream:
-            # CPU shared memory is unlinked by the server that opens it: a copy of its own per payload
-            sent = bucket if all(t.is_cuda for _, t in bucket) else [(n, t.clone()) for n, t in bucket]
-            payloads = [None] * len(nodes.ranks) if nodes.is_leader else None
-            dist.gather_object(serialize_named_tensors(sent) if feeds else None, payloads, dst=nodes.leader,
-                               group=nodes.group)
-            self._agree(lambda: engine.push_tensor_payloads(
-                [payloads[i * engine.tp_size:(i + 1) * engine.tp_size] for i in range(len(engine.urls))], version))
+        self._agree(lambda: engine.begin_update())
+        try:
+            for bucket in stream:
+                # CPU shared memory is unlinked by the server that opens it: a copy of its own per payload
+                sent = bucket if all(t.is_cuda for _, t in bucket) else [(n, t.clone()) for n, t in bucket]
+                payloads = [None] * len(nodes.ranks) if nodes.is_leader else None
+                dist.gather_object(serialize_named_tensors(sent) if feeds else None, payloads, dst=nodes.leader,
+                                   group=nodes.group)
+                self._agree(lambda: engine.push_tensor_payloads(
+                    [payloads[i * engine.tp_size:(i + 1) * engine.tp_size] for i in range(len(engine.urls))], version))
+        except BaseException:
+            if engine is not None:
+                engine.abort_update()
+            raise
         self._agree(lambda: engine.finish_update(version))
 
     @property

@@ -338,9 +338,7 @@ class SGLangEngine(RolloutEngine):
                 else:
                     self._broadcast_bucket(bucket, version, urls)
         except BaseException:
-            for url in opened:  # close the sessions so that a later sync can open them; the first error wins
-                with contextlib.suppress(EngineError):
-                    self._post(url, "/end_weight_update")
+            self._close_sessions(opened)
             raise
         for url in urls:
             self._post(url, "/end_weight_update")
@@ -349,24 +347,49 @@ class SGLangEngine(RolloutEngine):
     def _post(self, url: str, route: str, payload: Optional[Mapping] = None) -> dict:
         return post_checked(url + route, payload or {}, timeout=self.timeout, what=route[1:])
 
+    def begin_update(self) -> None:
+        """Open a weight-update session on every replica, before ``push_tensor_payloads`` (node-local sync)."""
+        self._check_open()
+        opened: list = []
+        try:
+            for url in self.urls:
+                self._post(url, "/begin_weight_update")
+                opened.append(url)
+        except BaseException:
+            self._close_sessions(opened)
+            raise
+
     def push_tensor_payloads(self, payloads: Sequence[Sequence[str]], version: int) -> None:
         """One bucket of a node-local colocated sync: ``payloads[i]`` holds replica i's serialized tensors, one
         string per TP rank, each built by the trainer rank on that TP rank's GPU (``serialize_named_tensors``),
-        so every SGLang TP rank opens handles to tensors on its own GPU. ``finish_update`` ends the sync."""
-        self._check_open()
+        so every SGLang TP rank opens handles to tensors on its own GPU. Between ``begin_update`` and
+        ``finish_update``; a failure closes the sessions."""
         if len(payloads) != len(self.urls) or any(len(p) != self.tp_size for p in payloads):
             raise ValueError(f"expected {len(self.urls)} replicas x {self.tp_size} TP-rank payloads, got "
                              f"{[len(p) for p in payloads]}")
-        for url, per_rank in zip(self.urls, payloads):
-            post_checked(url + "/update_weights_from_tensor", {
-                "serialized_named_tensors": list(per_rank), "load_format": None, "flush_cache": False,
-                "weight_version": str(version)}, timeout=self.timeout, what="update_weights_from_tensor")
+        try:
+            for url, per_rank in zip(self.urls, payloads):
+                self._post(url, "/update_weights_from_tensor", tensor_update_payload(per_rank, version))
+        except BaseException:
+            self._close_sessions(self.urls)
+            raise
 
     def finish_update(self, version: int) -> None:
-        """After the last bucket of ``push_tensor_payloads``: flush the prefix caches; ``version`` is served."""
+        """After the last bucket of ``push_tensor_payloads``: close the sessions, flush the prefix caches;
+        ``version`` is served."""
         for url in self.urls:
-            post_checked(url + "/flush_cache", {}, timeout=self.timeout, what="flush_cache")
+            self._post(url, "/end_weight_update")
+            self._post(url, "/flush_cache")
         self.weight_version = int(version)
+
+    def abort_update(self) -> None:
+        """Close every replica's weight-update session after a sync failed elsewhere (other nodes, the stream)."""
+        self._close_sessions(self.urls)
+
+    def _close_sessions(self, urls) -> None:
+        for url in urls:  # so that a later sync can open them again; the first error is the one raised
+            with contextlib.suppress(EngineError, OSError):
+                self._post(url, "/end_weight_update")
 
     def adopt_version(self, version: int) -> None:
         """The driver's engine, after every node fed its own servers: they now serve ``version`` (each
