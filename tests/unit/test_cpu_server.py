@@ -54,26 +54,25 @@ def _start(model_dir, log_dir, *args, tp=2) -> ServerProcess:
     return server
 
 
-@pytest.fixture(scope="module")
-def served(model_dir, tmp_path_factory):
-    """A server holding the base weights (its tests leave them so)."""
+def _healthy_server(model_dir, tmp_path_factory):
     server = _start(model_dir, str(tmp_path_factory.mktemp("logs")))
     try:
         server.wait_healthy(180)
         yield server.url
     finally:
         server.kill()
+
+
+@pytest.fixture(scope="module")
+def served(model_dir, tmp_path_factory):
+    """A server holding the base weights (its tests leave them so)."""
+    yield from _healthy_server(model_dir, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
 def sync_server(model_dir, tmp_path_factory):
     """A server for the weight-update tests (each sends a whole state dict)."""
-    server = _start(model_dir, str(tmp_path_factory.mktemp("logs")))
-    try:
-        server.wait_healthy(180)
-        yield server.url
-    finally:
-        server.kill()
+    yield from _healthy_server(model_dir, tmp_path_factory)
 
 
 def _requests(seed, n=3):
