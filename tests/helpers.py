@@ -120,3 +120,25 @@ def alive_processes(procs: list) -> list:
         except psutil.NoSuchProcess:
             pass
     return out
+
+
+def reused_buffer_buckets(named, buffer_elems: int, fill: float = float("nan")):
+    """``[(name, tensor)]`` as buckets of views into one buffer of ``buffer_elems`` elements, as the weight
+    bridge streams them: the buffer is overwritten with ``fill`` when the consumer asks for the next bucket,
+    so a consumer that kept a view instead of copying it sees ``fill``."""
+    named = list(named)
+    biggest = max(t.numel() for _, t in named)
+    if biggest > buffer_elems:
+        raise ValueError(f"a tensor of {biggest} elements does not fit a buffer of {buffer_elems}")
+    buffer = torch.empty(buffer_elems, dtype=named[0][1].dtype)
+    bucket, used = [], 0
+    for name, tensor in named:
+        if bucket and used + tensor.numel() > buffer_elems:
+            yield bucket
+            buffer.fill_(fill)
+            bucket, used = [], 0
+        view = buffer[used:used + tensor.numel()].view(tensor.shape)
+        view.copy_(tensor)
+        bucket.append((name, view))
+        used += tensor.numel()
+    yield bucket

@@ -13,8 +13,10 @@ protocol's convention), while the token itself is drawn after top-k then top-p t
 row draws from its own ``torch.Generator`` seeded ``seed + sample_index``, so its samples do not
 depend on the other rows of its batch.
 
-Weight updates copy each streamed HF tensor into the matching parameter before the next bucket
-is requested (the bridge reuses one buffer) and check that every parameter arrived once.
+Weight updates (``WeightUpdate``, fed one bucket at a time: by ``update_weights`` from a stream,
+by ``cpu_server`` from one HTTP request after another) copy each streamed HF tensor into the
+matching parameter before the next bucket is requested (the bridge reuses one buffer) and check
+that every parameter arrived once.
 ``release`` / ``resume`` have no accelerator memory to free here; they only gate ``generate``, so
 a colocated loop that forgets ``resume`` fails here as it would on GPUs.
 """
@@ -82,23 +84,18 @@ class CPUEngine(RolloutEngine):
 
     def update_weights(self, stream: WeightStream, version: int) -> None:
         """Copy the streamed HF tensors into the model; ``version`` is served afterwards."""
+        update = self.begin_update()
+        for bucket in stream:
+            update.load(bucket)
+        update.finish(version)
+
+    def begin_update(self) -> "WeightUpdate":
+        """Start a weight update fed one bucket at a time (``update_weights`` and the CPU server use it).
+
+        From here until ``WeightUpdate.finish`` the model holds a mix of versions and ``generate`` refuses.
+        """
         self._check_alive()
-        params = dict(self.model.named_parameters())
-        seen: list[str] = []
-        self._partial = True  # until the stream is complete the weights are a mix: generate refuses
-        with torch.no_grad():
-            for bucket in stream:
-                for name, tensor in bucket:
-                    target = params.get(name)
-                    if target is not None:
-                        if tuple(tensor.shape) != tuple(target.shape):
-                            raise ValueError(f"weight {name!r}: streamed shape {tuple(tensor.shape)}, "
-                                             f"model shape {tuple(target.shape)}")
-                        target.copy_(tensor)
-                    seen.append(name)
-        validate_stream_names(seen, params)
-        self.weight_version = int(version)
-        self._partial = False
+        return WeightUpdate(self)
 
     def release(self) -> None:
         self._check_alive()
@@ -180,6 +177,48 @@ class CPUEngine(RolloutEngine):
             logits = self.model(input_ids=token[:, None], attention_mask=mask, position_ids=positions,
                                 past_key_values=cache, use_cache=True).logits[:, -1].float()
         return results
+
+
+class WeightUpdate:
+    """One weight update of a ``CPUEngine``: buckets of ``(hf_name, tensor)`` copied in as they come.
+
+    ``load`` rejects a name the model does not have, a name already loaded in this update and a
+    shape mismatch at once; ``finish`` rejects a missing one, then serves ``version``.
+    """
+
+    def __init__(self, engine: CPUEngine):
+        self.engine = engine
+        self.params = dict(engine.model.named_parameters())
+        self.seen: list[str] = []
+        engine._partial = True  # until the update is complete the weights are a mix: generate refuses
+
+    def load(self, bucket: Sequence[tuple[str, torch.Tensor]]) -> None:
+        """Copy one bucket into the model (the tensors may be reused by the caller afterwards)."""
+        self.engine._check_alive()
+        done = set(self.seen)
+        for name, tensor in bucket:
+            target = self.params.get(name)
+            if target is None or name in done:
+                raise ValueError(f"weight stream does not match the engine's model: "
+                                 f"{'unknown' if target is None else 'duplicated'} weight {name!r}")
+            if tuple(tensor.shape) != tuple(target.shape):
+                raise ValueError(f"weight {name!r}: streamed shape {tuple(tensor.shape)}, "
+                                 f"model shape {tuple(target.shape)}")
+            with torch.no_grad():
+                target.copy_(tensor)
+            self.seen.append(name)
+            done.add(name)
+
+    def missing(self) -> list[str]:
+        """The model's parameters this update has not loaded yet."""
+        done = set(self.seen)
+        return [n for n in self.params if n not in done]
+
+    def finish(self, version: int) -> None:
+        """Check that every parameter arrived once; the engine then serves ``version``."""
+        validate_stream_names(self.seen, self.params)
+        self.engine.weight_version = int(version)
+        self.engine._partial = False
 
 
 class _RowSampler:

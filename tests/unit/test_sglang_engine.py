@@ -22,6 +22,7 @@ from megatron_fipo.rollout.sglang_engine import (
     tcp_gloo_group,
 )
 from megatron_fipo.rollout.sglang_server import request, server_argv
+from tests.helpers import reused_buffer_buckets
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FAKE = [sys.executable, os.path.join(REPO, "tests", "fake_sglang_server.py")]
@@ -39,22 +40,6 @@ def _state(engine, i):
 
 def _sha(t):
     return hashlib.sha256(t.detach().contiguous().numpy().tobytes()).hexdigest()[:16]
-
-
-def _stream(tensors, buffer_elems=64):
-    """Buckets of views into one buffer, overwritten with garbage after each bucket (like the bridge)."""
-    buffer = torch.empty(buffer_elems)
-    bucket, used = [], 0
-    for name, t in tensors:
-        if bucket and used + t.numel() > buffer_elems:
-            yield bucket
-            buffer.fill_(-7.0)
-            bucket, used = [], 0
-        view = buffer[used:used + t.numel()].view(t.shape)
-        view.copy_(t)
-        bucket.append((name, view))
-        used += t.numel()
-    yield bucket
 
 
 def _children():
@@ -104,7 +89,7 @@ def test_generation_and_colocated_sync(tmp_path):
         stopped = [s for g in eng.generate(_requests(stop=tuple(range(50)))) for s in g]
         assert all(s.finish_reason == "stop" and s.token_ids[-1] < 50 for s in stopped if len(s.token_ids) < 6)
         tensors = [(f"layer{i}.weight", torch.randn(3, 5) + i) for i in range(9)]
-        eng.update_weights(_stream(tensors), version=5)
+        eng.update_weights(reused_buffer_buckets(tensors, 64, fill=-7.0), version=5)
         for i in range(2):
             state = _state(eng, i)
             assert state["weight_version"] == "5" and state["flushes"] == 1
