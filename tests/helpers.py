@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import random
 
 import pytest
@@ -142,3 +143,33 @@ def reused_buffer_buckets(named, buffer_elems: int, fill: float = float("nan")):
         bucket.append((name, view))
         used += tensor.numel()
     yield bucket
+
+
+# ---------------------------------------------------------------------------------------------- end-to-end runs
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO_CONFIG = os.path.join(REPO, "examples", "demo_cpu.yaml")
+SMALL_RUN = ["rollout.n=4", "train.prompts_per_step=8", "train.mini_batch_prompts=4", "eval.n=2",
+             "eval.max_problems=16", "eval.every_steps=0", "eval.at_start=false", "log.progress=false",
+             "log.tensorboard=false", "train.reward_workers=1", "checkpoint.every_steps=0"]
+"""Overrides that shrink the demo to a few seconds per step (the e2e tests' runs)."""
+
+
+def demo_overrides(demo, run_dir, *extra) -> list:
+    """The demo config's paths pointed at a built demo (``tests/e2e/conftest.py``) and a run directory."""
+    return [f"model.hf_path={demo}/base", f"data.train_files=[{demo}/train.jsonl]", f"eval.files=[{demo}/test.jsonl]",
+            f"train.run_dir={run_dir}", *extra]
+
+
+def train_in_process(config_path, overrides):
+    """``trainer.train`` of the config (a ``tests/dist/launcher.launch`` worker)."""
+    from megatron_fipo.config import load_config
+    from megatron_fipo.trainer import train
+
+    return train(load_config(config_path, overrides))
+
+
+def read_records(run_dir) -> list:
+    """The run's ``metrics.jsonl`` records."""
+    from megatron_fipo.tracking import read_metrics
+
+    return read_metrics(run_dir)

@@ -24,6 +24,8 @@ Routes (SGLang 0.5 ``http_server.py``; request fields as in its ``io_struct``):
   "length", "length": max_new_tokens}``, ``prompt_tokens``, ``completion_tokens``,
   ``cached_tokens``, ``weight_version``, ``output_token_logprobs`` ``[[logprob, token, null]]``
   when ``return_logprob``, ``e2e_latency``). Errors: HTTP 400 ``{"error": {"message": ...}}``.
+* ``POST /begin_weight_update`` and ``/end_weight_update`` bracket every sync (SGLang 0.5.23 refuses
+  weight updates outside such a session; so does this server).
 * ``POST /update_weights_from_tensor``: ``serialized_named_tensors`` (one element per TP rank:
   base64 of a ``ForkingPickler`` pickle of ``[(name, tensor)]``, CPU tensors in torch's
   ``file_system`` shared memory), ``load_format`` (None or ``"direct"``), ``flush_cache``,
@@ -58,7 +60,9 @@ tensor into shared memory. torch's ``file_system`` strategy (``reductions.reduce
 by ATen's ``NewProcessWideShmHandle()``, ``/torch_<pid>_<random>_<counter>``, and a storage
 already in shared memory keeps its name when pickled again; the payload carries that name
 (``rebuild_storage_filename``'s ``handle``), which the restricted unpickler here reads. For the
-distributed path the record is the group's rank-0 address (``master_address:master_port``).
+distributed path the record is the group's rank-0 address (``master_address:master_port``). Each
+complete update also prints one line, ``fipo-cpu-server update {json}``, with the sources per TP
+rank, so the server's log keeps the record after the server is gone.
 
 Prefix-cache model (for counting, not for speed): the set of prompts prefilled since the last
 flush. A prompt in it costs 0 prefill tokens (``cached_tokens`` = its length), otherwise its length
@@ -71,8 +75,7 @@ at ``stop_token_ids`` (SGLang also stops at the model's EOS unless ``ignore_eos`
 always passes its stop ids); no greedy ``temperature`` 0 (the CPU engine samples only); no
 ``text`` in answers; the model runs in fp32 whatever ``--dtype`` says; the weight version is set
 when an update is complete, not per bucket; memory release takes no ``tags``; the gloo group is
-``sglang_engine.tcp_gloo_group`` (a trainer using SGLang's ``init_custom_process_group`` needs
-sglang installed; pass ``group_factory=tcp_gloo_group`` to ``SGLangEngine`` instead).
+``sglang_engine.tcp_gloo_group``, which ``SGLangEngine`` also uses where sglang is not installed.
 
 Failure knobs (as ``tests/fake_sglang_server.py``): ``--die-after-requests N`` (exit hard on the
 N-th ``/generate``), ``--fail-endpoint NAME`` (that route answers an error), ``--never-healthy``.
@@ -105,7 +108,8 @@ _SHM_NAME = re.compile(r"^/torch_(\d+)_\d+_\d+$")  # ATen's NewProcessWideShmHan
 _SAMPLING_KEYS = {"temperature", "top_p", "top_k", "max_new_tokens", "stop_token_ids", "sampling_seed", "n"}
 _LOAD_FORMATS = (None, "direct")
 # routes whose errors SGLang answers as {"success": false, "message": ...}; the others as {"error": {"message": ...}}
-_WEIGHT_ROUTES = {"update_weights_from_tensor", "init_weights_update_group", "update_weights_from_distributed"}
+_WEIGHT_ROUTES = {"update_weights_from_tensor", "init_weights_update_group", "update_weights_from_distributed",
+                  "begin_weight_update", "end_weight_update"}
 
 
 class RequestError(ValueError):
@@ -238,8 +242,12 @@ class CPUServer:
         self.sources: dict[tuple[int, str], dict] = {}
         self.groups: dict[str, tuple[list[Callable], str]] = {}
         self.pending: Optional[tuple[Optional[str], WeightUpdate]] = None
+        self.session_open = False
+        self.sessions = 0
         self.routes: dict[str, tuple[tuple[str, ...], Callable[[Mapping], Any]]] = {
             "generate": (("POST", "PUT"), self.generate),
+            "begin_weight_update": (("POST",), self.begin_weight_update),
+            "end_weight_update": (("POST",), self.end_weight_update),
             "update_weights_from_tensor": (("POST",), self.update_weights_from_tensor),
             "init_weights_update_group": (("POST",), self.init_weights_update_group),
             "update_weights_from_distributed": (("POST",), self.update_weights_from_distributed),
@@ -341,7 +349,26 @@ class CPUServer:
         return tuple(ids), params, bool(body.get("return_logprob", False))
 
     # ------------------------------------------------------------------ weights
+    def begin_weight_update(self, body: Mapping) -> dict:
+        with self.lock:
+            if self.session_open:
+                raise RequestError("a weight-update session is already open")
+            self.session_open = True
+        return {"success": True, "message": "Success"}
+
+    def end_weight_update(self, body: Mapping) -> dict:
+        with self.lock:
+            if not self.session_open:
+                raise RequestError("no weight-update session is open")
+            self.session_open, self.sessions = False, self.sessions + 1
+        return {"success": True, "message": "Success"}
+
+    def _check_session(self, route: str) -> None:
+        if not self.session_open:  # SGLang's words
+            raise RequestError(f"{route} must run between begin_weight_update() and end_weight_update()")
+
     def update_weights_from_tensor(self, body: Mapping) -> dict:
+        self._check_session("update_weights_from_tensor")
         payloads = body.get("serialized_named_tensors")
         if not isinstance(payloads, list) or len(payloads) != self.tp_size:
             raise RequestError(f"serialized_named_tensors must hold one element per TP rank ({self.tp_size}), "
@@ -383,6 +410,7 @@ class CPUServer:
         return {"success": True, "message": f"joined {group!r} as ranks {offset}..{offset + self.tp_size - 1}"}
 
     def update_weights_from_distributed(self, body: Mapping) -> dict:
+        self._check_session("update_weights_from_distributed")
         group = body.get("group_name")
         if group not in self.groups:
             raise RequestError(f"no weight-update group {group!r}: call init_weights_update_group first")
@@ -437,11 +465,21 @@ class CPUServer:
                 self.pending = None
                 if version is not None:
                     self.weight_version = version
+                self._log_update(version)
             if body.get("flush_cache", True):
                 self._flush()
         state = (f"update to weight version {version} complete" if not missing else
                  f"{len(missing)} weights of version {version} still to come")
         return {"success": True, "message": f"loaded {len(named)} tensors; {state}"}
+
+    def _log_update(self, version) -> None:
+        """One line per complete update on stdout (the server's log): where every TP rank's weights came
+        from, so a run's locality can be read after the server is gone."""
+        sources = sorted({(rank, src.get("pid"), src.get("master")) for (rank, _), src in self.sources.items()
+                          if src.get("weight_version") == version}, key=str)
+        print("fipo-cpu-server update " + json.dumps({
+            "weight_version": version, "sources": [{"tp_rank": r, "pid": pid, "master": m} for r, pid, m in sources]}),
+            flush=True)
 
     def _in_threads(self, fn: Callable[[int], None]) -> list[str]:
         """Run ``fn(tp_rank)`` for every TP rank in its own thread; the errors as strings."""
@@ -498,7 +536,7 @@ class CPUServer:
                     "prefill_tokens": self.prefill_tokens, "cached_tokens": self.cached_tokens,
                     "cached_prompts": len(self.prefilled), "flushes": self.flushes,
                     "weight_version": self.weight_version, "released": self.engine.health()["released"],
-                    "pending_update": pending,
+                    "pending_update": pending, "session_open": self.session_open, "sessions": self.sessions,
                     "weight_sources": [dict(tp_rank=rank, name=name, **source)
                                        for (rank, name), source in sorted(self.sources.items())]}
 

@@ -144,7 +144,14 @@ def tcp_gloo_group(init_method: str, world_size: int, rank: int, group_name: str
 
 
 def _sglang_group(init_method: str, world_size: int, rank: int, group_name: str, backend: str):
+    """SGLang's own ``init_custom_process_group`` where sglang is installed (the GPU image); without it (a
+    CPU machine talking to ``rollout.cpu_server``) the same TCP-rendezvous gloo group, ``tcp_gloo_group``."""
+    import importlib.util
+
     import torch.distributed as dist
+
+    if importlib.util.find_spec("sglang") is None:
+        return tcp_gloo_group(init_method, world_size, rank, group_name, backend)
     from sglang.srt.utils import init_custom_process_group
 
     pg = init_custom_process_group(backend=backend, init_method=init_method, world_size=world_size, rank=rank,

@@ -16,50 +16,20 @@ import pytest
 import torch
 
 from tests.dist.launcher import DistributedTestError, launch
+from tests.helpers import DEMO_CONFIG as CONFIG
+from tests.helpers import SMALL_RUN as SMALL
 from tests.helpers import alive_processes
+from tests.helpers import demo_overrides as _overrides
+from tests.helpers import read_records as _records
+from tests.helpers import train_in_process as _train
 
 pytestmark = pytest.mark.timeout(1800)  # the session fixture builds the demo; slow when the machine is shared
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SMALL = ["rollout.n=4", "train.prompts_per_step=8", "train.mini_batch_prompts=4", "eval.n=2", "eval.max_problems=16",
-         "eval.every_steps=0", "eval.at_start=false", "log.progress=false", "log.tensorboard=false",
-         "train.reward_workers=1", "checkpoint.every_steps=0"]
-
-
-@pytest.fixture(scope="session")
-def demo(tmp_path_factory):
-    from megatron_fipo.data.demo_task import build_demo
-
-    out = str(tmp_path_factory.mktemp("demo") / "demo")
-    build_demo(out)
-    return out
-
-
-def _overrides(demo, run_dir, *extra):
-    return [f"model.hf_path={demo}/base", f"data.train_files=[{demo}/train.jsonl]", f"eval.files=[{demo}/test.jsonl]",
-            f"train.run_dir={run_dir}", *extra]
-
-
-def _train(config_path, overrides):
-    from megatron_fipo.config import load_config
-    from megatron_fipo.trainer import train
-
-    return train(load_config(config_path, overrides))
-
-
-def _records(run_dir):
-    from megatron_fipo.tracking import read_metrics
-
-    return read_metrics(run_dir)
-
-
 def _hf_state(path):
     from safetensors.torch import load_file
 
     files = [f for f in os.listdir(path) if f.endswith(".safetensors")]
     return {k: v for f in files for k, v in load_file(os.path.join(path, f)).items()}
-
-
-CONFIG = os.path.join(REPO, "examples", "demo_cpu.yaml")
 
 
 @pytest.mark.parametrize("seed", [1234, 1, 2])  # 1234: the README's run (train.seed's default, data.seed 0)

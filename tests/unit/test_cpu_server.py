@@ -237,6 +237,11 @@ def test_per_rank_payloads_record_their_process_and_must_agree(sync_server, mode
         child.stdin.flush()
         child_pid, child_payload = child.stdout.readline().split()
         url = sync_server + "/update_weights_from_tensor"
+        begin = sync_server + "/begin_weight_update"
+        assert "begin_weight_update() and end_weight_update()" in _error_of(url, {
+            "serialized_named_tensors": [serialize_named_tensors([(NORM, named[NORM].clone())])] * 2})["message"]
+        post_checked(begin, {}, timeout=60, what="begin_weight_update")  # updates run inside a session
+        assert "already open" in _error_of(begin, {})["message"]
 
         def post(payloads, version="7"):
             return post_checked(url, {"serialized_named_tensors": payloads, "load_format": None,
@@ -273,10 +278,13 @@ def test_per_rank_payloads_record_their_process_and_must_agree(sync_server, mode
             with pytest.raises(EngineError, match=match):
                 post(payloads, version="8")
         stats = _stats(sync_server)
-        assert stats["weight_version"] == "7" and stats["pending_update"] is None
+        assert stats["weight_version"] == "7" and stats["pending_update"] is None and stats["session_open"]
     finally:
         child.stdin.close()
         child.wait(timeout=30)
+        request(sync_server + "/end_weight_update", {}, timeout=60)
+    assert not _stats(sync_server)["session_open"]
+    assert "no weight-update session" in _error_of(sync_server + "/end_weight_update", {})["message"]
 
 
 def test_disaggregated_update_over_gloo(sync_server, model_dir):

@@ -1,0 +1,110 @@
+"""The trainer's SGLang path end to end on CPU, through ``rollout.cpu_server`` (SGLang's HTTP protocol, a real model).
+
+* Colocated on two simulated nodes: ``torchrun --nnodes 2`` launched twice on this host, two ranks
+  each, tp=2 inside a node and pp=2 across the nodes. Each node's first rank launches its node's
+  server (``rollout.launcher``: the CPU server, ``rollout.sglang.tp_size=2``), every rank feeds the
+  server TP rank on its GPU, and each server's log records the process every weight came from:
+  only its own node's ranks (``ranks.json``), TP rank r from the node's rank r.
+* Disaggregated with two launched servers (gloo weight-update group).
+* Both give the in-process CPU engine's step-1 metrics with the same seeds and layout, and after
+  every sync the trainer-vs-rollout ``token_mult_prob_error`` is 1 within fp32 rounding.
+"""
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from tests.dist.launcher import launch
+from tests.helpers import DEMO_CONFIG, REPO, SMALL_RUN, demo_overrides, read_records, train_in_process
+
+pytestmark = pytest.mark.timeout(1200)
+SERVER = f"rollout.launcher=[{sys.executable},-m,megatron_fipo.rollout.cpu_server]"
+STEP1_KEYS = ["train/loss", "train/ppo_kl", "train/pg_clipfrac", "train/entropy", "train/grad_norm",
+              "train/reward_mean", "train/acc_mean", "train/kept_tokens", "rollout/response_length_mean"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _two_nodes(overrides, timeout=900):
+    """``python -m torch.distributed.run --nnodes 2 --node-rank k --nproc-per-node 2`` for k = 0, 1; waits."""
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(k),
+                               "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(port),
+                               "-m", "megatron_fipo", "train", "--config", DEMO_CONFIG, *overrides],
+                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              start_new_session=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+             for k in range(2)]
+    try:
+        outs = [p.communicate(timeout=timeout)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-4000:]
+
+
+def _updates(log_path):
+    """The CPU server's per-update records (``fipo-cpu-server update {json}`` lines of its log)."""
+    with open(log_path, encoding="utf-8") as fh:
+        return [json.loads(m.group(1)) for m in re.finditer(r"fipo-cpu-server update (\{.*\})", fh.read())]
+
+
+def _assert_synced(records):
+    for r in records:  # after every sync (and at step 1, before any) the engine samples the trainer's weights
+        assert r["rollout/token_mult_prob_error"] == pytest.approx(1.0, abs=1e-5), r["step"]
+        assert r["rollout/logprob_abs_diff"] < 1e-5
+
+
+def _reference(demo, tmp_path, world, *extra):
+    run = str(tmp_path / "cpu_engine")
+    launch(train_in_process, world, DEMO_CONFIG, demo_overrides(demo, run, *SMALL_RUN, *extra), timeout=600)
+    return read_records(run)
+
+
+def test_colocated_on_two_nodes_feeds_each_server_from_its_own_node(demo, tmp_path):
+    layout = ["parallel.tp=2", "parallel.pp=2", "train.steps=2", "checkpoint.export_hf=false"]
+    run = str(tmp_path / "sglang")
+    _two_nodes(demo_overrides(demo, run, *SMALL_RUN, *layout, "rollout.engine=sglang", SERVER,
+                              "rollout.sglang={tp_size: 2}"))
+    records = read_records(run)
+    assert [r["step"] for r in records] == [1, 2]
+    _assert_synced(records)
+    ranks = json.load(open(os.path.join(run, "ranks.json")))
+    assert sorted((r["node"], r["local"]) for r in ranks) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    pid = {(r["node"], r["local"]): r["pid"] for r in ranks}
+    for node in (0, 1):
+        updates = _updates(os.path.join(run, "sglang_logs", f"node{node}", "sglang_replica0.log"))
+        assert [u["weight_version"] for u in updates] == ["1", "2"]  # one complete update per step
+        for update in updates:  # each TP rank's weights came from the rank on its own GPU, of its own node
+            assert {(s["tp_rank"], s["pid"]) for s in update["sources"]} == {(0, pid[(node, 0)]), (1, pid[(node, 1)])}
+    reference = _reference(demo, tmp_path, 4, *layout)[0]
+    for key in STEP1_KEYS:
+        assert records[0][key] == pytest.approx(reference[key], rel=1e-4, abs=1e-6), key
+
+
+def test_disaggregated_with_two_servers_matches_the_cpu_engine(demo, tmp_path):
+    extra = ["train.steps=2", "checkpoint.export_hf=false"]
+    run = str(tmp_path / "sglang")
+    launch(train_in_process, 1, DEMO_CONFIG, demo_overrides(
+        demo, run, *SMALL_RUN, *extra, "rollout.engine=sglang", "rollout.mode=disaggregated", "rollout.replicas=2",
+        SERVER), timeout=600)
+    records = read_records(run)
+    _assert_synced(records)
+    for replica in (0, 1):
+        updates = _updates(os.path.join(run, "sglang_logs", f"sglang_replica{replica}.log"))
+        assert [u["weight_version"] for u in updates] == ["1", "2"]
+        assert all(s["master"] and s["pid"] is None for u in updates for s in u["sources"])  # by the gloo group
+    reference = _reference(demo, tmp_path, 1, *extra)[0]
+    for key in STEP1_KEYS:
+        assert records[0][key] == pytest.approx(reference[key], rel=1e-4, abs=1e-6), key
