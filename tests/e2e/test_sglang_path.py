@@ -25,7 +25,7 @@ from tests.helpers import DEMO_CONFIG, REPO, SMALL_RUN, demo_overrides, read_rec
 pytestmark = pytest.mark.timeout(1200)
 SERVER = f"rollout.launcher=[{sys.executable},-m,megatron_fipo.rollout.cpu_server]"
 STEP1_KEYS = ["train/loss", "train/ppo_kl", "train/pg_clipfrac", "train/entropy", "train/grad_norm",
-              "train/reward_mean", "train/acc_mean", "train/kept_tokens", "rollout/response_length_mean"]
+              "train/reward_mean", "train/acc_mean", "train/kept_tokens", "train/response_length_mean"]
 
 
 def _free_port() -> int:
