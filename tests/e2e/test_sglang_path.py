@@ -108,3 +108,22 @@ def test_disaggregated_with_two_servers_matches_the_cpu_engine(demo, tmp_path):
     reference = _reference(demo, tmp_path, 1, *extra)[0]
     for key in STEP1_KEYS:
         assert records[0][key] == pytest.approx(reference[key], rel=1e-4, abs=1e-6), key
+
+
+def test_demo_learns_through_the_http_path_as_in_process(demo, tmp_path):
+    """The demo (its own batch sizes, seed 1234) for 8 steps, colocated on one node through the CPU server,
+    and in-process: the held-out Avg@4 rises by the same margin."""
+    extra = ["train.steps=8", "eval.max_problems=100", "eval.every_steps=0", "log.progress=false",
+             "log.tensorboard=false", "checkpoint.every_steps=0", "checkpoint.export_hf=false"]
+    rises = {}
+    for name, engine in (("http", ["rollout.engine=sglang", SERVER]), ("in_process", [])):
+        run = str(tmp_path / name)
+        launch(train_in_process, 1, DEMO_CONFIG, demo_overrides(demo, run, *extra, *engine), timeout=900)
+        records = read_records(run)
+        avg = [r["eval/avg@4"] for r in records if "eval/avg@4" in r]
+        assert len(avg) == 2, records
+        rises[name] = avg[1] - avg[0]
+        if name == "http":
+            _assert_synced([r for r in records if "rollout/token_mult_prob_error" in r])
+    assert rises["http"] >= 0.1, rises
+    assert rises["http"] == pytest.approx(rises["in_process"], abs=0.03), rises
