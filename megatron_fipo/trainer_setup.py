@@ -148,6 +148,8 @@ class Run:
             self.services.close()
         if self.sync.node_engine is not None:  # this node's colocated servers
             self.sync.node_engine.shutdown()
+        if self.sync.stage_engine is not None and self.services is None:  # attached to rank 0's servers
+            self.sync.stage_engine.shutdown()
 
 
 def build_run(config, groups, hf_config: dict) -> Run:
@@ -162,7 +164,8 @@ def build_run(config, groups, hf_config: dict) -> Run:
     path = _resume_path(config.checkpoint.resume, root)
     nodes, node_engine, urls = _node_servers(config, groups)
     sync = WeightSync(actor, groups, arch, hf_config, params_dtype=config.model.params_dtype,
-                      bucket_mb=config.rollout.bucket_mb, nodes=nodes, node_engine=node_engine)
+                      bucket_mb=config.rollout.bucket_mb, nodes=nodes, node_engine=node_engine,
+                      by_stage=stage_senders(config, groups))
     run = Run(config, groups, actor, sync, root)
     try:
         trainer_state = _load_weights(config, actor, sync, path)
@@ -173,12 +176,35 @@ def build_run(config, groups, hf_config: dict) -> Run:
         if groups.rank == 0:
             run.services, run.config = build_services(config, step=run.counters.step, trainer_state=trainer_state,
                                                       urls=urls)
+        if sync.by_stage:
+            sync.stage_engine = _stage_sender(config, groups, sync, run.services)
         if path is not None:
             run.sync_weights(version=run.counters.step)  # the engine started from the HF weights
     except BaseException:
         run.close()
         raise
     return run
+
+
+def stage_senders(config, groups) -> bool:
+    """Disaggregated SGLang with pipeline stages: each stage sends its own layers to the servers."""
+    return config.rollout.engine == "sglang" and config.rollout.mode == "disaggregated" and groups.pp_size > 1
+
+
+def _stage_sender(config, groups, sync, services):
+    """The engine that sends this rank's stage to the servers over the stage's own weight-update group: rank
+    0's engine for stage 0, an engine attached to the same servers on the other stages' exporting TP rank 0,
+    None elsewhere. Every rank learns the servers' URLs from rank 0."""
+    from megatron_fipo.rollout.sglang_engine import WEIGHT_GROUP, SGLangEngine
+
+    urls = [services.engine.urls if services is not None else None]
+    dist.broadcast_object_list(urls, src=0, group=groups.world)
+    if groups.rank == 0:
+        return services.engine
+    if not (sync.exports and groups.tp_rank == 0):
+        return None
+    return SGLangEngine.from_config(config.model.hf_path, config.rollout, urls=tuple(urls[0]), sync_host=None,
+                                    weight_group=f"{WEIGHT_GROUP}_stage{groups.pp_rank}")
 
 
 def node_local_rollout(config) -> bool:

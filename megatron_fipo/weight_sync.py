@@ -10,6 +10,10 @@ Two ways to feed the engine:
 * Funnel (the in-process CPU engine, disaggregated or attached SGLang servers): the ranks of the
   exporting model-parallel group (data- and context-parallel rank 0) run the stream and global
   rank 0 hands it to the engine; the others wait at the barrier.
+* By stage (disaggregated SGLang servers with pp > 1, ``stage_engine`` given on each stage's
+  exporting tensor-parallel rank 0): global rank 0 opens the servers' update sessions, then each
+  pipeline stage in turn broadcasts its own layers (``bridge.hf_export.export_hf_stage``) over its
+  own weight-update group with the servers; no layer is relayed through rank 0.
 * Node-local (colocated SGLang servers on every node, ``nodes`` given): every rank runs
   ``bridge.hf_export.export_hf_node_local`` (tensor-parallel gathers inside nodes, each stage
   crossing into a node once), serializes its copy of each bucket for the server TP rank on its
@@ -27,7 +31,13 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from megatron_fipo.bridge.hf_export import drain, export_hf_node_local, export_hf_state, save_hf_checkpoint
+from megatron_fipo.bridge.hf_export import (
+    drain,
+    export_hf_node_local,
+    export_hf_stage,
+    export_hf_state,
+    save_hf_checkpoint,
+)
 from megatron_fipo.conventions import hf_dtype_name, torch_dtype
 from megatron_fipo.rollout.engine import EngineError
 from megatron_fipo.rollout.sglang_engine import serialize_named_tensors
@@ -37,9 +47,11 @@ class WeightSync:
     """One rank's side of the actor -> engine weight stream (see the module docstring)."""
 
     def __init__(self, actor, groups, arch, hf_config: dict, *, params_dtype: str, bucket_mb: int, version: int = 0,
-                 nodes=None, node_engine=None):
+                 nodes=None, node_engine=None, by_stage: bool = False, stage_engine=None):
         self.actor, self.groups, self.arch, self.hf_config = actor, groups, arch, hf_config
         self.nodes, self.node_engine = nodes, node_engine
+        self.by_stage, self.stage_engine = by_stage, stage_engine
+        """By-stage mode: every rank knows it; each stage's sender holds an engine of its own group."""
         """Node-local mode: ``parallel.nodes.NodeGroups``, and on each node's first rank the engine that
         owns the node's servers (``SGLangEngine.push_tensor_payloads``)."""
         self.offsets, self.spec = actor.bridge_layout()
@@ -69,8 +81,8 @@ class WeightSync:
         """Stream the weights to ``engine`` (global rank 0's; None elsewhere) as ``version``; returns seconds.
         Collective over the world. Node-local mode feeds every node's servers, then tells ``engine``."""
         start = time.perf_counter()
-        if self.nodes is not None:
-            self._push_node_local(version)
+        if self.nodes is not None or self.by_stage:
+            self._push_node_local(version) if self.nodes is not None else self._push_by_stage(engine, version)
             dist.barrier(group=self.groups.world)
             if engine is not None:
                 engine.adopt_version(version)
@@ -113,6 +125,30 @@ class WeightSync:
             raise
         self._agree(lambda: engine.finish_update(version))
 
+    def _push_by_stage(self, driver, version: int) -> None:
+        """Rank 0 (the driver) opens the sessions; stage by stage, the stage's exporting TP group gathers its
+        layers and its sender broadcasts them to the servers; the driver closes the sessions."""
+        g = self.groups
+        world = _Agreement(self.groups.world, self._buffer().device)
+        world.run(lambda: driver.begin_update(), here=driver is not None)
+        try:
+            for stage in range(g.pp_size):
+                if g.pp_rank == stage and self.exports:
+                    stream = export_hf_stage(self.actor.named_local_parameters(), self.arch, groups=g,
+                                             layer_offsets=self.offsets, dtype=self.dtype,
+                                             bucket_bytes=self.bucket_bytes, spec=self.spec,
+                                             reuse_buffer=self._buffer())
+                    sender = self.stage_engine
+                    world.run(lambda: sender.send_stage(stream, version) if sender is not None else drain(stream),
+                              here=True)
+                else:
+                    world.run(lambda: None, here=False)
+        except BaseException:
+            if driver is not None:
+                driver.abort_update()
+            raise
+        world.run(lambda: driver.finish_update(version), here=driver is not None)
+
     @property
     def serving_ranks(self) -> int:
         """How many of the node's ranks feed a server TP rank (the first ``servers x tp`` GPUs)."""
@@ -147,3 +183,24 @@ class WeightSync:
             else:
                 drain(buckets)
         dist.barrier(group=self.groups.world)
+
+
+class _Agreement:
+    """Run a call on some ranks; if it fails anywhere, every rank of ``group`` raises (no rank is left waiting
+    in a collective for one that gave up)."""
+
+    def __init__(self, group, device):
+        self.group, self.device = group, device
+
+    def run(self, call, *, here: bool) -> None:
+        error = None
+        if here:
+            try:
+                call()
+            except Exception as err:  # noqa: BLE001 - raised on every rank below
+                error = f"{type(err).__name__}: {err}"
+        failed = torch.tensor([0.0 if error is None else 1.0], device=self.device)
+        dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=self.group)
+        if failed.item():
+            raise EngineError(f"weight sync to the rollout servers failed: {error}" if error else
+                              "weight sync to the rollout servers failed on another rank")

@@ -1,7 +1,8 @@
 """Megatron parameters -> full HF tensors, streamed in byte-bounded buckets; HF checkpoint writing.
 
 Owns ``export_hf_state`` (a generator of buckets ``[(hf_name, tensor), ...]``), its every-rank,
-node-local form ``export_hf_node_local`` (colocated rollout servers on every node) and
+node-local form ``export_hf_node_local`` (colocated rollout servers on every node), the one-stage
+form ``export_hf_stage`` (a pipeline stage sending its own layers) and
 ``save_hf_checkpoint`` (safetensors shards + ``model.safetensors.index.json`` + ``config.json`` +
 tokenizer files).
 
@@ -138,7 +139,32 @@ def export_hf_node_local(
     yield from _walk(plans, fill, dtype, device, bucket_bytes, reuse_buffer)
 
 
-def _stage_plans(named_params, arch, groups, layer_offsets, dtype, spec) -> tuple:
+def export_hf_stage(
+    named_params: Iterable[tuple[str, torch.Tensor]],
+    arch,
+    *,
+    groups,
+    layer_offsets: Sequence[int],
+    dtype: torch.dtype | None = None,
+    bucket_bytes: int = 512 << 20,
+    spec: str = "mcore",
+    reuse_buffer: bool | torch.Tensor = False,
+) -> Iterator[Bucket]:
+    """This pipeline stage's HF tensors only (tensor-parallel gather, no pipeline traffic), in buckets.
+
+    For a stage that sends its own layers to the rollout servers (disaggregated sync). Must be
+    iterated to the end on every rank of the stage's tensor-parallel group. Args as ``export_hf_state``.
+    """
+    units, plans, dtype, device = _stage_plans(named_params, arch, groups, layer_offsets, dtype, spec, exchange=False)
+
+    def fill(stage: int, i: int, tensors: list) -> None:
+        entry, _, param = units[i]
+        M.to_hf_into(entry, _gather_tp(entry, param, groups), arch, tensors)
+
+    yield from _walk(plans, fill, dtype, device, bucket_bytes, reuse_buffer)
+
+
+def _stage_plans(named_params, arch, groups, layer_offsets, dtype, spec, exchange: bool = True) -> tuple:
     """This rank's exported units, every stage's ``(HF names, shapes)`` per unit (exchanged over the
     pipeline group), the export dtype and the device."""
     M.check_tp(arch, groups.tp_size)
@@ -148,7 +174,7 @@ def _stage_plans(named_params, arch, groups, layer_offsets, dtype, spec) -> tupl
     device = units[0][2].device if units else torch.device("cpu")
     mine = [(M.hf_names(e, layer), [tuple(s) for s in M.hf_shapes(e, arch)]) for e, layer, _ in units]
     plans = [mine]
-    if groups.pp_size > 1:
+    if groups.pp_size > 1 and exchange:
         plans = [None] * groups.pp_size
         dist.all_gather_object(plans, mine, group=groups.pp)
     return units, plans, dtype, device

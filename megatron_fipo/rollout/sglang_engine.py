@@ -116,17 +116,18 @@ def tensor_update_payload(per_rank: Sequence[str], version: int) -> dict:
 
 
 def init_group_payload(master_address: str, master_port: int, rank_offset: int, world_size: int,
-                       backend: str) -> dict:
+                       backend: str, group_name: str = WEIGHT_GROUP) -> dict:
     """``/init_weights_update_group`` (``InitWeightsUpdateGroupReqInput``): the server's TP ranks join as
     ``rank_offset ...``."""
     return {"master_address": master_address, "master_port": master_port, "rank_offset": rank_offset,
-            "world_size": world_size, "group_name": WEIGHT_GROUP, "backend": backend}
+            "world_size": world_size, "group_name": group_name, "backend": backend}
 
 
-def distributed_update_payload(bucket: Sequence[tuple[str, torch.Tensor]], version: int) -> dict:
+def distributed_update_payload(bucket: Sequence[tuple[str, torch.Tensor]], version: int,
+                               group_name: str = WEIGHT_GROUP) -> dict:
     """``/update_weights_from_distributed`` (``UpdateWeightsFromDistributedReqInput``): what is broadcast next."""
     return {"names": [n for n, _ in bucket], "dtypes": [str(t.dtype).replace("torch.", "") for _, t in bucket],
-            "shapes": [list(t.shape) for _, t in bucket], "group_name": WEIGHT_GROUP,
+            "shapes": [list(t.shape) for _, t in bucket], "group_name": group_name,
             "weight_version": str(version), **_UPDATE_OPTIONS}
 
 
@@ -207,12 +208,12 @@ class SGLangEngine(RolloutEngine):
                  max_restarts: int = 1, startup_timeout: float = 900.0, request_timeout: float = 3600.0,
                  max_in_flight: int = 256, resync: Optional[Callable[[], tuple]] = None,
                  group_factory: Optional[Callable] = None, backend: Optional[str] = None,
-                 sync_host: Optional[str] = None):
+                 sync_host: Optional[str] = None, weight_group: str = WEIGHT_GROUP):
         if mode not in ("colocated", "disaggregated"):
             raise ValueError(f"mode must be 'colocated' or 'disaggregated', got {mode!r}")
         if replicas < 1 or tp_size < 1 or max_in_flight < 1 or max_restarts < 0:
             raise ValueError("replicas, tp_size and max_in_flight must be >= 1, max_restarts >= 0")
-        self.mode, self.tp_size, self.resync = mode, tp_size, resync
+        self.mode, self.tp_size, self.resync, self.weight_group = mode, tp_size, resync, weight_group
         self.max_restarts, self.startup_timeout, self.timeout = max_restarts, startup_timeout, request_timeout
         self.max_in_flight, self.host = max_in_flight, host
         self.group_factory = group_factory or _sglang_group
@@ -249,10 +250,11 @@ class SGLangEngine(RolloutEngine):
         """From ``config.RolloutConfig`` (``sglang`` holds the server arguments; ``tp_size`` among them);
         ``kwargs`` override (e.g. ``replicas`` and ``urls`` for a node's own servers)."""
         tp, args = rollout.sglang_server_args()
-        options = dict(replicas=rollout.replicas, urls=tuple(rollout.urls), launch_cmd=tuple(rollout.launcher) or None)
+        options = dict(replicas=rollout.replicas, urls=tuple(rollout.urls), launch_cmd=tuple(rollout.launcher) or None,
+                       sync_host=rollout.sync_host)
         options.update(kwargs)
         return cls(model_path, tp_size=int(tp), server_args=args, mode=rollout.mode, max_restarts=rollout.max_restarts,
-                   sync_host=rollout.sync_host, **options)
+                   **options)
 
     # ------------------------------------------------------------------ generation
     def generate(self, requests: Sequence[GenerationRequest], *, progress: bool = False) -> list[list[Sample]]:
@@ -398,6 +400,15 @@ class SGLangEngine(RolloutEngine):
             with contextlib.suppress(EngineError, OSError):
                 self._post(url, "/end_weight_update")
 
+    def send_stage(self, stream: WeightStream, version: int) -> None:
+        """One pipeline stage's buckets over this engine's own weight-update group (``weight_group``), from the
+        stage that holds them: disaggregated syncs without a relay through rank 0. Between the driver's
+        ``begin_update`` and ``finish_update``; stages take turns (a server serves one group at a time)."""
+        self._check_open()
+        self._ensure_group()
+        for bucket in stream:
+            self._broadcast_bucket(bucket, version, self.urls)
+
     def adopt_version(self, version: int) -> None:
         """The driver's engine, after every node fed its own servers: they now serve ``version`` (each
         ``/generate`` answer is checked against it)."""
@@ -412,11 +423,12 @@ class SGLangEngine(RolloutEngine):
         errors: list = []
         threads = [threading.Thread(target=_post_into, args=(
             errors, url + "/init_weights_update_group",
-            init_group_payload(self.sync_host, port, 1 + i * self.tp_size, world, self.backend), self.timeout))
+            init_group_payload(self.sync_host, port, 1 + i * self.tp_size, world, self.backend, self.weight_group),
+            self.timeout))
             for i, url in enumerate(self.urls)]
         for t in threads:
             t.start()
-        self._broadcast = self.group_factory(init, world, 0, WEIGHT_GROUP, self.backend)
+        self._broadcast = self.group_factory(init, world, 0, self.weight_group, self.backend)
         for t in threads:
             t.join(self.timeout)
         if errors:
@@ -424,7 +436,7 @@ class SGLangEngine(RolloutEngine):
             raise errors[0]
 
     def _broadcast_bucket(self, bucket, version: int, urls) -> None:
-        meta = distributed_update_payload(bucket, version)
+        meta = distributed_update_payload(bucket, version, self.weight_group)
         errors: list = []
         threads = [threading.Thread(target=_post_into, args=(errors, url + "/update_weights_from_distributed", meta,
                                                             self.timeout)) for url in urls]

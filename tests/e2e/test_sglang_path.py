@@ -5,7 +5,8 @@
   server (``rollout.launcher``: the CPU server, ``rollout.sglang.tp_size=2``), every rank feeds the
   server TP rank on its GPU, and each server's log records the process every weight came from:
   only its own node's ranks (``ranks.json``), TP rank r from the node's rank r.
-* Disaggregated with two launched servers (gloo weight-update group).
+* Disaggregated with two launched servers at pp=2: each stage sends its own layers over its own
+  gloo weight-update group (the servers' records name two group masters).
 * Both give the in-process CPU engine's step-1 metrics with the same seeds and layout, and after
   every sync the trainer-vs-rollout ``token_mult_prob_error`` is 1 within fp32 rounding.
 """
@@ -93,10 +94,12 @@ def test_colocated_on_two_nodes_feeds_each_server_from_its_own_node(demo, tmp_pa
         assert records[0][key] == pytest.approx(reference[key], rel=1e-4, abs=1e-6), key
 
 
-def test_disaggregated_with_two_servers_matches_the_cpu_engine(demo, tmp_path):
-    extra = ["train.steps=2", "checkpoint.export_hf=false"]
+def test_disaggregated_with_two_servers_each_stage_sends_its_own_layers(demo, tmp_path):
+    """pp=2, two launched servers: each pipeline stage broadcasts its own layers over its own gloo group with
+    the servers (two group masters in each server's record, no relay through rank 0)."""
+    extra = ["parallel.pp=2", "train.steps=2", "checkpoint.export_hf=false"]
     run = str(tmp_path / "sglang")
-    launch(train_in_process, 1, DEMO_CONFIG, demo_overrides(
+    launch(train_in_process, 2, DEMO_CONFIG, demo_overrides(
         demo, run, *SMALL_RUN, *extra, "rollout.engine=sglang", "rollout.mode=disaggregated", "rollout.replicas=2",
         SERVER), timeout=600)
     records = read_records(run)
@@ -104,8 +107,10 @@ def test_disaggregated_with_two_servers_matches_the_cpu_engine(demo, tmp_path):
     for replica in (0, 1):
         updates = _updates(os.path.join(run, "sglang_logs", f"sglang_replica{replica}.log"))
         assert [u["weight_version"] for u in updates] == ["1", "2"]
-        assert all(s["master"] and s["pid"] is None for u in updates for s in u["sources"])  # by the gloo group
-    reference = _reference(demo, tmp_path, 1, *extra)[0]
+        for update in updates:
+            assert all(s["pid"] is None for s in update["sources"])  # by broadcast, not shared memory
+            assert len({s["master"] for s in update["sources"]}) == 2  # one group per pipeline stage
+    reference = _reference(demo, tmp_path, 2, *extra)[0]
     for key in STEP1_KEYS:
         assert records[0][key] == pytest.approx(reference[key], rel=1e-4, abs=1e-6), key
 
