@@ -54,6 +54,12 @@ def failing_reward(response, ground_truth):
     return dapo_math_reward(response, ground_truth)
 
 
+def sleepy_reward(response, ground_truth):
+    """Sleeps ``ground_truth`` seconds, then scores ``response`` against 1."""
+    time.sleep(float(ground_truth))
+    return dapo_math_reward(response, "1")
+
+
 # --------------------------------------------------------------------------- naive references
 
 
@@ -327,6 +333,29 @@ def test_pool_worker_crash_exception_and_dict_results():
         assert pool.score(failing_reward, ["Answer: 2"] * 3, ["2"] * 3) == [RewardResult(1.0, True, "2")] * 3
     with pytest.raises(RuntimeError, match="closed"):
         pool.score("dapo_math", ["Answer: 1"], ["1"])
+    assert multiprocessing.active_children() == [] and child_pids() <= before
+
+
+@pytest.mark.timeout(120, method="thread")
+def test_pool_submit_returns_at_once_and_each_submission_keeps_its_order():
+    """``submit`` hands items out and returns; the workers score while the caller works; results come back
+    per submission, in item order, equal to in-process scoring; a failing submission fails alone."""
+    before = child_pids()
+    answers = [f"Answer: {k}" for k in (1, 2, 1, 3, 1)]
+    expected = score_batch(sleepy_reward, answers, ["0"] * 5, num_workers=0, timeout_s=10)
+    with RewardPool(num_workers=2, timeout_s=60) as pool:
+        assert pool.score(sleepy_reward, answers[:2], ["0"] * 2) == expected[:2]  # the workers are up
+        slow = pool.submit(sleepy_reward, answers[:2], ["2"] * 2)
+        assert not slow.finished  # a blocking submit would have waited the 2 s
+        bad = pool.submit(failing_reward, ["Answer: 1", "boom", "Answer: 2"], ["1"] * 3)
+        fast = pool.submit(sleepy_reward, answers, ["0"] * 5)
+        assert fast.result() == expected and slow.result() == expected[:2]
+        with pytest.raises(RuntimeError, match="ZeroDivisionError"):
+            bad.result()
+        assert pool.submit(sleepy_reward, answers[::-1], ["0"] * 5).result() == expected[::-1]
+    with RewardPool(num_workers=0, timeout_s=10) as pool:  # in-process: scored at submission
+        done = pool.submit(sleepy_reward, answers, ["0"] * 5)
+        assert done.finished and done.result() == expected
     assert multiprocessing.active_children() == [] and child_pids() <= before
 
 
