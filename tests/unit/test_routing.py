@@ -1,14 +1,18 @@
 """Prompt-affine routing and streamed groups: rollout.routing against a naive reference, SGLangEngine
 against tests/fake_sglang_server.py (where each prompt went, what an ideal prefix cache prefills,
-samples with 1, 2 and 3 servers), and groups streamed in completion order."""
+samples with 1, 2 and 3 servers), and collect_experience streamed vs generated-then-scored."""
 import json
 import random
 import threading
 from collections import Counter
 
 import pytest
+import torch
 
-from megatron_fipo.rollout.engine import GenerationRequest, SamplingParams
+from megatron_fipo.algo.reward_pool import RewardPool, score_batch
+from megatron_fipo.config import load_config
+from megatron_fipo.experience import PromptItem, collect_experience
+from megatron_fipo.rollout.engine import GenerationRequest, RolloutEngine, SamplingParams
 from megatron_fipo.rollout.routing import Job, PromptRouter
 from megatron_fipo.rollout.sglang_engine import SGLangEngine
 from megatron_fipo.rollout.sglang_server import post_checked
@@ -236,3 +240,120 @@ def test_groups_stream_in_completion_order(three_servers):
         g.set()
     stream.close()
     assert threading.active_count() <= threads
+
+
+# --------------------------------------------------------------------------- experience: streamed vs not
+
+
+class _Wrapped(RolloutEngine):
+    def __init__(self, engine):
+        self.engine = engine
+
+    def update_weights(self, stream, version):
+        raise AssertionError("not used")
+
+    def health(self):
+        return {"ok": True}
+
+    def shutdown(self):
+        pass
+
+
+class RequestOrder(_Wrapped):
+    """The non-streamed path: ``generate`` everything, then the groups in request order (the protocol's default)."""
+
+    def generate(self, requests, *, progress=False):
+        return self.engine.generate(requests, progress=progress)
+
+
+class Streamed(_Wrapped):
+    """The wrapped engine's stream, with request 0 held back to the end (so never request order) and a log."""
+
+    def __init__(self, engine):
+        super().__init__(engine)
+        self.log = []
+
+    def generate(self, requests, *, progress=False):
+        raise AssertionError("the generation round streams")
+
+    def generate_groups(self, requests, *, progress=False):
+        held = None
+        for ri, group in self.engine.generate_groups(requests, progress=progress):
+            if ri == 0:
+                held = group
+                continue
+            self.log.append(("group", ri))
+            yield ri, group
+        self.log.append(("group", 0))
+        yield 0, held
+
+
+def _cfg():
+    return load_config(None, ["rollout.n=4", "train.prompts_per_step=4", "train.mini_batch_prompts=2",
+                              "rollout.max_response_length=6", "rollout.stop_token_ids=[0,1,2,3,4,5,6,7]",
+                              "algo.overlong_buffer=2", "algo.max_gen_rounds=6", "algo.on_exhausted=train_short"])
+
+
+def _decode(ids):  # a right answer when the first token is even: groups with varying rewards
+    return f"\\boxed{{{ids[0] % 2 if ids else 1}}}"
+
+
+def _drawer(seed=0):
+    rng = random.Random(seed)
+    return lambda k: [PromptItem(tuple(rng.randrange(1, 90) for _ in range(rng.randint(1, 6))), "0") for _ in range(k)]
+
+
+def _same_experience(a, b):
+    assert a.prompts == b.prompts and a.responses == b.responses and a.n == b.n
+    assert len(a.rollout_logp) == len(b.rollout_logp)
+    assert all(torch.equal(x, y) for x, y in zip(a.rollout_logp, b.rollout_logp))
+    assert torch.equal(a.advantages, b.advantages)
+    timeless = lambda m: {k: v for k, v in m.items() if not k.startswith("time/")}  # noqa: E731
+    assert timeless(a.metrics) == timeless(b.metrics) and a.metrics.keys() == b.metrics.keys()
+
+
+def _streamed_and_old(engine, streaming_engine, pool):
+    cfg = _cfg()
+    old = collect_experience(RequestOrder(engine), _drawer(), lambda t, g: score_batch(
+        "boxed_math", t, g, num_workers=0, timeout_s=60), _decode, cfg, step=2)
+    new = collect_experience(Streamed(streaming_engine), _drawer(), pool.score, _decode, cfg, step=2,
+                             submit=lambda t, g: pool.submit("boxed_math", t, g))
+    return old, new
+
+
+@pytest.mark.timeout(300, method="thread")
+def test_streamed_experience_equals_the_old_path_through_sglang(three_servers):
+    eng = three_servers
+    one = SGLangEngine("tiny-model", urls=eng.urls[:1], startup_timeout=30)
+    three = SGLangEngine("tiny-model", urls=eng.urls, max_in_flight=5, startup_timeout=30)
+    with RewardPool(num_workers=2, timeout_s=120) as pool:
+        old, new = _streamed_and_old(one, three, pool)
+    _same_experience(old, new)
+    assert new.num_groups > 0 and new.metrics["train/gen_rounds"] >= 1
+
+
+@pytest.mark.timeout(300, method="thread")
+def test_streamed_experience_equals_the_old_path_on_the_cpu_engine(tmp_path):
+    from megatron_fipo.rollout.cpu_engine import CPUEngine
+    from tests.hf_tiny import tiny_hf_model
+
+    engine = CPUEngine(tiny_hf_model(str(tmp_path / "m"), seed=5, vocab_size=90), max_batch_rows=7)
+    with RewardPool(num_workers=0, timeout_s=60) as pool:
+        old, new = _streamed_and_old(engine, engine, pool)
+    _same_experience(old, new)
+    assert new.num_groups > 0
+
+
+def test_each_group_is_scored_as_it_arrives(three_servers):
+    engine = Streamed(SGLangEngine("tiny-model", urls=three_servers.urls, max_in_flight=3, startup_timeout=30))
+    log = engine.log
+
+    def submit(texts, gts):
+        log.append(("submit", len(texts)))
+        return RewardPool(0, 1).submit("boxed_math", texts, gts)
+
+    exp = collect_experience(engine, _drawer(), None, _decode, _cfg(), step=1, submit=submit)
+    rounds = int(exp.metrics["train/gen_rounds"])
+    assert len(log) == 2 * 4 * rounds
+    for i in range(0, len(log), 2):  # every group is submitted before the next one is taken
+        assert log[i][0] == "group" and log[i + 1] == ("submit", 4)
