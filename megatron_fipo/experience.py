@@ -11,14 +11,19 @@ repeat with fresh prompts (at most ``max_gen_rounds`` rounds) until ``prompts_pe
 are kept; the kept groups are trimmed to that target. Advantages are computed on the kept groups
 (a group's advantage depends only on its own rewards, so this equals computing them first).
 Departure: every round draws ``prompts_per_step`` prompts (DAPO draws a 3x larger first batch).
+
+Within a round the engine streams groups (``RolloutEngine.generate_groups``, completion order)
+and each is submitted for scoring at once; groups and rewards are then put back in request order,
+so the experience and its metrics do not depend on which group finished first.
 """
 from __future__ import annotations
 
 import math
 import time
 import warnings
+from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -29,7 +34,7 @@ from megatron_fipo.algo.advantages import (
     overlong_penalty,
 )
 from megatron_fipo.data.batches import MiniBatch, RankShare
-from megatron_fipo.rollout.engine import GenerationRequest, SamplingParams
+from megatron_fipo.rollout.engine import EngineError, GenerationRequest, SamplingParams
 
 
 @dataclass
@@ -80,7 +85,8 @@ def rollout_seed(base: int, step: int, round_: int, index: int, n: int) -> int:
 
 
 def collect_experience(engine, draw: Callable[[int], Sequence[Any]], score: Callable, decode: Callable,
-                       config, step: int, *, dp_size: int = 1, progress: bool = False) -> Experience:
+                       config, step: int, *, dp_size: int = 1, progress: bool = False,
+                       submit: Optional[Callable] = None) -> Experience:
     """Generate, score and filter until a step's worth of informative groups is collected.
 
     Args:
@@ -92,18 +98,22 @@ def collect_experience(engine, draw: Callable[[int], Sequence[Any]], score: Call
         step: the training step (seeds the sampling).
         dp_size: data-parallel size; the kept groups are trimmed to a multiple that splits evenly.
         progress: show the engine's progress bar.
+        submit: ``score`` without waiting: ``submit(texts, ground_truths)`` -> an object whose
+            ``result()`` is ``score``'s answer (``RewardPool.submit``). Each group is submitted as
+            the engine finishes it, so rewards are computed while other groups generate. Default:
+            ``score`` at submission.
 
     Returns:
-        ``Experience`` (possibly with zero groups when nothing informative was generated).
+        ``Experience`` (possibly with zero groups when nothing informative was generated); equal
+        whatever order the engine finishes the groups in.
     """
     ro, algo, target = config.rollout, config.algo, config.train.prompts_per_step
+    submit = submit or _scored_at_once(score)
     kept, stats, rounds = [], _RoundStats(), 0
     while True:
         rounds += 1
         items = list(draw(target))
-        groups = _generate_round(engine, items, config, step, rounds, progress)
-        texts = [decode(s.token_ids) for g in groups for s in g]
-        results = score(texts, [it.ground_truth for it in items for _ in range(ro.n)])
+        groups, results = _generate_round(engine, items, submit, decode, config, step, rounds, progress)
         lengths = torch.tensor([len(s.token_ids) for g in groups for s in g], dtype=torch.float64)
         scores = torch.tensor([r.score for r in results], dtype=torch.float64)
         if algo.overlong_buffer > 0:
@@ -135,13 +145,35 @@ def collect_experience(engine, draw: Callable[[int], Sequence[Any]], score: Call
     return exp
 
 
-def _generate_round(engine, items, config, step: int, round_: int, progress: bool):
+def _generate_round(engine, items, submit: Callable, decode: Callable, config, step: int, round_: int,
+                    progress: bool) -> tuple[list, list]:
+    """The round's groups and rewards, both in request order; each group goes to ``submit`` as it arrives."""
     ro = config.rollout
     requests = [GenerationRequest(it.prompt_ids, SamplingParams(
         n=ro.n, temperature=ro.temperature, top_p=ro.top_p, top_k=ro.top_k, max_new_tokens=ro.max_response_length,
         stop_token_ids=tuple(ro.stop_token_ids), seed=rollout_seed(config.train.seed, step, round_, i, ro.n)))
         for i, it in enumerate(items)]
-    return engine.generate(requests, progress=progress)
+    groups: list = [None] * len(items)
+    pending: list = [None] * len(items)
+    for i, group in engine.generate_groups(requests, progress=progress):
+        if not 0 <= i < len(items) or groups[i] is not None:
+            raise EngineError(f"the engine returned request {i} of {len(items)} twice or out of range")
+        groups[i] = group
+        pending[i] = submit([decode(s.token_ids) for s in group], [items[i].ground_truth] * len(group))
+    missing = [i for i, g in enumerate(groups) if g is None]
+    if missing:
+        raise EngineError(f"the engine did not return request(s) {missing[:5]} of {len(items)}")
+    return groups, [r for p in pending for r in p.result()]
+
+
+def _scored_at_once(score: Callable) -> Callable:
+    """``submit`` from a blocking ``score``: scores at submission, returns a done future."""
+    def submit(texts, ground_truths) -> Future:
+        done: Future = Future()
+        done.set_result(score(texts, ground_truths))
+        return done
+
+    return submit
 
 
 def _even_groups(num_groups: int, n: int, dp_size: int) -> int:

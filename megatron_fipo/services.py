@@ -43,6 +43,10 @@ class RolloutServices:
     def score(self, texts, ground_truths):
         return self.pool.score(self.reward_fn, texts, ground_truths)
 
+    def submit_score(self, texts, ground_truths):
+        """``score`` without waiting (``RewardPool.submit``): a ``PendingScores``."""
+        return self.pool.submit(self.reward_fn, texts, ground_truths)
+
     def decode(self, ids) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 

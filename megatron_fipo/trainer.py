@@ -186,7 +186,7 @@ class Trainer:
                 raise EngineError(f"the engine holds weight version {services.engine.weight_version}, the actor "
                                   f"synced {s.sync.version}: a weight update was lost")
             exp = collect_experience(services.engine, services.draw, services.score, services.decode, cfg, step,
-                                     dp_size=g.dp_size, progress=cfg.log.progress)
+                                     dp_size=g.dp_size, progress=cfg.log.progress, submit=services.submit_score)
             metrics.update(exp.metrics)
         share = s.scatter(exp)  # this data-parallel rank's samples, per mini-batch
         if not share.num_samples:

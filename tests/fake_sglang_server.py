@@ -8,6 +8,9 @@ received tensor per TP rank (``GET /fake_state``). Like SGLang 0.5.23 it refuses
 outside a ``/begin_weight_update`` ... ``/end_weight_update`` session. ``/generate`` samples
 deterministically from a hash of (received weights, prompt, ``sampling_seed``), so a weight sync
 visibly changes outputs.
+``/fake_state`` also counts ``/generate`` requests per prompt (``prompts``: JSON of the ids ->
+count) and the prompt tokens an ideal prefix cache would prefill (``prefill_tokens``: a prompt
+counts the first time it arrives after a ``/flush_cache``), so tests can see where prompts went.
 
 Failure knobs: ``--die-after-requests N`` (exit hard on the N-th ``/generate``),
 ``--fail-endpoint NAME`` (answer ``success: false``), ``--never-healthy``.
@@ -39,6 +42,9 @@ class State:
         self.groups = None  # per TP rank: broadcast callables
         self.flushes = 0
         self.session_open, self.sessions = False, 0  # weight-update sessions: open now, closed so far
+        self.prompts: dict = {}  # JSON of the prompt ids -> /generate requests
+        self.cached: set = set()  # prompts an ideal prefix cache holds (emptied by /flush_cache)
+        self.prefill_tokens = 0
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(self.checksums, sort_keys=True).encode()).hexdigest()
@@ -70,10 +76,13 @@ def make_handler(state: State):
             if self.path == "/health":
                 return self._send(503 if state.args.never_healthy else 200, {})
             if self.path == "/fake_state":
-                return self._send(200, {"weight_version": state.version, "checksums": state.checksums,
-                                        "requests": state.requests, "released": state.released,
-                                        "flushes": state.flushes, "session_open": state.session_open,
-                                        "sessions": state.sessions})
+                with state.lock:
+                    snapshot = json.dumps({"weight_version": state.version, "checksums": state.checksums,
+                                           "requests": state.requests, "released": state.released,
+                                           "flushes": state.flushes, "prompts": state.prompts,
+                                           "prefill_tokens": state.prefill_tokens,
+                                           "session_open": state.session_open, "sessions": state.sessions})
+                return self._send(200, json.loads(snapshot))
             self._send(404, {"error": self.path})
 
         def do_POST(self):
@@ -108,6 +117,11 @@ def make_handler(state: State):
                     sys.stdout.write("fake-sglang: dying as asked\n")
                     sys.stdout.flush()
                     os._exit(3)
+                key = json.dumps(body["input_ids"])
+                state.prompts[key] = state.prompts.get(key, 0) + 1
+                if key not in state.cached:
+                    state.cached.add(key)
+                    state.prefill_tokens += len(body["input_ids"])
             p = body["sampling_params"]
             seed = p.get("sampling_seed", random.random())
             rng = random.Random(f"{state.digest()}|{body['input_ids']}|{seed}")
@@ -190,7 +204,9 @@ def make_handler(state: State):
             return {"success": True, "message": "resumed"}
 
         def _flush_cache(self, body):
-            state.flushes += 1
+            with state.lock:
+                state.flushes += 1
+                state.cached.clear()
             return {"success": True, "message": "flushed"}
 
     return Handler

@@ -1,6 +1,7 @@
 """A process pool that scores rewards with a per-item wall-clock bound.
 
-Owns ``RewardPool`` (reusable across trainer steps) and ``score_batch`` (one-shot). A worker
+Owns ``RewardPool`` (reusable across trainer steps; ``score`` blocks, ``submit`` returns a
+``PendingScores`` at once so the caller can keep generating) and ``score_batch`` (one-shot). A worker
 past ``timeout_s`` on one item is killed and replaced, so hostile output or a pathological
 math-verify parse never wedges training. Workers die with the process that started them, even
 when it is SIGKILLed (``_die_with_parent``).
@@ -130,8 +131,10 @@ class RewardPool:
 
     A worker scores one item at a time. An item still running ``timeout_s`` after it was handed
     out scores -1 with ``pred == "[TIMEOUT]"``, and its worker is killed and replaced; a worker
-    that dies mid-item gives ``"[ERROR]"``; an exception in the reward function is re-raised as
-    ``RuntimeError`` with the worker's traceback. Workers are spawned (safe beside torch / CUDA
+    that dies mid-item gives ``"[ERROR]"``; an exception in the reward function fails its
+    submission: ``score`` (or that submission's ``PendingScores.result``) raises ``RuntimeError``
+    with the worker's traceback, other submissions go on. ``submit`` queues a batch and returns at
+    once; the queue is worked off whenever the caller calls into the pool. Workers are spawned (safe beside torch / CUDA
     threads), so callables must be module-level and scripts need an ``if __name__ == "__main__"``
     guard. ``num_workers=0`` scores in-process with no pool-level time bound. Not thread-safe;
     ``close()`` (or ``with``) terminates and reaps every worker.
@@ -149,6 +152,7 @@ class RewardPool:
         self.num_workers, self.timeout_s = num_workers, float(timeout_s)
         self._ctx = mp.get_context("spawn")
         self._workers: list[_Worker] = []
+        self._queue: deque = deque()  # (PendingScores, index, fn, (response, ground truth)) not handed out yet
         self._close = weakref.finalize(self, _stop_workers, self._workers)
 
     def __enter__(self) -> "RewardPool":
@@ -162,7 +166,7 @@ class RewardPool:
         self._close()
 
     def score(self, reward_fn: RewardFn, responses: Sequence[str], ground_truths: Sequence[str]) -> list[RewardResult]:
-        """Score ``responses[i]`` against ``ground_truths[i]``.
+        """Score ``responses[i]`` against ``ground_truths[i]``; ``submit(...).result()``.
 
         Args:
             reward_fn: ``"dapo_math"``, ``"boxed_math"`` or a module-level ``fn(response, gt)``
@@ -173,6 +177,17 @@ class RewardPool:
         Returns:
             One ``RewardResult`` per item, in order.
         """
+        return self.submit(reward_fn, responses, ground_truths).result()
+
+    def submit(self, reward_fn: RewardFn, responses: Sequence[str], ground_truths: Sequence[str]) -> "PendingScores":
+        """Queue the items and hand out what idle workers can take; returns without waiting.
+
+        The workers score while the caller does other work; the pool has no thread of its own, so
+        finished items are collected (and queued ones handed out, deadlines enforced) whenever the
+        caller calls ``submit`` or ``PendingScores.result``. Submissions are scored first come,
+        first served. With ``num_workers=0`` the items are scored here, before returning. Same
+        arguments as ``score``.
+        """
         if not self._close.alive:
             raise RuntimeError("this RewardPool is closed; create a new one")
         fn = _resolve(reward_fn)
@@ -180,46 +195,73 @@ class RewardPool:
             raise ValueError(f"{len(responses)} responses but {len(ground_truths)} ground truths: pass one per response")
         items = [(as_text(r, f"responses[{i}]"), as_text(g, f"ground_truths[{i}]", allow_numbers=True))
                  for i, (r, g) in enumerate(zip(responses, ground_truths))]
+        pending = PendingScores(self, len(items))
         if self.num_workers == 0:
-            return [_as_result(fn(r, g)) for r, g in items]
+            pending.results[:] = [_as_result(fn(r, g)) for r, g in items]
+            pending.left = 0
+            return pending
         try:
             pickle.dumps(fn)
         except Exception as exc:
             raise ValueError(f"{fn!r} cannot be sent to a worker: use a module-level function or num_workers=0") from exc
         while len(self._workers) < self.num_workers:
             self._workers.append(_Worker(self._ctx))
-        return self._run(fn, items)
+        self._queue.extend((pending, i, fn, item) for i, item in enumerate(items))
+        self._guarded(block=False)
+        return pending
 
-    def _run(self, fn: Callable, items: list[tuple[str, str]]) -> list[RewardResult]:
-        results: list = [None] * len(items)
-        todo = deque(range(len(items)))
+    def _wait(self, pending: "PendingScores") -> None:
+        while not pending.finished:
+            if not self._close.alive:
+                raise RuntimeError("this RewardPool was closed before the items were scored")
+            self._guarded(block=True)
+
+    def _guarded(self, block: bool) -> None:
+        """One ``_pump``; after an abort (a worker that could not start, SIGTERM unwinding) every
+        unfinished submission fails and the busy workers are stopped (they would answer items
+        nobody waits for); the next ``submit`` refills the pool."""
         try:
-            while todo or any(w.item is not None for w in self._workers):
-                for i, worker in enumerate(self._workers):
-                    if todo and worker.ready and worker.item is None:
-                        idx = todo.popleft()
-                        try:
-                            worker.conn.send_bytes(pickle.dumps((fn, *items[idx])))
-                            worker.item, worker.deadline = idx, time.monotonic() + self.timeout_s
-                        except OSError:  # died while idle: retry the item on a fresh worker
-                            todo.appendleft(idx)
-                            self._replace(i)
-                self._poll(results)
-        finally:  # after an abort a busy worker would answer into the next call: stop it; score() refills
-            busy = [w for w in self._workers if w.item is not None]  # (no spawning while, e.g., SIGTERM unwinds)
-            _stop_workers(busy)
+            self._pump(block)
+        except BaseException as exc:
+            for pending, *_ in [*self._queue, *(w.item for w in self._workers if w.item is not None)]:
+                pending.fail(RuntimeError(f"scoring was aborted: {exc!r}"))
+            self._queue.clear()
+            _stop_workers([w for w in self._workers if w.item is not None])  # no spawning while unwinding
             self._workers[:] = [w for w in self._workers if w.item is None]  # in place: the finalizer holds it
-        return results
+            raise
+
+    def _pump(self, block: bool) -> None:
+        """Hand queued items to idle workers, then collect replies (waiting for the next reply or
+        deadline when ``block``), until nothing more can be handed out."""
+        while True:
+            for i, worker in enumerate(self._workers):
+                while self._queue and self._queue[0][0].finished:  # a failed submission's leftovers
+                    self._queue.popleft()
+                if self._queue and worker.ready and worker.item is None:
+                    pending, idx, fn, item = self._queue.popleft()
+                    try:
+                        worker.conn.send_bytes(pickle.dumps((fn, *item)))
+                        worker.item, worker.deadline = (pending, idx), time.monotonic() + self.timeout_s
+                    except OSError:  # died while idle: retry the item on a fresh worker
+                        self._queue.appendleft((pending, idx, fn, item))
+                        self._replace(i)
+            if not self._poll(block) or block:
+                return
 
     def _replace(self, i: int) -> None:
         self._workers[i].stop()
         self._workers[i] = _Worker(self._ctx)
 
-    def _poll(self, results: list) -> None:
-        """Wait for the next reply or deadline; store replies, time out or replace workers."""
+    def _poll(self, block: bool) -> bool:
+        """Wait (``block``: for the next reply or deadline; else not at all); store replies, time
+        out or replace workers. True when a worker became free."""
         waiting = [w for w in self._workers if w.item is not None or not w.ready]
-        timeout = max(0.0, min(w.deadline for w in waiting) - time.monotonic())
-        ready = set(_wait_connections([w.conn for w in waiting], timeout))
+        if not waiting:
+            if block:
+                raise RuntimeError("internal error: a submission is unfinished but no worker holds its items")
+            return False
+        timeout = max(0.0, min(w.deadline for w in waiting) - time.monotonic()) if block else 0.0
+        ready, freed = set(_wait_connections([w.conn for w in waiting], timeout)), False
         for i, worker in enumerate(self._workers):
             if worker.conn in ready:
                 try:
@@ -227,19 +269,51 @@ class RewardPool:
                 except (EOFError, OSError):
                     if worker.item is None:
                         raise RuntimeError(f"a reward worker exited while starting (exit code {worker.proc.exitcode})")
-                    results[worker.item] = make_result(False, ERROR)
+                    _store(worker.item, make_result(False, ERROR))
                     self._replace(i)
                     continue
                 if kind == "err":
-                    raise RuntimeError(f"the reward function raised on item {worker.item}:\n{value}")
-                if kind == "ok":
-                    results[worker.item] = value
-                worker.ready, worker.item = True, None
+                    pending, idx = worker.item
+                    pending.fail(RuntimeError(f"the reward function raised on item {idx}:\n{value}"))
+                elif kind == "ok":
+                    _store(worker.item, value)
+                worker.ready, worker.item, freed = True, None, True
             elif worker in waiting and worker.deadline <= time.monotonic():
                 if worker.item is None:
                     raise RuntimeError(f"a reward worker did not start within {_BOOT_TIMEOUT_S} s")
-                results[worker.item] = make_result(False, TIMEOUT)
+                _store(worker.item, make_result(False, TIMEOUT))
                 self._replace(i)
+        return freed
+
+
+def _store(item: tuple["PendingScores", int], result: RewardResult) -> None:
+    pending, idx = item
+    if not pending.finished:
+        pending.results[idx] = result
+        pending.left -= 1
+
+
+class PendingScores:
+    """The results of one ``RewardPool.submit``, in submission order once ``result()`` returns."""
+
+    def __init__(self, pool: RewardPool, size: int) -> None:
+        self._pool, self.results, self.left, self.error = pool, [None] * size, size, None
+
+    @property
+    def finished(self) -> bool:
+        """Every item is scored, or the submission failed."""
+        return self.left == 0 or self.error is not None
+
+    def fail(self, error: BaseException) -> None:
+        if not self.finished:
+            self.error = error
+
+    def result(self) -> list[RewardResult]:
+        """Wait for every item (the pool scores other submissions meanwhile); raise the submission's error."""
+        self._pool._wait(self)
+        if self.error is not None:
+            raise self.error
+        return list(self.results)
 
 
 def score_batch(reward_fn: RewardFn, responses: Sequence[str], ground_truths: Sequence[str], *,

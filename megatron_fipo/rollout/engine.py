@@ -16,6 +16,8 @@ Conventions every engine follows:
 * Sample ``j`` of a request with ``seed=s`` is drawn with seed ``s + j``: the same request with
   the same seed and weights reproduces its samples (the CPU engine bit for bit; SGLang when its
   deterministic sampling is enabled).
+* ``generate_groups`` yields each request's group once, when its ``n`` samples are done
+  (completion order); ``generate`` returns the same groups in request order.
 * ``update_weights`` consumes the stream bucket by bucket and is done with a bucket's tensors
   before it asks for the next one (the bridge may reuse one buffer for every bucket), and returns
   only after the engine has applied them; the results of later ``generate`` calls carry
@@ -24,7 +26,7 @@ Conventions every engine follows:
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -131,6 +133,17 @@ class RolloutEngine(abc.ABC):
     @abc.abstractmethod
     def generate(self, requests: Sequence[GenerationRequest], *, progress: bool = False) -> list[list[Sample]]:
         """Sample every request; returns ``n`` samples per request, in request order."""
+
+    def generate_groups(self, requests: Sequence[GenerationRequest], *,
+                        progress: bool = False) -> Iterator[tuple[int, list[Sample]]]:
+        """Sample every request; yields ``(request index, its n samples)`` as each group completes.
+
+        Every request is yielded once, in completion order, so a caller can score finished groups
+        while others are still generating; the samples equal ``generate``'s. This default runs
+        ``generate`` and yields in request order; engines that finish groups at different times
+        override it.
+        """
+        yield from enumerate(self.generate(requests, progress=progress))
 
     @abc.abstractmethod
     def update_weights(self, stream: WeightStream, version: int) -> None:

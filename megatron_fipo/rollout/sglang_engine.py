@@ -11,10 +11,15 @@ against ``tests/fake_sglang_server.py``, which speaks the same endpoints.
 Design (SGLang 0.5.23 HTTP API, the pin of tools/sglang_pin.txt):
 
 * One server per rollout data-parallel replica (``replicas``), each with ``tp_size`` GPUs
-  (``--base-gpu-id``); one HTTP ``/generate`` request per sample (SGLang's radix cache shares
-  the prompt), ``sampling_seed = seed + j``, ``return_logprob``; requests are spread round-robin
-  over replicas with ``max_in_flight`` in flight. Tokens and log-probs come from
+  (``--base-gpu-id``); one HTTP ``/generate`` request per sample, ``sampling_seed = seed + j``,
+  ``return_logprob``, ``max_in_flight`` in flight. Tokens and log-probs come from
   ``meta_info.output_token_logprobs`` (the matched stop token included).
+* Routing (``rollout.routing.PromptRouter``): all ``n`` samples of a prompt go to one replica,
+  so its radix cache prefills the prompt once; each prompt goes to the replica with the fewest
+  outstanding tokens when its first sample starts. Seeds do not depend on the replica, so the
+  samples do not depend on routing or on the number of replicas.
+* Streaming: ``generate_groups`` yields each prompt's group as soon as its samples are done
+  (the trainer scores it while the others generate); ``generate`` collects them in request order.
 * Colocated release / resume need the server flags ``enable_memory_saver`` (package
   ``torch_memory_saver``) and, to keep the weights across a release, ``enable_weights_cpu_backup``
   (SGLang >= 0.5.3); the trainer re-syncs after every training phase in any case.
@@ -49,8 +54,8 @@ import socket
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from typing import Any, Optional
 
 import torch
@@ -63,6 +68,7 @@ from megatron_fipo.rollout.engine import (
     WeightStream,
     progress_bar,
 )
+from megatron_fipo.rollout.routing import PromptRouter
 from megatron_fipo.rollout.sglang_server import (
     ServerProcess,
     default_launcher,
@@ -258,21 +264,53 @@ class SGLangEngine(RolloutEngine):
 
     # ------------------------------------------------------------------ generation
     def generate(self, requests: Sequence[GenerationRequest], *, progress: bool = False) -> list[list[Sample]]:
-        self._check_open()
-        jobs = [(ri, j) for ri, req in enumerate(requests) for j in range(req.params.n)]
-        out: list[list] = [[None] * req.params.n for req in requests]
-        with ThreadPoolExecutor(max_workers=min(self.max_in_flight, max(len(jobs), 1))) as pool, \
-                progress_bar(len(jobs), "generate", progress) as bar:
-            futures = {pool.submit(self._sample, k, requests[ri], ri, j): (ri, j) for k, (ri, j) in enumerate(jobs)}
-            for fut in as_completed(futures):
-                ri, j = futures[fut]
-                out[ri][j] = fut.result()
-                bar.update(1)
+        out: list = [None] * len(requests)
+        for ri, group in self.generate_groups(requests, progress=progress):
+            out[ri] = group
         return out
 
-    def _sample(self, k: int, req: GenerationRequest, ri: int, j: int) -> Sample:
+    def generate_groups(self, requests: Sequence[GenerationRequest], *,
+                        progress: bool = False) -> Iterator[tuple[int, list[Sample]]]:
+        """Yields each request's group as soon as its samples are done (routing: ``rollout.routing``).
+
+        One HTTP request per sample, ``max_in_flight`` at once; the router sees the finished samples
+        one by one, in the order this thread observes them, and the jobs they free start at once,
+        before the finished groups are yielded. Leaving early (an error, or a consumer that stops
+        iterating) cancels what has not started and waits for the running requests.
+        """
+        self._check_open()
+        router = PromptRouter([(len(r.prompt_ids), r.params.n, r.params.max_new_tokens) for r in requests],
+                              len(self.urls), self.max_in_flight)
+        groups: list[list] = [[None] * req.params.n for req in requests]
+        total = sum(req.params.n for req in requests)
+        pool = ThreadPoolExecutor(max_workers=max(1, min(self.max_in_flight, total)))
+        running: dict = {}
+
+        def start() -> None:
+            for job in router.dispatch():
+                running[pool.submit(self._sample, job.server, requests[job.request], job.request, job.sample)] = job
+
+        try:
+            with progress_bar(total, "generate", progress) as bar:
+                start()
+                while running:
+                    done, _ = wait(running, return_when=FIRST_COMPLETED)
+                    complete = []
+                    for fut in sorted(done, key=lambda f: (running[f].request, running[f].sample)):
+                        job = running.pop(fut)
+                        groups[job.request][job.sample] = fut.result()
+                        bar.update(1)
+                        if router.finish(job.request):
+                            complete.append(job.request)
+                        start()
+                    for ri in complete:
+                        yield ri, groups[ri]
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _sample(self, replica: int, req: GenerationRequest, ri: int, j: int) -> Sample:
         payload = generate_payload(req, j)
-        replica, attempts = k % len(self.urls), 0
+        attempts = 0
         while True:
             try:
                 out = request(self.urls[replica] + "/generate", payload, timeout=self.timeout)

@@ -10,6 +10,7 @@ timeouts; SGLang's weight endpoints answer ``{"success": bool, "message": str}``
 from __future__ import annotations
 
 import atexit
+import http.client
 import json
 import os
 import signal
@@ -56,8 +57,11 @@ def request(url: str, payload: Optional[Mapping] = None, *, timeout: float) -> A
     data = None if payload is None else json.dumps(payload).encode()
     req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"} if data else {},
                                  method="GET" if data is None else "POST")
-    with urllib.request.urlopen(req, timeout=timeout) as resp:
-        body = resp.read().decode() or "null"
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            body = resp.read().decode() or "null"
+    except http.client.HTTPException as err:  # e.g. IncompleteRead: the server died mid-answer
+        raise ConnectionError(f"{url}: {err!r}") from err
     try:
         return json.loads(body)
     except ValueError:

@@ -25,7 +25,6 @@ from megatron_fipo.algo.rewards import (
     normalize_final_answer,
 )
 from megatron_fipo.algo.reward_pool import RewardPool, score_batch
-from tests.helpers import alive_processes
 
 SEEDS = [3, 17, 29, 101]
 PAD = "We are done. " * 30  # > 300 characters of reasoning
@@ -53,6 +52,12 @@ def failing_reward(response, ground_truth):
     if response == "dict":
         return {"score": 1.0, "acc": True, "pred": "dict"}
     return dapo_math_reward(response, ground_truth)
+
+
+def sleepy_reward(response, ground_truth):
+    """Sleeps ``ground_truth`` seconds, then scores ``response`` against 1."""
+    time.sleep(float(ground_truth))
+    return dapo_math_reward(response, "1")
 
 
 # --------------------------------------------------------------------------- naive references
@@ -331,6 +336,29 @@ def test_pool_worker_crash_exception_and_dict_results():
     assert multiprocessing.active_children() == [] and child_pids() <= before
 
 
+@pytest.mark.timeout(120, method="thread")
+def test_pool_submit_returns_at_once_and_each_submission_keeps_its_order():
+    """``submit`` hands items out and returns; the workers score while the caller works; results come back
+    per submission, in item order, equal to in-process scoring; a failing submission fails alone."""
+    before = child_pids()
+    answers = [f"Answer: {k}" for k in (1, 2, 1, 3, 1)]
+    expected = score_batch(sleepy_reward, answers, ["0"] * 5, num_workers=0, timeout_s=10)
+    with RewardPool(num_workers=2, timeout_s=60) as pool:
+        assert pool.score(sleepy_reward, answers[:2], ["0"] * 2) == expected[:2]  # the workers are up
+        slow = pool.submit(sleepy_reward, answers[:2], ["2"] * 2)
+        assert not slow.finished  # a blocking submit would have waited the 2 s
+        bad = pool.submit(failing_reward, ["Answer: 1", "boom", "Answer: 2"], ["1"] * 3)
+        fast = pool.submit(sleepy_reward, answers, ["0"] * 5)
+        assert fast.result() == expected and slow.result() == expected[:2]
+        with pytest.raises(RuntimeError, match="ZeroDivisionError"):
+            bad.result()
+        assert pool.submit(sleepy_reward, answers[::-1], ["0"] * 5).result() == expected[::-1]
+    with RewardPool(num_workers=0, timeout_s=10) as pool:  # in-process: scored at submission
+        done = pool.submit(sleepy_reward, answers, ["0"] * 5)
+        assert done.finished and done.result() == expected
+    assert multiprocessing.active_children() == [] and child_pids() <= before
+
+
 _HOLD_POOL = """
 import sys
 from megatron_fipo.algo.reward_pool import RewardPool
@@ -349,6 +377,8 @@ def test_busy_workers_and_resource_tracker_die_with_a_sigkilled_parent(tmp_path)
     import sys
 
     import psutil
+
+    from tests.helpers import alive_processes  # here: tests.helpers imports torch (see the module docstring)
 
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")])))
