@@ -342,3 +342,38 @@ def test_payload_reader_names_the_process_and_refuses_foreign_objects():
             load_named_tensors(base64.b64encode(pickle.dumps(obj)).decode())
     with pytest.raises(RequestError, match="not base64"):
         load_named_tensors("%%%")
+
+
+# ---------------------------------------------------------------------------------------------- routing
+def test_routing_over_real_model_servers(model_dir, reference, tmp_path):
+    """Three CPU servers (tp 1) behind one ``SGLangEngine``: at n=8 the samples equal the reference with 1, 2
+    and 3 servers, and the servers' own prefill counters show each prompt prefilled once per round (the
+    old per-sample round-robin, replayed with ``_sample(k % 3, ...)``: once per server it reached)."""
+    servers = [_start(model_dir, str(tmp_path), tp=1) for _ in range(3)]
+    try:
+        for s in servers:
+            s.wait_healthy(180)
+        urls = [s.url for s in servers]
+        requests = _requests(11, n=8)
+        expected = _key(_per_sample(reference, requests))
+        for k in (1, 2, 3):
+            assert _key(SGLangEngine(model_dir, urls=urls[:k]).generate(requests)) == expected, k
+        eng = SGLangEngine(model_dir, urls=urls)
+        prompt_tokens = sum(len(r.prompt_ids) for r in requests)
+
+        def prefill_of(run):
+            for url in urls:
+                request(url + "/flush_cache", {}, timeout=30)
+            before = sum(_stats(url)["prefill_tokens"] for url in urls)
+            run()
+            return sum(_stats(url)["prefill_tokens"] for url in urls) - before
+
+        routed = prefill_of(lambda: eng.generate(requests))
+        round_robin = prefill_of(lambda: [eng._sample(k % 3, requests[ri], ri, j) for k, (ri, j) in enumerate(
+            (ri, j) for ri in range(len(requests)) for j in range(8))])
+        assert routed == prompt_tokens and round_robin == 3 * prompt_tokens
+        print(f"prefill tokens per round at n=8 on 3 CPU servers: round-robin {round_robin}, prompt-affine "
+              f"{routed} (ratio {round_robin / routed:.2f})")
+    finally:
+        for s in servers:
+            s.kill()
