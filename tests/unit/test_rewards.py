@@ -25,7 +25,6 @@ from megatron_fipo.algo.rewards import (
     normalize_final_answer,
 )
 from megatron_fipo.algo.reward_pool import RewardPool, score_batch
-from tests.helpers import alive_processes
 
 SEEDS = [3, 17, 29, 101]
 PAD = "We are done. " * 30  # > 300 characters of reasoning
@@ -349,6 +348,8 @@ def test_busy_workers_and_resource_tracker_die_with_a_sigkilled_parent(tmp_path)
     import sys
 
     import psutil
+
+    from tests.helpers import alive_processes  # here: tests.helpers imports torch (see the module docstring)
 
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")])))
