@@ -17,6 +17,7 @@ import sys
 from typing import Optional, Sequence
 
 from megatron_fipo.conventions import DTYPE_NAMES
+from megatron_fipo.convert import DEFAULT_VERIFY_TOL
 
 
 def _read_scoring_rows(path: str) -> list[dict]:
@@ -73,10 +74,20 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    """HF directory <-> Megatron checkpoint (see ``megatron_fipo.convert``)."""
-    from megatron_fipo.convert import convert
+    """HF directory <-> Megatron checkpoint (``megatron_fipo.convert``); rank 0 prints the report as JSON."""
+    from megatron_fipo.convert import hf_to_mcore, mcore_to_hf, print_report
 
-    return convert(args)
+    if bool(args.from_hf) == bool(args.from_mcore) or bool(args.to_mcore) != bool(args.from_hf) \
+            or bool(args.to_hf) != bool(args.from_mcore):
+        raise ValueError("use either --from-hf DIR --to-mcore DIR or --from-mcore DIR --to-hf DIR")
+    common = {"tp": args.tp, "pp": args.pp, "verify": args.verify, "verify_tol": args.verify_tol}
+    if args.from_hf:
+        report = hf_to_mcore(args.from_hf, args.to_mcore, **common)
+    else:
+        report = mcore_to_hf(args.from_mcore, args.to_hf, hf_config=args.hf_config, tokenizer=args.tokenizer,
+                             dtype=args.dtype, **common)
+    print_report(report)
+    return 0
 
 
 def _config(args):
@@ -203,7 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--pp", type=_AT_LEAST_1, default=1, help="pipeline parallel size")
     convert.add_argument("--verify", action="store_true", help="after converting, compare the Megatron model's "
                          "log-probs with the HF model's (source or export) on random tokens; fail on a mismatch")
-    convert.add_argument("--verify-tol", type=_POSITIVE, default=1e-3, help="max |log-prob difference| for --verify")
+    convert.add_argument("--verify-tol", type=_POSITIVE, default=DEFAULT_VERIFY_TOL,
+                         help="max |log-prob difference| for --verify")
     convert.set_defaults(func=cmd_convert)
     return parser
 

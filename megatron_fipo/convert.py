@@ -1,59 +1,144 @@
 """Checkpoint conversion: HF Qwen2 safetensors <-> Megatron distributed checkpoints.
 
-Owns ``convert`` (behind ``megatron-fipo convert`` and ``tools/convert_*.py``) and the ``--verify``
-guard: after a conversion, per-token log-probs of the Megatron model on random tokens are compared
-with the HF model's (the source directory, or the exported one), so a conversion that "succeeds"
-but breaks the model fails loudly. Both sides compute in float32 from the same weight values (an
-export in bfloat16 / float16 is compared with the Megatron model rounded to that dtype), so one
-tolerance fits every dtype. The output appears, by a rename, only once it is written and verified;
-an existing non-empty output directory is refused, never overwritten.
+Owns ``hf_to_mcore`` and ``mcore_to_hf`` (library functions with explicit arguments, each
+returning its report; behind ``megatron-fipo convert``, ``tools/convert_*.py`` and the export of
+``megatron-fipo eval``), ``print_report`` (the CLI's one JSON line, on rank 0) and the
+``verify`` guard: after a conversion, per-token log-probs of the Megatron model on random tokens
+are compared with the HF model's (the source directory, or the exported one), so a conversion
+that "succeeds" but breaks the model fails loudly. Both sides compute in float32 from the same
+weight values (an export in bfloat16 / float16 is compared with the Megatron model rounded to
+that dtype), so one tolerance fits every dtype. The output appears, by a rename, only once it is
+written and verified; an existing non-empty output directory is refused, never overwritten.
+Error messages name the CLI's flags (``--to-hf``, ``--hf-config``...), which the keyword
+arguments mirror.
 Composition of ``bridge`` and ``mcore``; no tensor math here.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
 import warnings
 
 from megatron_fipo.conventions import hf_dtype_name, torch_dtype
 
+DEFAULT_VERIFY_TOL = 1e-3
 
-def convert(args) -> int:
-    """HF directory -> Megatron checkpoint root, or Megatron checkpoint -> HF directory.
 
-    The Megatron checkpoint keeps the HF config (and source directory, for the tokenizer) in its
-    ``extra``; checkpoints saved elsewhere need ``--hf-config``. Collective under torchrun.
+def hf_to_mcore(hf_dir: str, out: str, *, tp: int = 1, pp: int = 1, verify: bool = False,
+                verify_tol: float = DEFAULT_VERIFY_TOL) -> dict:
+    """HF directory ``hf_dir`` -> Megatron checkpoint root ``out`` (collective under torchrun).
 
-    The output is written into a temporary sibling ``OUT.tmp-<nonce>`` and renamed to ``OUT``
-    only once it is complete and, with ``--verify``, verified: a failed conversion or
-    verification leaves no ``OUT``. ``OUT`` must not exist or be an empty directory (an existing
-    model or checkpoint is never overwritten; remove it first).
+    The checkpoint keeps the HF config and ``hf_dir`` (for the tokenizer) in its ``extra``. The
+    output is written into a temporary sibling ``out.tmp-<nonce>`` and renamed to ``out`` only
+    once it is complete and, with ``verify``, verified: a failed conversion or verification
+    leaves no ``out``. ``out`` must not exist or be an empty directory.
+
+    Args:
+        hf_dir: HF model directory (config.json + *.safetensors).
+        out: checkpoint root to write.
+        tp, pp: tensor / pipeline parallel sizes (the world size must be a multiple of tp * pp).
+        verify: compare the Megatron model's log-probs with ``hf_dir``'s on random tokens.
+        verify_tol: max |log-prob difference| for ``verify``.
+
+    Returns:
+        ``{"written": abspath(out), "tp": tp, "pp": pp}``, plus ``verify_max_abs_diff`` (this
+        rank's) with ``verify``; on every rank.
+
+    Raises:
+        ValueError: ``out`` not empty, a broken HF config, a failed verification.
     """
-    import os
+    from megatron_fipo.bridge.hf_import import load_hf_into_chunks
+    from megatron_fipo.hf_config import read_hf_config
 
-    if bool(args.from_hf) == bool(args.from_mcore) or bool(args.to_mcore) != bool(args.from_hf) \
-            or bool(args.to_hf) != bool(args.from_mcore):
-        raise ValueError("use either --from-hf DIR --to-mcore DIR or --from-mcore DIR --to-hf DIR")
-    target = os.path.abspath(args.to_mcore or args.to_hf)
-    _check_target(target, "--to-mcore" if args.to_mcore else "--to-hf")
+    target = _prepare_target(out, "--to-mcore")
+    hf_config = read_hf_config(hf_dir)
+    with _writing(target, hf_config, tp, pp) as (actor, groups, tmp):
+        offsets, spec = actor.bridge_layout()
+        load_hf_into_chunks(hf_dir, actor.named_local_parameters(), actor.arch, tp_rank=groups.tp_rank,
+                            tp_size=groups.tp_size, padded_vocab=actor.padded_vocab, layer_offsets=offsets, spec=spec)
+        actor.save(tmp, extra={"hf_config": hf_config, "hf_source": os.path.abspath(hf_dir)})
+        report = _verified(actor, groups, hf_dir, None, verify_tol) if verify else {}
+    return {"written": target, "tp": tp, "pp": pp, **report}
+
+
+def mcore_to_hf(checkpoint: str, out: str, *, hf_config: str | None = None, tokenizer: str | None = None,
+                dtype: str | None = None, tp: int = 1, pp: int = 1, verify: bool = False,
+                verify_tol: float = DEFAULT_VERIFY_TOL) -> dict:
+    """Megatron checkpoint -> HF directory ``out`` (collective under torchrun), published as ``hf_to_mcore``'s.
+
+    Args:
+        checkpoint: a run directory, a checkpoint root (its newest intact checkpoint is taken) or
+            one ``iter_*`` directory, saved at any tp / pp.
+        out: HF model directory to write.
+        hf_config: HF config.json (or its directory) when the checkpoint does not carry one.
+        tokenizer: copy tokenizer files from here (default: the HF source the checkpoint names).
+        dtype: HF tensor dtype name (default: the config's ``torch_dtype``, else float32).
+        tp, pp, verify, verify_tol: as for ``hf_to_mcore`` (``verify`` compares with the export).
+
+    Returns:
+        as ``hf_to_mcore``.
+
+    Raises:
+        ValueError: ``out`` not empty, no intact checkpoint, no HF config, a bad ``dtype``, a
+            failed verification.
+    """
+    import torch.distributed as dist
+
+    from megatron_fipo.bridge.hf_export import drain, export_hf_state, save_hf_checkpoint
+
+    target = _prepare_target(out, "--to-hf")
+    config, source, path = _mcore_source(checkpoint, hf_config, tokenizer)
+    with _writing(target, config, tp, pp) as (actor, groups, tmp):
+        offsets, spec = actor.bridge_layout()
+        actor.load(path, load_optimizer=False)
+        round_to = torch_dtype(dtype or hf_dtype_name(config))
+        buckets = export_hf_state(actor.named_local_parameters(), actor.arch, groups=groups, layer_offsets=offsets,
+                                  dtype=round_to, spec=spec)
+        if groups.rank == 0:
+            save_hf_checkpoint(buckets, tmp, config, source if source and os.path.isdir(source) else None)
+        else:
+            drain(buckets)
+        dist.barrier(group=groups.world)  # the export is on disk before anyone reads it
+        report = _verified(actor, groups, tmp, round_to, verify_tol) if verify else {}
+    return {"written": target, "tp": tp, "pp": pp, **report}
+
+
+def print_report(report: dict) -> None:
+    """Rank 0 (torchrun's ``RANK``; a lone process is rank 0) prints ``report`` as one JSON line."""
+    if os.environ.get("RANK", "0") == "0":
+        print(json.dumps(report))
+
+
+def _prepare_target(out: str, flag: str) -> str:
+    """``abspath(out)``, checked (``flag`` names it in the error); sets up a one-process world if not under torchrun."""
     from megatron_fipo.mcore.groups import single_process_env
 
+    target = os.path.abspath(out)
+    _check_target(target, flag)
     single_process_env()
-    from megatron_fipo.hf_config import read_hf_config
+    return target
+
+
+@contextlib.contextmanager
+def _writing(target: str, hf_config: dict, tp: int, pp: int):
+    """(actor, groups, temporary sibling of ``target``) of a tp x pp world, for the body to write into.
+
+    The sibling is renamed to ``target`` when the body succeeds and removed when it (or the
+    rename) fails; the process groups are torn down either way.
+    """
     from megatron_fipo.mcore import groups as G
+    from megatron_fipo.mcore.actor import Actor
     from megatron_fipo.mcore.model import Qwen2Arch
 
-    if args.from_hf:
-        hf_config, source, path = read_hf_config(args.from_hf), os.path.abspath(args.from_hf), None
-    else:
-        hf_config, source, path = _mcore_source(args)
     arch = Qwen2Arch.from_hf(hf_config)
-    groups = G.init_distributed(tp=args.tp, pp=args.pp)
+    groups = G.init_distributed(tp=tp, pp=pp)
     try:
         tmp = _tmp_sibling(target, groups)
         try:
-            report = _write(args, arch, groups, hf_config, source, path, tmp)
+            yield Actor(arch, groups), groups, tmp
             _publish(tmp, target, groups)
         except BaseException:
             if groups.rank == 0:
@@ -61,20 +146,15 @@ def convert(args) -> int:
             raise
     finally:
         G.destroy()
-    if groups.rank == 0:
-        print(json.dumps({"written": target, "tp": args.tp, "pp": args.pp, **report}))
-    return 0
 
 
-def _mcore_source(args) -> tuple:
-    """(hf_config, tokenizer source, checkpoint directory) of ``--from-mcore``."""
-    import os
-
+def _mcore_source(checkpoint: str, hf_config: str | None, tokenizer: str | None) -> tuple:
+    """(HF config, tokenizer source, checkpoint directory) of ``mcore_to_hf``'s arguments."""
     from megatron_fipo.hf_config import read_hf_config
     from megatron_fipo.mcore.checkpoint import checkpoint_problem, read_checkpoint_meta, resolve_checkpoint, \
         resume_candidates
 
-    kind, path = resolve_checkpoint(args.from_mcore)
+    kind, path = resolve_checkpoint(checkpoint)
     if kind == "root":  # the newest intact one (same-size damage still fails its load, loudly)
         problems = []
         for candidate in resume_candidates(path):
@@ -87,50 +167,19 @@ def _mcore_source(args) -> tuple:
         else:
             raise ValueError(f"no intact checkpoint under {path}: {'; '.join(problems)}")
     extra = read_checkpoint_meta(path).get("extra", {})
-    hf_config = read_hf_config(args.hf_config) if args.hf_config else extra.get("hf_config")
-    if hf_config is None:
+    config = read_hf_config(hf_config) if hf_config else extra.get("hf_config")
+    if config is None:
         raise ValueError(f"{path}: no HF config in the checkpoint; pass --hf-config DIR")
-    return hf_config, args.tokenizer or extra.get("hf_source"), path
+    return config, tokenizer or extra.get("hf_source"), path
 
 
-def _write(args, arch, groups, hf_config: dict, source, path, out: str) -> dict:
-    """Convert into ``out`` (and verify it); returns the report."""
-    import os
-
-    import torch
-    import torch.distributed as dist
-
-    from megatron_fipo.bridge.hf_export import drain, export_hf_state, save_hf_checkpoint
-    from megatron_fipo.bridge.hf_import import load_hf_into_chunks
-    from megatron_fipo.mcore.actor import Actor
-
-    actor = Actor(arch, groups)
-    offsets, spec = actor.bridge_layout()
-    if args.from_hf:
-        load_hf_into_chunks(args.from_hf, actor.named_local_parameters(), arch, tp_rank=groups.tp_rank,
-                            tp_size=groups.tp_size, padded_vocab=actor.padded_vocab, layer_offsets=offsets, spec=spec)
-        actor.save(out, extra={"hf_config": hf_config, "hf_source": source})
-        verify = (args.from_hf, None)
-    else:
-        actor.load(path, load_optimizer=False)
-        dtype = torch_dtype(args.dtype or hf_dtype_name(hf_config))
-        buckets = export_hf_state(actor.named_local_parameters(), arch, groups=groups, layer_offsets=offsets,
-                                  dtype=dtype, spec=spec)
-        if groups.rank == 0:
-            save_hf_checkpoint(buckets, out, hf_config, source if source and os.path.isdir(source) else None)
-        else:
-            drain(buckets)
-        dist.barrier(group=groups.world)  # the export is on disk before anyone reads it
-        verify = (out, dtype)
-    if not args.verify:
-        return {}
-    worst = _agreed(lambda: verify_against_hf(actor, verify[0], tol=args.verify_tol, round_to=verify[1]), groups)
+def _verified(actor, groups, hf_dir: str, round_to, tol: float) -> dict:
+    """``verify_against_hf`` on every rank (a failure on any rank fails all): the report's entry."""
+    worst = _agreed(lambda: verify_against_hf(actor, hf_dir, tol=tol, round_to=round_to), groups)
     return {"verify_max_abs_diff": worst}
 
 
 def _check_target(path: str, flag: str) -> None:
-    import os
-
     if os.path.exists(path) and not (os.path.isdir(path) and not os.listdir(path)):
         raise ValueError(f"{flag} {path} already exists and is not empty; convert never overwrites a model or "
                          "checkpoint: remove it or choose a new directory")
@@ -138,7 +187,6 @@ def _check_target(path: str, flag: str) -> None:
 
 def _tmp_sibling(target: str, groups) -> str:
     """``target.tmp-<nonce>`` (rank 0's nonce, on every rank), created by rank 0."""
-    import os
     import uuid
 
     import torch.distributed as dist
@@ -155,8 +203,6 @@ def _tmp_sibling(target: str, groups) -> str:
 def _publish(tmp: str, target: str, groups) -> None:
     """Rank 0 renames the finished ``tmp`` to ``target`` (replacing an empty directory) once every
     rank is done with it; every rank raises if that failed."""
-    import os
-
     import torch.distributed as dist
 
     dist.barrier(group=groups.world)
@@ -178,8 +224,6 @@ def _agreed(fn, groups):
     if failed:
         raise ValueError(failed[0])
     return result
-
-
 
 
 def verify_against_hf(actor, hf_dir: str, *, tol: float, num_sequences: int = 2, length: int = 24,

@@ -1,8 +1,8 @@
 """``megatron-fipo eval``: Avg@k / Cons@k / Pass@k of an HF model or a Megatron checkpoint on a problem file.
 
 Owns ``run_eval(args)``. A Megatron checkpoint is first exported to a temporary HF directory
-(``convert``), then served by the rollout engine (the CPU engine, or SGLang on GPUs) exactly as
-the trainer's periodic evaluation does (``experience.evaluate_items``, same seeds).
+(``convert.mcore_to_hf``), then served by the rollout engine (the CPU engine, or SGLang on GPUs)
+exactly as the trainer's periodic evaluation does (``experience.evaluate_items``, same seeds).
 """
 from __future__ import annotations
 
@@ -87,11 +87,8 @@ def _engine(args, model_dir: str):
 
 
 def _export(checkpoint: str, out_dir: str) -> str:
-    import argparse
-
-    from megatron_fipo.convert import convert
+    from megatron_fipo.convert import mcore_to_hf, print_report
 
     with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the metrics JSON
-        convert(argparse.Namespace(from_hf=None, to_mcore=None, from_mcore=checkpoint, to_hf=out_dir, hf_config=None,
-                                   tokenizer=None, dtype=None, tp=1, pp=1, verify=False, verify_tol=1e-3))
+        print_report(mcore_to_hf(checkpoint, out_dir))
     return out_dir

@@ -19,20 +19,14 @@ dist_checkpointing reshards TP / PP / DP), the scheduler's ``state_dict()``, ``i
 ``extra`` (common, from rank 0), and per-rank RNG states (python, numpy, torch, CUDA, Megatron's
 tracker) as a ``ShardedObject`` keyed by (pp, tp, dp-cp) rank.
 
-Departs from upstream (megatron-core 0.16.1 with torch AdamW; docs/dependencies.md):
-* Distributed optimizer: ``fully_reshardable`` (the default sharding type cannot save torch
-  AdamW state; ``dp_reshardable`` works on CPU too but cannot change TP / PP). Its NCCL gather
-  allocates on ``torch.cuda.current_device()``, so without CUDA the gloo ("mem_efficient")
-  gather is used (optimizer state written by DP rank 0). Its load copies a ``step`` the
-  checkpoint tensors never hold (KeyError: 'step'): the parameter state is loaded apart.
-* Adam's ``step`` is saved by us (``adam_step``) and set after every load as one tensor per
-  parameter: upstream loads one tensor shared by all parameters (torch Adam then increments
-  it once per parameter per step), and the distributed optimizer's dp_reshardable load takes
-  it from the fresh optimizer. Optimizers are primed (state + per-parameter ``step``) before
-  saving and loading, and loading runs under ``no_grad``.
+The model, optimizer and RNG state put into a checkpoint, and its fixes for megatron-core with
+torch AdamW (``fully_reshardable``, Adam's ``step``, priming), are ``mcore.checkpoint_state``'s.
+
+Departs from upstream (megatron-core 0.16.1; docs/dependencies.md):
 * The scheduler is reset before ``load_state_dict`` (upstream adds the saved step count).
 * Atomic publication (``.tmp-*``, marker, rename, ``latest``), the integrity record, pruning and
   the fallback past damaged checkpoints are ours (upstream resumes from ``latest`` or fails).
+* Loading runs under ``no_grad`` (the distributed optimizer copies into views of leaf parameters).
 Not supported: async saves; loading optimizer state across kinds (plain <-> distributed).
 """
 from __future__ import annotations
@@ -41,7 +35,6 @@ import contextlib
 import json
 import logging
 import os
-import random
 import shutil
 import time
 import uuid
@@ -62,12 +55,22 @@ from megatron_fipo.mcore.checkpoint_integrity import (  # noqa: F401  (re-export
     resolve_checkpoint,
     resume_candidates,
 )
-from megatron_fipo.mcore.update_guard import inner_optimizers
+from megatron_fipo.mcore.checkpoint_state import (
+    global_adam_step,
+    load_model_state,
+    load_optimizer_state,
+    model_sharded_state_dict,
+    optimizer_kind,
+    optimizer_sharded_for_load,
+    optimizer_sharded_for_save,
+    prime_optimizer_state,
+    rng_object,
+    set_rng_state,
+)
 
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-DISTOPT_SHARDING = "fully_reshardable"
 
 
 def checkpoint_dir_name(step: int) -> str:
@@ -110,19 +113,19 @@ def save_checkpoint(root: str, step: int, chunks: list, optimizer, scheduler, gr
     if groups.rank == 0:
         logger.info("saving checkpoint step %d to %s", step, final)
     if optimizer is not None:
-        _prime_optimizer_state(optimizer)  # a never-stepped distributed optimizer cannot save
-    layout, adam_step = _layout(groups), _global_adam_step(optimizer, groups)
-    model_sd = _model_sharded_state_dict(chunks)
-    state = {**model_sd, "iteration": step, "extra": extra or {}, "rng_state": _rng_object(groups)}
+        prime_optimizer_state(optimizer)  # a never-stepped distributed optimizer cannot save
+    layout, adam_step = _layout(groups), global_adam_step(optimizer, groups)
+    model_sd = model_sharded_state_dict(chunks)
+    state = {**model_sd, "iteration": step, "extra": extra or {}, "rng_state": rng_object(groups)}
     if optimizer is not None:
-        state["optimizer"] = _optimizer_sharded_for_save(optimizer, model_sd)
+        state["optimizer"] = optimizer_sharded_for_save(optimizer, model_sd)
     if scheduler is not None:
         state["opt_param_scheduler"] = scheduler.state_dict()
     dist_checkpointing.save(state, tmp)
     written = time.perf_counter()
     dist.barrier(group=groups.world)
     meta = {"format_version": FORMAT_VERSION, "step": step, "extra": extra or {}, "layout": layout,
-            "optimizer": _optimizer_kind(optimizer), "adam_step": adam_step,
+            "optimizer": optimizer_kind(optimizer), "adam_step": adam_step,
             "megatron_core": mcore_version, "saved_unix_time": round(time.time(), 3)}
     _on_rank0(lambda: _publish(root, tmp, final, {**meta, "files": integrity_record(tmp, skip=(MARKER,))},
                                keep_last), groups)
@@ -263,29 +266,28 @@ def load_checkpoint(path: str, chunks: list, optimizer, scheduler, groups, *,
 
     start = time.perf_counter()
     load_optimizer = load_optimizer and optimizer is not None
-    model_sd = _model_sharded_state_dict(chunks)
+    model_sd = model_sharded_state_dict(chunks)
     state = dict(model_sd)
     if load_optimizer:
-        state["optimizer"] = _optimizer_sharded_for_load(path, meta, optimizer, model_sd)
+        _check_optimizer_kind(path, meta, optimizer)
+        state["optimizer"] = optimizer_sharded_for_load(optimizer, model_sd)
     if load_rng and meta.get("layout") == _layout(groups):
-        state["rng_state"] = _rng_object(groups)
+        state["rng_state"] = rng_object(groups)
     elif load_rng and groups.rank == 0:
         warnings.warn(f"checkpoint layout {meta.get('layout')} differs from {_layout(groups)}: "
                       "RNG states are not restored", stacklevel=2)
     with torch.no_grad():  # the distributed optimizer copies into views of leaf parameters
         loaded = dist_checkpointing.load(state, path)
-        for key in model_sd:
-            _unwrap(chunks[int(key[5:] or 0)]).load_state_dict(loaded[key])
+        load_model_state(chunks, loaded)
         if load_optimizer:
-            _load_optimizer_state(optimizer, loaded["optimizer"])
-            _set_adam_step(optimizer, meta.get("adam_step"))
+            load_optimizer_state(optimizer, loaded["optimizer"], meta.get("adam_step"))
         elif optimizer is not None:
             optimizer.reload_model_params()
     if scheduler is not None and "opt_param_scheduler" in loaded:
         scheduler.num_steps = 0  # upstream's load *adds* the saved steps to the current ones
         scheduler.load_state_dict(loaded["opt_param_scheduler"])
     if "rng_state" in state:
-        _set_rng_state(loaded["rng_state"])
+        set_rng_state(loaded["rng_state"])
     if groups.rank == 0:
         logger.info("checkpoint %s loaded in %.2f s (saved layout %s, now %s)", path,
                     time.perf_counter() - start, meta.get("layout"), _layout(groups))
@@ -363,152 +365,13 @@ def _agree(reason: str | None, groups) -> str | None:
     return text if groups.world_size == 1 else f"rank {rank}: {text}"
 
 
-# ------------------------------------------------------------------------------ helpers
-def _unwrap(chunk):
-    return getattr(chunk, "module", chunk)
-
-
-def _model_sharded_state_dict(chunks: list) -> dict:
-    """``{"model": ...}`` for one chunk, ``{"model0": ..., "model1": ...}`` for virtual stages."""
-    if len(chunks) == 1:
-        return {"model": _unwrap(chunks[0]).sharded_state_dict()}
-    return {f"model{i}": _unwrap(c).sharded_state_dict() for i, c in enumerate(chunks)}
+def _check_optimizer_kind(path: str, meta: dict, optimizer) -> None:
+    """CheckpointMismatchError unless the checkpoint's optimizer state is of ``optimizer``'s kind."""
+    kind = optimizer_kind(optimizer)
+    if kind != meta.get("optimizer"):
+        raise CheckpointMismatchError(f"checkpoint {path!r} holds a {meta.get('optimizer')!r} optimizer state, "
+                                      f"this run uses {kind!r}: pass load_optimizer=False")
 
 
 def _layout(groups) -> dict:
     return {"tp": groups.tp_size, "pp": groups.pp_size, "cp": groups.cp_size, "dp": groups.dp_size}
-
-
-def _inner(optimizer) -> list:
-    """The Megatron optimizers inside a (chained) optimizer."""
-    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
-
-
-def _optimizer_kind(optimizer) -> str | None:
-    """None, "plain" (``FP32Optimizer`` & co.) or "distributed" (``DistributedOptimizer``)."""
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-    if optimizer is None:
-        return None
-    return "distributed" if any(isinstance(o, DistributedOptimizer) for o in _inner(optimizer)) \
-        else "plain"
-
-
-def _optimizer_metadata(kind: str | None) -> dict:
-    if kind != "distributed":
-        return {}
-    return {"distrib_optim_sharding_type": DISTOPT_SHARDING, "chained_optim_avoid_prefix": True,
-            # The NCCL gather of the fully_reshardable save needs CUDA; gloo otherwise.
-            "distrib_optim_fully_reshardable_mem_efficient": not torch.cuda.is_available()}
-
-
-def _adam_states(optimizer):
-    """Per-parameter state dicts of the torch optimizers inside ``optimizer``."""
-    for inner in inner_optimizers(optimizer) if optimizer is not None else []:
-        yield from inner.state.values()
-
-
-def _global_adam_step(optimizer, groups) -> float | None:
-    """Max over ranks of torch Adam's per-parameter ``step`` (None: no step taken anywhere)."""
-    local = max((float(s["step"]) for s in _adam_states(optimizer) if "step" in s), default=-1.0)
-    value = torch.tensor(local, dtype=torch.float64,
-                         device="cuda" if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=groups.world)
-    return None if value.item() < 0 else value.item()
-
-
-def _prime_optimizer_state(optimizer) -> None:
-    """Give a fresh torch Adam its state (and a per-parameter ``step``) so it can be loaded into."""
-    for opt in _inner(optimizer):
-        inner, init = getattr(opt, "optimizer", None), getattr(opt, "init_state_fn", None)
-        if inner is None or init is None:
-            continue
-        init(inner, opt.config)
-        if isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
-            for state in inner.state.values():
-                state.setdefault("step", torch.tensor(0.0))
-
-
-def _optimizer_sharded_for_save(optimizer, model_sd: dict) -> dict:
-    state = optimizer.sharded_state_dict(
-        model_sd, is_loading=False, metadata=_optimizer_metadata(_optimizer_kind(optimizer)))
-    for part in _per_optimizer(optimizer, state):
-        if "param_state" in part and part["param_state"] is None:
-            del part["param_state"]  # gathered to DP rank 0 only (gloo): not common state
-    return state
-
-
-def _optimizer_sharded_for_load(path: str, meta: dict, optimizer, model_sd: dict) -> dict:
-    kind = _optimizer_kind(optimizer)
-    if kind != meta.get("optimizer"):
-        raise CheckpointMismatchError(f"checkpoint {path!r} holds a {meta.get('optimizer')!r} optimizer state, "
-                         f"this run uses {kind!r}: pass load_optimizer=False")
-    _prime_optimizer_state(optimizer)  # a fresh optimizer has no state to load into
-    return optimizer.sharded_state_dict(model_sd, is_loading=True,
-                                        metadata=_optimizer_metadata(kind))
-
-
-def _per_optimizer(optimizer, state) -> list:
-    """The parts of a (chained) optimizer state dict, one per inner optimizer."""
-    return [state] if len(_inner(optimizer)) == 1 else [state[k] for k in sorted(state)]
-
-
-def _load_optimizer_state(optimizer, state) -> None:
-    """``optimizer.load_state_dict(state)``; a fully_reshardable parameter state is loaded
-    apart, with ``step`` out of the way (upstream copies every state key from the checkpoint
-    tensors, which have no ``step``: KeyError)."""
-    pending = []
-    for opt, part in zip(_inner(optimizer), _per_optimizer(optimizer, state)):
-        if part.get("param_state_sharding_type") == "fully_reshardable" and "param_state" in part:
-            pending.append((opt, part.pop("param_state")))
-    optimizer.load_state_dict(state)
-    for opt, param_state in pending:
-        states = list(opt.optimizer.state.values())
-        steps = [s.pop("step", None) for s in states]
-        opt.load_parameter_state_from_fully_reshardable(param_state)
-        for s, step in zip(states, steps):
-            if step is not None:
-                s["step"] = step
-
-
-def _set_adam_step(optimizer, value: float | None) -> None:
-    """One ``step`` tensor per parameter, holding the checkpointed value (never shared)."""
-    if value is None:
-        return
-    for state in _adam_states(optimizer):
-        old = state.get("step")
-        if torch.is_tensor(old):
-            state["step"] = torch.tensor(value, dtype=old.dtype, device=old.device)
-
-
-def _rng_object(groups):
-    """This rank's RNG states as a ShardedObject of global shape (pp, tp, dp-cp)."""
-    from megatron.core.dist_checkpointing.mapping import ShardedObject
-
-    return ShardedObject("rng_state", _rng_state(),
-                         (groups.pp_size, groups.tp_size, groups.dp_cp_size),
-                         (groups.pp_rank, groups.tp_rank, groups.dp_cp_rank), replica_id=0)
-
-
-def _rng_state() -> dict:
-    import numpy as np  # a megatron-core dependency
-    from megatron.core import tensor_parallel
-
-    state = {"random": random.getstate(), "numpy": np.random.get_state(),
-             "torch": torch.get_rng_state(),
-             "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    import numpy as np
-    from megatron.core import tensor_parallel
-
-    random.setstate(state["random"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])

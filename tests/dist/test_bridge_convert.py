@@ -1,5 +1,6 @@
 """``megatron-fipo convert``: HF -> Megatron dist-checkpoint at tp=2, back to HF at pp=2, bit-identical;
-``--verify`` passes a good bf16 / fp16 export and fails a broken one, which then leaves no output."""
+``--verify`` passes a good bf16 / fp16 export and fails a broken one, which then leaves no output; the
+library functions (``hf_to_mcore`` / ``mcore_to_hf``) report what the CLI prints."""
 import json
 import os
 
@@ -115,14 +116,20 @@ def _exports(hf, root):
     return out
 
 
+def _in_one_process(fn, tmp_path):
+    """``fn(hf, root)`` in one process on a tiny untied HF model and an empty ``root``: (hf, root, its result)."""
+    hf = tiny_hf_model(str(tmp_path / "hf"), **CASES["untied_gqa4to2"])
+    root = tmp_path / "out"
+    root.mkdir()
+    ((r,),) = [launch(fn, 1, hf, str(root), timeout=240)]
+    return hf, root, r
+
+
 @pytest.mark.timeout(300)
 def test_verify_passes_half_precision_exports_and_a_failed_one_leaves_nothing(tmp_path):
     from safetensors.torch import load_file
 
-    hf = tiny_hf_model(str(tmp_path / "hf"), **CASES["untied_gqa4to2"])
-    root = tmp_path / "out"
-    root.mkdir()
-    ((r,),) = [launch(_exports, 1, hf, str(root), timeout=240)]
+    hf, root, r = _in_one_process(_exports, tmp_path)
     assert r["to_mcore"] == 0
     original = load_file(os.path.join(hf, "model.safetensors"))
     for dtype in ("bfloat16", "float16"):
@@ -137,6 +144,52 @@ def test_verify_passes_half_precision_exports_and_a_failed_one_leaves_nothing(tm
     assert code == 2 and "already exists and is not empty" in err, err
     # Nothing that looks like an output (nor a temporary) is left by the failures.
     assert r["listing"] == ["bfloat16", "float16", "mcore"], r["listing"]
+
+
+def _library_and_cli(hf, root):
+    """One process: each direction through ``hf_to_mcore`` / ``mcore_to_hf`` and through the CLI."""
+    import contextlib
+    import io
+
+    from safetensors.torch import load_file
+
+    from megatron_fipo.cli import main
+    from megatron_fipo.convert import hf_to_mcore, mcore_to_hf
+
+    def captured(fn, *args, **kwargs):
+        stdout = io.StringIO()
+        with contextlib.redirect_stdout(stdout):
+            result = fn(*args, **kwargs)
+        return result, stdout.getvalue()
+
+    out = {"lib_to_mcore": captured(hf_to_mcore, hf, os.path.join(root, "lib_mcore"), verify=True),
+           "cli_to_mcore": captured(main, ["convert", "--from-hf", hf, "--to-mcore", os.path.join(root, "cli_mcore"),
+                                           "--verify"]),
+           "lib_to_hf": captured(mcore_to_hf, os.path.join(root, "lib_mcore"), os.path.join(root, "lib_hf"),
+                                 dtype="bfloat16", verify=True),
+           "cli_to_hf": captured(main, ["convert", "--from-mcore", os.path.join(root, "cli_mcore"), "--to-hf",
+                                        os.path.join(root, "cli_hf"), "--dtype", "bfloat16", "--verify"])}
+    out["files"] = [sorted(os.listdir(os.path.join(root, d))) for d in ("lib_hf", "cli_hf")]
+    out["same_weights"] = all(
+        torch.equal(load_file(os.path.join(root, "lib_hf", f))[k], v)
+        for f in os.listdir(os.path.join(root, "cli_hf")) if f.endswith(".safetensors")
+        for k, v in load_file(os.path.join(root, "cli_hf", f)).items())
+    return out
+
+
+@pytest.mark.timeout(300)
+def test_library_functions_match_the_cli(tmp_path):
+    _, root, r = _in_one_process(_library_and_cli, tmp_path)
+    for direction, written in (("to_mcore", "mcore"), ("to_hf", "hf")):
+        (report, printed), (code, cli_printed) = r[f"lib_{direction}"], r[f"cli_{direction}"]
+        assert printed == "", printed  # the library returns its report; only the CLI prints it
+        assert code == 0 and cli_printed.count("\n") == 1, cli_printed
+        cli = json.loads(cli_printed)
+        assert report == {**cli, "written": str(root / f"lib_{written}")}, (report, cli)
+        assert cli["written"] == str(root / f"cli_{written}") and cli["tp"] == cli["pp"] == 1
+        assert cli["verify_max_abs_diff"] < 1e-3
+    assert r["files"][0] == r["files"][1] and any(f.endswith(".safetensors") for f in r["files"][0]), r["files"]
+    assert r["same_weights"]
 
 
 def test_convert_rejects_mixed_directions(capsys):

@@ -299,7 +299,7 @@ def _fallback_cases(root):
     _on_rank0(g, old_format_without_common)
     out["no_common"] = _load_latest(C, root, ddp, opt, sched, g, saved[2][0])
     _on_rank0(g, restore)
-    set_rng = C._set_rng_state
+    set_rng = C.set_rng_state
     calls = []
 
     def fail_once(state):  # step 3 fails at the very end of its load, on rank 1 only
@@ -309,15 +309,15 @@ def _fallback_cases(root):
         set_rng(state)
 
     if g.rank == 1:
-        C._set_rng_state = fail_once
+        C.set_rng_state = fail_once
     out["one_rank"] = _load_latest(C, root, ddp, opt, sched, g, saved[2][0])
-    C._set_rng_state = lambda state: (_ for _ in ()).throw(RuntimeError("simulated read error"))
+    C.set_rng_state = lambda state: (_ for _ in ()).throw(RuntimeError("simulated read error"))
     try:
         C.load_latest_checkpoint(root, ddp, opt, sched, g)
         out["none_loads"] = None
     except ValueError as err:
         out["none_loads"] = str(err)
-    C._set_rng_state = set_rng
+    C.set_rng_state = set_rng
     # Truncated step 3 again: resume from 2, train and re-save step 3 with keep_last=2.
     _on_rank0(g, truncate)
     out["before_resave"] = _load_latest(C, root, ddp, opt, sched, g, saved[2][0])[:2]

@@ -156,6 +156,29 @@ def test_convert_names_a_broken_hf_config(tmp_path, capsys, monkeypatch):
     assert f"{hf / message}" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, call", [
+    (["convert", "--from-hf", "h", "--to-mcore", "m", "--tp", "2", "--verify"],
+     ("hf_to_mcore", ("h", "m"), {"tp": 2, "pp": 1, "verify": True, "verify_tol": 1e-3})),
+    (["convert", "--from-mcore", "m", "--to-hf", "h", "--pp", "2", "--dtype", "bfloat16", "--hf-config", "c",
+      "--tokenizer", "t", "--verify-tol", "0.5"],
+     ("mcore_to_hf", ("m", "h"), {"hf_config": "c", "tokenizer": "t", "dtype": "bfloat16", "tp": 1, "pp": 2,
+                                  "verify": False, "verify_tol": 0.5})),
+])
+def test_convert_maps_its_flags_onto_the_library_and_prints_its_report(capsys, monkeypatch, argv, call):
+    import megatron_fipo.convert as C
+
+    calls = []
+    for name in ("hf_to_mcore", "mcore_to_hf"):
+        monkeypatch.setattr(C, name, lambda *a, _name=name, **k: calls.append((_name, a, k)) or {"written": "w"})
+    monkeypatch.setenv("RANK", "0")
+    assert main(argv) == 0
+    assert calls == [call]
+    assert capsys.readouterr().out == '{"written": "w"}\n'
+    monkeypatch.setenv("RANK", "1")  # under torchrun only rank 0 prints
+    assert main(argv) == 0
+    assert capsys.readouterr().out == ""
+
+
 def _train_setup(tmp_path, monkeypatch, rows=3):
     """A tiny HF model, ``rows`` problems and a train config; starting a process group fails the test."""
     from megatron_fipo.mcore import groups

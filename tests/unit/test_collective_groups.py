@@ -12,6 +12,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[2] / "megatron_fipo"
 MODULES = ["trainer.py", "trainer_setup.py", "weight_sync.py", "services.py", "mcore/checkpoint.py",
+           "mcore/checkpoint_state.py", "convert.py",
            "mcore/checkpoint_integrity.py",
            "mcore/micro_batches.py", "mcore/actor.py", "parallel/nodes.py", "bridge/hf_export.py"]
 COLLECTIVES = {"all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object", "broadcast",
