@@ -57,7 +57,8 @@ class RolloutConfig:
     stop_token_ids: Sequence[int] = ()  # default: the tokenizer's eos
     bucket_mb: int = 512  # weight-sync bucket size
     replicas: int = 1  # disaggregated: SGLang servers to launch (each with its own TP); colocated: see servers_per_node
-    servers_per_node: Optional[int] = None  # colocated SGLang: servers on every node (default: GPUs per node / tp_size)
+    servers_per_node: Optional[int] = None  # colocated SGLang: servers on every node (default: GPUs per node / tp_size;
+    # ignored when disaggregated: the launcher starts 8 / tp_size per rollout node)
     launcher: Sequence[str] = ()  # argv replacing `python -m sglang.launch_server` (e.g. megatron_fipo.rollout.cpu_server)
     urls: Sequence[str] = ()  # attach to running SGLang servers instead of launching
     sync_host: Optional[str] = None  # disaggregated weight sync: address servers reach rank 0 at (default: route to urls[0])

@@ -106,8 +106,6 @@ def _check_rollout(ro, found: _Found) -> None:
     found.need(not (ro.engine == "sglang" and ro.mode == "colocated" and not ro.urls and ro.replicas != 1),
                f"rollout.replicas={ro.replicas}: colocated SGLang servers run on every node; set "
                "rollout.servers_per_node (default: GPUs per node / rollout.sglang.tp_size) instead")
-    found.need(ro.servers_per_node is None or (ro.engine == "sglang" and ro.mode == "colocated"),
-               "rollout.servers_per_node applies to colocated SGLang servers only")
     if ro.n == 1:
         found.warnings.append("rollout.n=1: every GRPO group has one sample, so every advantage is 0")
     found.need(all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ro.stop_token_ids),
