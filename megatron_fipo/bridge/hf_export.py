@@ -82,7 +82,8 @@ def export_hf_state(
         lists of ``(hf_name, tensor)`` with full (unsharded, unpadded) tensors on the parameters'
         device, identical on every rank of the pipeline / tensor group; every HF name exactly once.
     """
-    units, plans, dtype, device = _stage_plans(named_params, arch, groups, layer_offsets, dtype, spec)
+    units, plans, walk = _prepare(named_params, arch, groups, layer_offsets=layer_offsets, dtype=dtype,
+                                  bucket_bytes=bucket_bytes, spec=spec, reuse_buffer=reuse_buffer)
 
     def fill(stage: int, i: int, tensors: list) -> None:
         if groups.pp_size == 1 or stage == groups.pp_rank:
@@ -92,21 +93,11 @@ def export_hf_state(
             for t in tensors:
                 dist.broadcast(t, src=groups.pp_global_ranks[stage], group=groups.pp)
 
-    yield from _walk(plans, fill, dtype, device, bucket_bytes, reuse_buffer)
+    yield from walk(fill)
 
 
-def export_hf_node_local(
-    named_params: Iterable[tuple[str, torch.Tensor]],
-    arch,
-    *,
-    groups,
-    nodes,
-    layer_offsets: Sequence[int],
-    dtype: torch.dtype | None = None,
-    bucket_bytes: int = 512 << 20,
-    spec: str = "mcore",
-    reuse_buffer: bool | torch.Tensor = False,
-) -> Iterator[Bucket]:
+def export_hf_node_local(named_params: Iterable[tuple[str, torch.Tensor]], arch, *, groups, nodes,
+                         **options) -> Iterator[Bucket]:
     """``export_hf_state`` for every rank of the world, with traffic kept inside nodes where it can be.
 
     Every rank yields the same buckets as ``export_hf_state`` (the full HF state dict), so every GPU
@@ -116,9 +107,10 @@ def export_hf_node_local(
     them once, from one producer, into its first rank; then one broadcast over the node's group
     reaches its other ranks. Must be iterated to the end on every rank of the world.
 
-    Args: as ``export_hf_state``, plus ``nodes`` (``parallel.nodes.NodeGroups``).
+    Args: as ``export_hf_state`` (``options``: ``layer_offsets``, ``dtype``, ``bucket_bytes``, ``spec``,
+    ``reuse_buffer``), plus ``nodes`` (``parallel.nodes.NodeGroups``).
     """
-    units, plans, dtype, device = _stage_plans(named_params, arch, groups, layer_offsets, dtype, spec)
+    units, plans, walk = _prepare(named_params, arch, groups, **options)
     me, node = groups.rank, nodes.place.node
 
     def fill(stage: int, i: int, tensors: list) -> None:
@@ -136,37 +128,29 @@ def export_hf_node_local(
             for t in tensors:
                 dist.broadcast(t, src=plan.holders[node], group=nodes.group)
 
-    yield from _walk(plans, fill, dtype, device, bucket_bytes, reuse_buffer)
+    yield from walk(fill)
 
 
-def export_hf_stage(
-    named_params: Iterable[tuple[str, torch.Tensor]],
-    arch,
-    *,
-    groups,
-    layer_offsets: Sequence[int],
-    dtype: torch.dtype | None = None,
-    bucket_bytes: int = 512 << 20,
-    spec: str = "mcore",
-    reuse_buffer: bool | torch.Tensor = False,
-) -> Iterator[Bucket]:
+def export_hf_stage(named_params: Iterable[tuple[str, torch.Tensor]], arch, *, groups, **options) -> Iterator[Bucket]:
     """This pipeline stage's HF tensors only (tensor-parallel gather, no pipeline traffic), in buckets.
 
     For a stage that sends its own layers to the rollout servers (disaggregated sync). Must be
     iterated to the end on every rank of the stage's tensor-parallel group. Args as ``export_hf_state``.
     """
-    units, plans, dtype, device = _stage_plans(named_params, arch, groups, layer_offsets, dtype, spec, exchange=False)
+    units, _, walk = _prepare(named_params, arch, groups, exchange=False, **options)
 
     def fill(stage: int, i: int, tensors: list) -> None:
         entry, _, param = units[i]
         M.to_hf_into(entry, _gather_tp(entry, param, groups), arch, tensors)
 
-    yield from _walk(plans, fill, dtype, device, bucket_bytes, reuse_buffer)
+    yield from walk(fill)
 
 
-def _stage_plans(named_params, arch, groups, layer_offsets, dtype, spec, exchange: bool = True) -> tuple:
+def _prepare(named_params, arch, groups, *, layer_offsets: Sequence[int], dtype: torch.dtype | None = None,
+             bucket_bytes: int = 512 << 20, spec: str = "mcore", reuse_buffer: bool | torch.Tensor = False,
+             exchange: bool = True) -> tuple:
     """This rank's exported units, every stage's ``(HF names, shapes)`` per unit (exchanged over the
-    pipeline group), the export dtype and the device."""
+    pipeline group unless ``exchange`` is False: this stage's only), and ``walk(fill)`` over them."""
     M.check_tp(arch, groups.tp_size)
     units = [(e, layer, p) for _, e, layer, p in M.iter_global(list(named_params), layer_offsets, spec=spec)
              if not (e is M.OUTPUT_LAYER and arch.tie_word_embeddings)]
@@ -177,7 +161,7 @@ def _stage_plans(named_params, arch, groups, layer_offsets, dtype, spec, exchang
     if groups.pp_size > 1 and exchange:
         plans = [None] * groups.pp_size
         dist.all_gather_object(plans, mine, group=groups.pp)
-    return units, plans, dtype, device
+    return units, plans, lambda fill: _walk(plans, fill, dtype, device, bucket_bytes, reuse_buffer)
 
 
 def _walk(plans, fill, dtype: torch.dtype, device, bucket_bytes: int, reuse_buffer) -> Iterator[Bucket]:

@@ -80,19 +80,8 @@ def test_node_local_export_with_nccl_and_ipc_handles_on_each_ranks_gpu(tmp_path)
 @pytest.mark.skipif(not enough_gpus(2), reason="needs 2 GPUs")
 def test_colocated_node_local_sync_into_real_sglang(tmp_path):
     """The demo config on one node of two ranks (pp=2), SGLang tp_size 2 colocated: step-1 mismatch ~ 1."""
-    pytest.importorskip("sglang")
-    from megatron_fipo.data.demo_task import build_demo
-    from tests.helpers import DEMO_CONFIG, SMALL_RUN, demo_overrides, read_records, train_in_process
-
-    demo = str(tmp_path / "demo")
-    build_demo(demo)
-    run = str(tmp_path / "run")
-    launch(train_in_process, 2, DEMO_CONFIG, demo_overrides(
-        demo, run, *SMALL_RUN, "parallel.pp=2", "train.steps=2", "checkpoint.export_hf=false", "rollout.engine=sglang",
-        "rollout.sglang={tp_size: 2, mem_fraction_static: 0.3, enable_memory_saver: true, "
-        "enable_weights_cpu_backup: true, dtype: float32}"), timeout=1500)
-    for record in read_records(run):
-        assert record["rollout/token_mult_prob_error"] == pytest.approx(1.0, abs=1e-3)
+    _demo_on_two_gpus_in_sync(tmp_path, "rollout.sglang={tp_size: 2, mem_fraction_static: 0.3, "
+                              "enable_memory_saver: true, enable_weights_cpu_backup: true, dtype: float32}")
 
 
 @pytest.mark.gpu
@@ -101,6 +90,12 @@ def test_colocated_node_local_sync_into_real_sglang(tmp_path):
 def test_disaggregated_sync_by_stage_over_nccl_into_real_sglang(tmp_path):
     """pp=2 trainers and two real SGLang servers (GPUs 0-1, sharing them): each stage sends its own layers over
     its own NCCL weight-update group; after every sync the servers sample the trainer's weights."""
+    _demo_on_two_gpus_in_sync(tmp_path, "rollout.mode=disaggregated", "rollout.replicas=2",
+                              "rollout.sglang={tp_size: 1, mem_fraction_static: 0.3, dtype: float32}")
+
+
+def _demo_on_two_gpus_in_sync(tmp_path, *rollout):
+    """The demo at pp=2 on two ranks for 2 steps with real SGLang: the servers sample the trainer's weights."""
     pytest.importorskip("sglang")
     from megatron_fipo.data.demo_task import build_demo
     from tests.helpers import DEMO_CONFIG, SMALL_RUN, demo_overrides, read_records, train_in_process
@@ -110,7 +105,6 @@ def test_disaggregated_sync_by_stage_over_nccl_into_real_sglang(tmp_path):
     run = str(tmp_path / "run")
     launch(train_in_process, 2, DEMO_CONFIG, demo_overrides(
         demo, run, *SMALL_RUN, "parallel.pp=2", "train.steps=2", "checkpoint.export_hf=false", "rollout.engine=sglang",
-        "rollout.mode=disaggregated", "rollout.replicas=2",
-        "rollout.sglang={tp_size: 1, mem_fraction_static: 0.3, dtype: float32}"), timeout=1500)
+        *rollout), timeout=1500)
     for record in read_records(run):
         assert record["rollout/token_mult_prob_error"] == pytest.approx(1.0, abs=1e-3)
