@@ -20,8 +20,9 @@ Two ways to feed the engine:
   GPU, and the node's first rank posts them to its own servers (``node_engine``). Nothing of
   one node's servers comes from another node's processes.
 
-Must not import: megatron, the trainer. The engine is duck-typed (``update_weights(stream,
-version)`` and ``weight_version``).
+Must not import: megatron, the trainer. The engines are duck-typed: ``update_weights(stream,
+version)`` and ``weight_version`` (funnel), ``begin_update`` / ``push_tensor_payloads`` /
+``send_stage`` / ``finish_update`` / ``abort_update`` / ``adopt_version`` (``SGLangEngine``).
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ from megatron_fipo.bridge.hf_export import (
 )
 from megatron_fipo.conventions import hf_dtype_name, torch_dtype
 from megatron_fipo.rollout.engine import EngineError
-from megatron_fipo.rollout.sglang_engine import serialize_named_tensors
+from megatron_fipo.rollout.sglang_engine import bucket_payload
 
 
 class WeightSync:
@@ -50,10 +51,12 @@ class WeightSync:
                  nodes=None, node_engine=None, by_stage: bool = False, stage_engine=None):
         self.actor, self.groups, self.arch, self.hf_config = actor, groups, arch, hf_config
         self.nodes, self.node_engine = nodes, node_engine
-        self.by_stage, self.stage_engine = by_stage, stage_engine
-        """By-stage mode: every rank knows it; each stage's sender holds an engine of its own group."""
         """Node-local mode: ``parallel.nodes.NodeGroups``, and on each node's first rank the engine that
         owns the node's servers (``SGLangEngine.push_tensor_payloads``)."""
+        self.by_stage, self.stage_engine = by_stage, stage_engine
+        """By-stage mode: every rank knows it; each stage's sender holds an engine of its own group."""
+        self.feeds_a_server = nodes is not None and nodes.place.local < _serving_ranks(nodes, node_engine)
+        """Node-local mode: this rank's GPU holds a server TP rank (the node's first ``servers x tp`` GPUs)."""
         self.offsets, self.spec = actor.bridge_layout()
         self.dtype = torch_dtype(params_dtype)
         self.bucket_bytes = bucket_mb << 20
@@ -82,7 +85,10 @@ class WeightSync:
         Collective over the world. Node-local mode feeds every node's servers, then tells ``engine``."""
         start = time.perf_counter()
         if self.nodes is not None or self.by_stage:
-            self._push_node_local(version) if self.nodes is not None else self._push_by_stage(engine, version)
+            if self.nodes is not None:
+                self._push_node_local(version)
+            else:
+                self._push_by_stage(engine, version)
             dist.barrier(group=self.groups.world)
             if engine is not None:
                 engine.adopt_version(version)
@@ -108,17 +114,15 @@ class WeightSync:
         stream = export_hf_node_local(self.actor.named_local_parameters(), self.arch, groups=self.groups, nodes=nodes,
                                       layer_offsets=self.offsets, dtype=self.dtype, bucket_bytes=self.bucket_bytes,
                                       spec=self.spec, reuse_buffer=self._buffer())
-        feeds = nodes.place.local < self.serving_ranks
         self._agree(lambda: engine.begin_update())
         try:
             for bucket in stream:
-                # CPU shared memory is unlinked by the server that opens it: a copy of its own per payload
-                sent = bucket if all(t.is_cuda for _, t in bucket) else [(n, t.clone()) for n, t in bucket]
+                mine, held = bucket_payload(bucket) if self.feeds_a_server else (None, None)
                 payloads = [None] * len(nodes.ranks) if nodes.is_leader else None
-                dist.gather_object(serialize_named_tensors(sent) if feeds else None, payloads, dst=nodes.leader,
-                                   group=nodes.group)
+                dist.gather_object(mine, payloads, dst=nodes.leader, group=nodes.group)
                 self._agree(lambda: engine.push_tensor_payloads(
                     [payloads[i * engine.tp_size:(i + 1) * engine.tp_size] for i in range(len(engine.urls))], version))
+                del held  # the node's servers have loaded the bucket (the _agree above)
         except BaseException:
             if engine is not None:
                 engine.abort_update()
@@ -129,8 +133,12 @@ class WeightSync:
         """Rank 0 (the driver) opens the sessions; stage by stage, the stage's exporting TP group gathers its
         layers and its sender broadcasts them to the servers; the driver closes the sessions."""
         g = self.groups
-        world = _Agreement(self.groups.world, self._buffer().device)
-        world.run(lambda: driver.begin_update(), here=driver is not None)
+        device = self._buffer().device
+
+        def everywhere(call, here: bool) -> None:
+            _raise_if_any_failed(_attempt(call) if here else None, g.world, device)
+
+        everywhere(lambda: driver.begin_update(), driver is not None)
         try:
             for stage in range(g.pp_size):
                 if g.pp_rank == stage and self.exports:
@@ -139,40 +147,22 @@ class WeightSync:
                                              bucket_bytes=self.bucket_bytes, spec=self.spec,
                                              reuse_buffer=self._buffer())
                     sender = self.stage_engine
-                    world.run(lambda: sender.send_stage(stream, version) if sender is not None else drain(stream),
-                              here=True)
+                    everywhere(lambda: sender.send_stage(stream, version) if sender is not None else drain(stream),
+                               True)
                 else:
-                    world.run(lambda: None, here=False)
+                    everywhere(None, False)
         except BaseException:
             if driver is not None:
                 driver.abort_update()
             raise
-        world.run(lambda: driver.finish_update(version), here=driver is not None)
-
-    @property
-    def serving_ranks(self) -> int:
-        """How many of the node's ranks feed a server TP rank (the first ``servers x tp`` GPUs)."""
-        counts = [0]
-        if self.nodes.is_leader:
-            counts = [len(self.node_engine.urls) * self.node_engine.tp_size]
-        dist.broadcast_object_list(counts, src=self.nodes.leader, group=self.nodes.group)
-        return counts[0]
+        everywhere(lambda: driver.finish_update(version), driver is not None)
 
     def _agree(self, call) -> None:
-        """Run ``call`` on the node's first rank; if it fails on any node, every rank of the world raises
-        (a node that went on alone would wait forever in the next bucket's collectives)."""
-        status = [None]
-        if self.nodes.is_leader:
-            try:
-                call()
-            except Exception as err:  # noqa: BLE001 - re-raised on every rank below
-                status = [f"{type(err).__name__}: {err}"]
+        """Run ``call`` on the node's first rank; if it fails on any node, every rank of the world raises."""
+        status = [_attempt(call) if self.nodes.is_leader else None]
         dist.broadcast_object_list(status, src=self.nodes.leader, group=self.nodes.group)
-        failed = torch.tensor([0.0 if status[0] is None else 1.0], device=self._buffer().device)
-        dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=self.groups.world)
-        if failed.item():
-            raise EngineError(f"node {self.nodes.place.node}'s weight sync to its rollout servers failed: {status[0]}"
-                              if status[0] else "another node's weight sync to its rollout servers failed")
+        _raise_if_any_failed(status[0], self.groups.world, self._buffer().device,
+                             where=f"node {self.nodes.place.node}'s ")
 
     def export_hf(self, out_dir: str, tokenizer_source: str) -> None:
         """Write an HF model directory (in the HF config's dtype) from global rank 0. Collective over the world."""
@@ -185,22 +175,27 @@ class WeightSync:
         dist.barrier(group=self.groups.world)
 
 
-class _Agreement:
-    """Run a call on some ranks; if it fails anywhere, every rank of ``group`` raises (no rank is left waiting
-    in a collective for one that gave up)."""
+def _serving_ranks(nodes, node_engine) -> int:
+    """How many of the node's ranks feed a server TP rank: ``servers x tp`` (the node's first rank knows)."""
+    counts = [len(node_engine.urls) * node_engine.tp_size if nodes.is_leader else 0]
+    dist.broadcast_object_list(counts, src=nodes.leader, group=nodes.group)
+    return counts[0]
 
-    def __init__(self, group, device):
-        self.group, self.device = group, device
 
-    def run(self, call, *, here: bool) -> None:
-        error = None
-        if here:
-            try:
-                call()
-            except Exception as err:  # noqa: BLE001 - raised on every rank below
-                error = f"{type(err).__name__}: {err}"
-        failed = torch.tensor([0.0 if error is None else 1.0], device=self.device)
-        dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=self.group)
-        if failed.item():
-            raise EngineError(f"weight sync to the rollout servers failed: {error}" if error else
-                              "weight sync to the rollout servers failed on another rank")
+def _attempt(call) -> Optional[str]:
+    """``call()``; its error as text, or None."""
+    try:
+        call()
+    except Exception as err:  # noqa: BLE001 - reported to every rank by _raise_if_any_failed
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def _raise_if_any_failed(error: Optional[str], group, device, where: str = "") -> None:
+    """``EngineError`` on every rank of ``group`` if any rank's part failed (a rank that went on alone would
+    wait forever in the next collective)."""
+    failed = torch.tensor([0.0 if error is None else 1.0], device=device)
+    dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=group)
+    if failed.item():
+        raise EngineError(f"{where}weight sync to the rollout servers failed: {error}" if error else
+                          "weight sync to the rollout servers failed on another rank")

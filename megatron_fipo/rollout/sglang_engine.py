@@ -92,6 +92,18 @@ def serialize_named_tensors(named: Sequence[tuple[str, torch.Tensor]]) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
+def bucket_payload(bucket: Sequence[tuple[str, torch.Tensor]]) -> tuple[str, list]:
+    """A bucket serialized for one server TP rank, and the tensors the payload points at.
+
+    CUDA-IPC handles of the bucket's own tensors (any number of receivers may open them), or on CPU
+    shared memory of a copy, since the server that opens a shared-memory segment unlinks it (so one
+    copy per receiver). The caller keeps the returned tensors alive until the server has answered:
+    freed earlier, their memory is gone before the server opens it.
+    """
+    sent = list(bucket) if all(t.is_cuda for _, t in bucket) else [(n, t.clone()) for n, t in bucket]
+    return serialize_named_tensors(sent), sent
+
+
 def deserialize_named_tensors(payload: str) -> list:
     """Inverse of ``serialize_named_tensors`` (what the server does), for tests and debugging."""
     import pickle
@@ -369,27 +381,21 @@ class SGLangEngine(RolloutEngine):
         urls = [self.urls[i] for i in only]
         if self.mode == "disaggregated":
             self._ensure_group()
-        opened: list = []
+        self._open_sessions(urls)
         try:
-            for url in urls:
-                self._post(url, "/begin_weight_update")
-                opened.append(url)
             for bucket in stream:
                 if self.mode == "colocated":
-                    for url in urls:
-                        # CPU shared memory is unlinked once a receiver is done with it: one copy per replica
-                        # (CUDA IPC handles can be opened by every replica: no copy)
-                        sent = bucket if all(t.is_cuda for _, t in bucket) else [(n, t.clone()) for n, t in bucket]
-                        payload = tensor_update_payload([serialize_named_tensors(sent)] * self.tp_size, version)
-                        self._post(url, "/update_weights_from_tensor", payload)
+                    for url in urls:  # one payload per replica (bucket_payload: a CPU copy per receiver)
+                        payload, held = bucket_payload(bucket)  # held until the server has answered
+                        self._post(url, "/update_weights_from_tensor",
+                                   tensor_update_payload([payload] * self.tp_size, version))
+                        del held
                 else:
                     self._broadcast_bucket(bucket, version, urls)
         except BaseException:
-            self._close_sessions(opened)
+            self._close_sessions(urls)
             raise
-        for url in urls:
-            self._post(url, "/end_weight_update")
-            self._post(url, "/flush_cache")
+        self._end_sessions(urls)
 
     def _post(self, url: str, route: str, payload: Optional[Mapping] = None) -> dict:
         return post_checked(url + route, payload or {}, timeout=self.timeout, what=route[1:])
@@ -397,14 +403,24 @@ class SGLangEngine(RolloutEngine):
     def begin_update(self) -> None:
         """Open a weight-update session on every replica, before ``push_tensor_payloads`` (node-local sync)."""
         self._check_open()
+        self._open_sessions(self.urls)
+
+    def _open_sessions(self, urls) -> None:
+        """``/begin_weight_update`` on each of ``urls``; if one fails, the ones opened are closed again."""
         opened: list = []
         try:
-            for url in self.urls:
+            for url in urls:
                 self._post(url, "/begin_weight_update")
                 opened.append(url)
         except BaseException:
             self._close_sessions(opened)
             raise
+
+    def _end_sessions(self, urls) -> None:
+        """A sync's end on each of ``urls``: close the session, flush the prefix cache."""
+        for url in urls:
+            self._post(url, "/end_weight_update")
+            self._post(url, "/flush_cache")
 
     def push_tensor_payloads(self, payloads: Sequence[Sequence[str]], version: int) -> None:
         """One bucket of a node-local colocated sync: ``payloads[i]`` holds replica i's serialized tensors, one
@@ -424,9 +440,7 @@ class SGLangEngine(RolloutEngine):
     def finish_update(self, version: int) -> None:
         """After the last bucket of ``push_tensor_payloads``: close the sessions, flush the prefix caches;
         ``version`` is served."""
-        for url in self.urls:
-            self._post(url, "/end_weight_update")
-            self._post(url, "/flush_cache")
+        self._end_sessions(self.urls)
         self.weight_version = int(version)
 
     def abort_update(self) -> None:
