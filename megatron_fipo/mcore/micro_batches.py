@@ -25,6 +25,7 @@ from megatron_fipo.algo.mismatch import logprob_mismatch_sums
 from megatron_fipo.conventions import cp_alignment
 from megatron_fipo.data.packing import PackedBatch, pack_samples, plan_micro_batches
 from megatron_fipo.mcore.context_parallel import CPMicroBatch, shard_micro_batch
+from megatron_fipo.mcore.update_guard import agree_any
 
 
 @dataclass
@@ -135,10 +136,8 @@ def _filler_batch() -> PackedBatch:
 
 
 def all_finite(prepared: Sequence[PreparedMiniBatch], groups) -> bool:
-    """Whether every rank's old log-probs are finite (one MIN all-reduce over the world group)."""
-    ok = torch.tensor([float(all(p.finite for p in prepared))], device=device())
-    dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=groups.world)
-    return bool(ok.item())
+    """Whether every rank's old log-probs are finite (``update_guard.agree_any`` over all ranks)."""
+    return not agree_any([not all(p.finite for p in prepared)], groups, device())[0]
 
 
 def reduce_mismatch(prepared: Sequence[PreparedMiniBatch], groups) -> Dict[str, float]:
