@@ -1,5 +1,6 @@
 """Rules several layers must apply identically, in one place: the CP alignment, the dtype names and the
-optimizer settings (the config's ``optim`` section, which ``mcore.actor.ActorSettings`` extends).
+optimizer settings (the config's ``optim`` section, which ``mcore.actor.ActorSettings`` extends) and
+how many colocated rollout servers a node runs (``plan`` and the trainer).
 
 Stdlib only (torch is imported lazily by ``torch_dtype``), so the config validation, which must
 not import torch, the CP layout math, the actor and the bridge all read the same definition.
@@ -23,6 +24,16 @@ def cp_alignment(cp: int, tp: int = 1, sequence_parallel: bool = False) -> int:
     if cp <= 1:
         return 1
     return 2 * cp * (tp if sequence_parallel else 1)
+
+
+def servers_per_node(configured, tp_size: int, gpus_per_node: int) -> int:
+    """Colocated SGLang servers on each node: ``rollout.servers_per_node``, or as many as the node's GPUs
+    hold at ``tp_size`` each; ValueError when they do not fit (server i uses GPUs ``[i*tp, (i+1)*tp)``)."""
+    per_node = configured or gpus_per_node // tp_size
+    if per_node < 1 or per_node * tp_size > gpus_per_node:
+        raise ValueError(f"{per_node} server(s) per node x rollout.sglang.tp_size {tp_size} = {per_node * tp_size} "
+                         f"GPUs, but a node has {gpus_per_node} GPUs")
+    return per_node
 
 
 def torch_dtype(name: str):

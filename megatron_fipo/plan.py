@@ -20,7 +20,7 @@ from typing import Any, Mapping
 
 from megatron_fipo import hf_config
 from megatron_fipo.config import Config, validate
-from megatron_fipo.conventions import cp_alignment
+from megatron_fipo.conventions import cp_alignment, servers_per_node
 
 GiB = float(1 << 30)
 
@@ -50,16 +50,8 @@ def parameter_counts(hf: Mapping[str, Any]) -> dict:
 def estimate_memory(config: Config, hf: Mapping[str, Any], world: int) -> dict:
     """Per-GPU bytes of the busiest training rank (first pipeline stage), in GiB, by component."""
     par, o = config.parallel, config.optim
-    dp = world // (par.tp * par.pp * par.cp)
-    counts = parameter_counts(hf)
     layers_per_stage = hf["num_hidden_layers"] / par.pp
-    params = (layers_per_stage * counts["per_layer"] + counts["embedding"]) / par.tp
-    if par.pp == 1 and not hf.get("tie_word_embeddings"):
-        params += counts["embedding"] / par.tp
-    bf16 = config.model.params_dtype == "bfloat16"
-    weights = params * (2 if bf16 else 4)
-    grads = params * 4
-    optimizer = params * (12 if bf16 else 8) / (dp * par.cp)
+    params, weights, grads, optimizer = _resident_bytes(config, hf, world, stage=0)
     tokens = o.max_tokens_per_micro_batch / par.cp
     h = hf["hidden_size"]
     full_recompute = config.model.recompute.get("recompute_granularity") == "full"
@@ -71,7 +63,7 @@ def estimate_memory(config: Config, hf: Mapping[str, Any], world: int) -> dict:
     out = {k: v / GiB for k, v in parts.items()}
     out["total"] = sum(out.values())
     out["params_per_gpu"] = params
-    out["params_total"] = counts["total"]
+    out["params_total"] = parameter_counts(hf)["total"]
     return out
 
 
@@ -110,10 +102,10 @@ def colocated_rollout(config: Config, hf: Mapping[str, Any], world: int, gpus_pe
         return None, []
     tp, args = ro.sglang_server_args()
     tp = int(tp)
-    per_node = ro.servers_per_node or gpus_per_node // tp
-    if per_node < 1 or per_node * tp > gpus_per_node:
-        raise ValueError(f"colocated rollout: {per_node} server(s) per node x rollout.sglang.tp_size {tp} = "
-                         f"{per_node * tp} GPUs, but a node has {gpus_per_node} GPUs")
+    try:
+        per_node = servers_per_node(ro.servers_per_node, tp, gpus_per_node)
+    except ValueError as err:
+        raise ValueError(f"colocated rollout: {err}") from None
     nodes = -(-world // gpus_per_node)
     layout = rank_layout(world, par.tp, par.pp, par.cp, gpus_per_node)
     resident = [_resident_gib(config, hf, world, stage) for stage in range(par.pp)]
@@ -141,13 +133,20 @@ def colocated_rollout(config: Config, hf: Mapping[str, Any], world: int, gpus_pe
     return out, warnings
 
 
-def _resident_gib(config: Config, hf: Mapping[str, Any], world: int, stage: int) -> float:
-    """Weights + gradients + optimizer shard per GPU of pipeline ``stage`` (what stays during rollouts)."""
+def _resident_bytes(config: Config, hf: Mapping[str, Any], world: int, stage: int) -> tuple:
+    """``(parameters, weight, gradient, optimizer-shard bytes)`` per GPU of pipeline ``stage``: bf16 or fp32
+    weights, fp32 gradients, fp32 main weights + Adam moments sharded over dp x cp (what stays resident
+    while colocated servers generate)."""
     par = config.parallel
     dp = world // (par.tp * par.pp * par.cp)
     params = stage_parameters(hf, par.pp)[stage] / par.tp
     bf16 = config.model.params_dtype == "bfloat16"
-    return params * ((2 if bf16 else 4) + 4 + (12 if bf16 else 8) / (dp * par.cp)) / GiB
+    return params, params * (2 if bf16 else 4), params * 4, params * (12 if bf16 else 8) / (dp * par.cp)
+
+
+def _resident_gib(config: Config, hf: Mapping[str, Any], world: int, stage: int) -> float:
+    """Weights + gradients + optimizer shard per GPU of pipeline ``stage``, in GiB."""
+    return sum(_resident_bytes(config, hf, world, stage)[1:]) / GiB
 
 
 def plan(config: Config, world: int, hf: Mapping[str, Any], *, gpus_per_node: int = 8,

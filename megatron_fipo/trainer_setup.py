@@ -19,6 +19,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from megatron_fipo.conventions import servers_per_node
 from megatron_fipo.data.batches import RankShare
 from megatron_fipo.services import RolloutServices, build_services, check_prompt_count
 from megatron_fipo.weight_sync import WeightSync
@@ -231,14 +232,10 @@ def _node_servers(config, groups) -> tuple:
         os.makedirs(config.train.run_dir, exist_ok=True)
         with open(os.path.join(config.train.run_dir, "ranks.json"), "w", encoding="utf-8") as fh:
             json.dump(nodes.records(), fh, indent=1)
-    tp = int(ro.sglang_server_args()[0])
-    per_node = ro.servers_per_node or len(nodes.ranks) // tp
     engine, status = None, None
     if nodes.is_leader:
         try:
-            if per_node < 1 or per_node * tp > len(nodes.ranks):
-                raise ValueError(f"node {nodes.place.node} has {len(nodes.ranks)} GPUs (ranks): too few for "
-                                 f"{per_node} server(s) x rollout.sglang.tp_size={tp}")
+            per_node = servers_per_node(ro.servers_per_node, int(ro.sglang_server_args()[0]), len(nodes.ranks))
             engine = SGLangEngine.from_config(config.model.hf_path, ro, replicas=per_node, urls=(), log_dir=os.path.join(
                 config.train.run_dir, "sglang_logs", f"node{nodes.place.node}"))
         except Exception as err:  # noqa: BLE001 - every rank raises below
