@@ -1,14 +1,17 @@
 """The FIPO policy loss on one context-parallel rank's tokens, with nothing gathered.
 
-Owns ``CPSequenceIndex`` (the ``algo.losses.SequenceIndex`` of a CP rank: per-sequence counts
-all-reduced over the CP group, the Future-KL scan done by ``parallel.cp_scan.future_kl_cp``,
+Owns ``CPSequenceIndex`` (the ``algo.losses.SequenceIndex`` of a CP rank: per-sequence counts and
+sums all-reduced over the CP group, the Future-KL scan done by ``parallel.cp_scan.future_kl_cp``,
 sequence metrics counted once, on CP rank 0) and ``cp_policy_loss``.
 
 Each CP rank computes the per-token loss of the tokens it owns. The only cross-rank quantities of
 the FIPO loss are Future-KL (a distributed scan exchanging ``2 * cp`` scalars per sequence) and the
 drop filter's per-sequence count of dual-clipped negative tokens (one all-reduce of ``S`` integers),
 so every rank reaches the same drop decision for a sequence. With ``drop_filter=False`` (DAPO, GRPO)
-nothing is counted and that all-reduce is skipped on every rank of the group alike. The caller divides the local loss sum
+nothing is counted and that all-reduce is skipped on every rank of the group alike. The sequence-level
+rollout corrections (``seq_tis``, ``seq_mis``, ``geo_mis``) add one all-reduce of ``2 S`` floats (each
+sequence's summed log ratio and response-token count), on every rank of the group alike; the
+token-level ones and ``"none"`` add nothing. The caller divides the local loss sum
 by the kept-token count summed over the data- and context-parallel ranks (Megatron's
 ``finalize_model_grads`` does with ``calculate_per_token_loss``), so loss and gradients do not
 depend on how the batch is split over (dp, cp). Peers instead all-gather the log-probs of whole
@@ -51,6 +54,13 @@ class CPSequenceIndex(SequenceIndex):
         if self.layout.cp > 1:
             dist.all_reduce(counts, group=self.group)
         return counts
+
+    def sum_per_sequence(self, values: torch.Tensor) -> torch.Tensor:
+        """Per-sequence float64 sums over all CP ranks (one all-reduce of ``S`` (x ``K``) floats)."""
+        totals = super().sum_per_sequence(values)
+        if self.layout.cp > 1:
+            dist.all_reduce(totals, group=self.group)
+        return totals
 
     def suffix_sum(self, signal: torch.Tensor, gamma: float) -> torch.Tensor:
         return future_kl_cp(signal, gamma, self.layout, self.group)
