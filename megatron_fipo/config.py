@@ -64,6 +64,7 @@ class RolloutConfig:
     sync_host: Optional[str] = None  # disaggregated weight sync: address servers reach rank 0 at (default: route to urls[0])
     max_restarts: int = 1
     cpu_max_batch_rows: int = 64
+    max_staleness: int = 0  # generation may run this many weight versions ahead of training; 0 = synchronous
     sglang: Mapping[str, Any] = field(default_factory=dict)  # SGLang server arguments, passed through
 
     def sglang_server_args(self) -> tuple:
@@ -93,11 +94,30 @@ class AlgoConfig:
     max_gen_rounds: int = 10
     filter_metric: str = "acc"  # "acc" or "score"
     on_exhausted: str = "train_short"  # or "error": what to do when max_gen_rounds leaves the batch short
+    # decoupled rollout correction: a detached factor on the loss from pi_old / pi_rollout (docs/algorithm.md);
+    # "auto": none when rollout.max_staleness is 0, token_tis when >= 1; or none, token_tis, token_mis,
+    # seq_tis, seq_mis, geo_mis
+    rollout_correction: str = "auto"
+    correction_cap: float = 2.0  # C of token_tis / seq_tis
+    correction_bounds: Sequence[float] = (0.5, 5.0)  # [lo, hi] kept by token_mis / seq_mis / geo_mis
 
-    def loss_kwargs(self) -> dict:
+    def resolved_correction(self, max_staleness: int) -> str:
+        """The loss's ``rollout_correction`` mode: ``auto`` is ``none`` for synchronous rollouts
+        (``rollout.max_staleness`` 0) and ``token_tis`` when generation may run ahead (>= 1)."""
+        if self.rollout_correction != "auto":
+            return self.rollout_correction
+        return "token_tis" if max_staleness >= 1 else "none"
+
+    def loss_kwargs(self, max_staleness: int = 0) -> dict:
+        """The keyword arguments of ``algo.losses.fipo_policy_loss``, ``auto`` resolved for
+        ``max_staleness`` (``rollout.max_staleness``; 0, synchronous, when omitted)."""
         names = ("use_influence", "drop_filter", "decay_rate", "clip_low", "clip_high", "dual_clip_c",
-                 "future_kl_clip_ratio", "future_kl_clip_high_only", "safety_thresh", "negative_only_mask")
-        return {k: getattr(self, k) for k in names}
+                 "future_kl_clip_ratio", "future_kl_clip_high_only", "safety_thresh", "negative_only_mask",
+                 "correction_cap")
+        out = {k: getattr(self, k) for k in names}
+        out.update(rollout_correction=self.resolved_correction(max_staleness),
+                   correction_bounds=tuple(float(b) for b in self.correction_bounds))
+        return out
 
 
 @dataclass(frozen=True)
@@ -160,6 +180,10 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def loss_kwargs(self) -> dict:
+        """``algo.loss_kwargs`` with ``algo.rollout_correction: auto`` resolved by ``rollout.max_staleness``."""
+        return self.algo.loss_kwargs(self.rollout.max_staleness)
 
 
 # ---------------------------------------------------------------------------------------------- validation

@@ -22,6 +22,8 @@ from megatron_fipo.conventions import PARAMS_DTYPES, cp_alignment
 
 REWARD_NAMES = ("dapo_math", "boxed_math")  # algo.rewards.REWARD_FNS (a test keeps the two in step)
 RESUME_WORDS = ("auto", "never")  # any other checkpoint.resume is a checkpoint directory
+ROLLOUT_CORRECTIONS = ("auto", "none", "token_tis", "token_mis", "seq_tis", "seq_mis", "geo_mis")
+# "auto" and algo.losses.ROLLOUT_CORRECTIONS (a test keeps the two in step)
 
 
 def _ge(lo, nullable: bool = False):
@@ -45,10 +47,11 @@ RANGES = {
     "rollout.max_response_length": _ge(1), "rollout.bucket_mb": _ge(1), "rollout.replicas": _ge(1),
     "rollout.servers_per_node": _ge(1, nullable=True),
     "rollout.max_restarts": _ge(0), "rollout.cpu_max_batch_rows": _ge(1),
+    "rollout.max_staleness": ((lambda v: v >= 0), ">= 0 (0: synchronous)"),
     "algo.decay_rate": _gt(0), "algo.clip_low": _unit(False), "algo.clip_high": _ge(0),
     "algo.dual_clip_c": ((lambda v: v > 1), "> 1 or null (no dual clip)"), "algo.future_kl_clip_ratio": _unit(False),
     "algo.safety_thresh": _gt(0), "algo.overlong_buffer": ((lambda v: v >= 0), ">= 0 (0 disables the penalty)"),
-    "algo.overlong_penalty_factor": _ge(0), "algo.max_gen_rounds": _ge(1),
+    "algo.overlong_penalty_factor": _ge(0), "algo.max_gen_rounds": _ge(1), "algo.correction_cap": _gt(0),
     "optim.lr": _gt(0), "optim.warmup_steps": _ge(0), "optim.weight_decay": _ge(0),
     "optim.clip_grad": ((lambda v: v >= 0), ">= 0 (0 disables clipping)"), "optim.adam_beta1": _unit(False),
     "optim.adam_beta2": _unit(False), "optim.adam_eps": _gt(0), "optim.max_tokens_per_micro_batch": _ge(1),
@@ -117,6 +120,12 @@ def _check_algo(algo, found: _Found) -> None:
                f"algo.reward_fn must be one of {list(REWARD_NAMES)}, got {algo.reward_fn!r}")
     found.need(algo.filter_metric in ("acc", "score"), "algo.filter_metric must be 'acc' or 'score'")
     found.need(algo.on_exhausted in ("train_short", "error"), "algo.on_exhausted must be 'train_short' or 'error'")
+    found.need(algo.rollout_correction in ROLLOUT_CORRECTIONS,
+               f"algo.rollout_correction must be one of {list(ROLLOUT_CORRECTIONS)}, got {algo.rollout_correction!r}")
+    bounds = list(algo.correction_bounds)
+    numbers = len(bounds) == 2 and all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in bounds)
+    found.need(numbers and 0 <= bounds[0] < bounds[1],
+               f"algo.correction_bounds must be [lo, hi] with 0 <= lo < hi, got {bounds}")
 
 
 def _check_data(data, found: _Found) -> None:

@@ -201,7 +201,7 @@ class Trainer:
             s.sync_weights(version=s.sync.version)  # a released engine may have dropped its weights
             return self._skip(step, metrics, Skip.NONFINITE_OLD_LOGP)
         t = time.perf_counter()
-        per_mb = [s.actor.train_step(p, cfg.algo.loss_kwargs()) for p in prepared]
+        per_mb = [s.actor.train_step(p, cfg.loss_kwargs()) for p in prepared]
         metrics["time/train_s"] = time.perf_counter() - t
         metrics.update(_mean_metrics(per_mb))
         metrics["train/_tokens"] = s.global_tokens(share)
