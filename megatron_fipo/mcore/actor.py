@@ -42,7 +42,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-from megatron_fipo.algo.losses import MAX_KEYS, MIN_KEYS, SUM_KEYS, fipo_policy_loss, summarize_policy_metrics
+from megatron_fipo.algo.losses import (CORRECTION_MAX_KEYS, CORRECTION_SUM_KEYS, MAX_KEYS, MIN_KEYS, SUM_KEYS,
+                                       fipo_policy_loss, summarize_policy_metrics)
 from megatron_fipo.conventions import PARAMS_DTYPES, OptimConfig, torch_dtype
 from megatron_fipo.data.batches import MiniBatch
 from megatron_fipo.mcore import model as qwen2
@@ -167,7 +168,8 @@ class Actor:
 
         Call it for every mini-batch of a step before the step's first ``train_step``: the old
         log-probs must come from the pre-update policy. They stay on this rank's (CP-local) tokens;
-        the trainer-vs-rollout mismatch is summed over the same tokens (``micro_batches.reduce_mismatch``).
+        the trainer-vs-rollout mismatch is summed over the same tokens (``micro_batches.reduce_mismatch``),
+        and the rollout log-probs are kept beside them for the loss's rollout correction.
 
         Args:
             mini_batch: this data-parallel rank's samples of one mini-batch.
@@ -191,11 +193,13 @@ class Actor:
 
         Args:
             prepared: from ``prepare``, before any update of this step.
-            loss_kwargs: keyword arguments of ``algo.losses.fipo_policy_loss`` (decay_rate, ...).
+            loss_kwargs: keyword arguments of ``algo.losses.fipo_policy_loss`` (decay_rate, ...;
+                ``Config.loss_kwargs()``). With a ``rollout_correction`` other than ``"none"`` the
+                loss also gets the rollout log-probs ``prepare`` kept.
 
         Returns:
             Metrics of the whole mini-batch (reduced over pipeline and data-parallel ranks):
-            policy-loss summaries, ``loss`` (token-mean), ``entropy``, ``grad_norm``, ``lr``,
+            policy-loss summaries (the rollout correction's only when it is on), ``loss`` (token-mean), ``entropy``, ``grad_norm``, ``lr``,
             ``update_norm`` (when tracked), ``micro_batches``, ``skipped`` (1.0 if no update was kept) and
             why: ``nonfinite_loss``, ``nonfinite_grad`` (not applied), ``nonfinite_update`` (rolled back).
             A skipped step leaves parameters, optimizer state, lr schedule and ``steps`` as they were.
@@ -208,12 +212,15 @@ class Actor:
         self.optimizer.zero_grad()
         before = self._local_params() if self.settings.track_update_norm else None
         outputs = self._run_schedule(batches, mode="train", forward_only=False, loss_kwargs=dict(loss_kwargs))
+        correcting = loss_kwargs.get("rollout_correction", "none") != "none"  # the same on every rank
+        policy_sums = SUM_KEYS + (CORRECTION_SUM_KEYS if correcting else ())
         sums, maxes, mins = merge_outputs(outputs)
         sums, maxes, mins = reduce_metrics(
-            sums, maxes, mins, sum_keys=SUM_KEYS + EXTRA_SUM_KEYS, max_keys=MAX_KEYS, min_keys=MIN_KEYS,
+            sums, maxes, mins, sum_keys=policy_sums + EXTRA_SUM_KEYS,
+            max_keys=MAX_KEYS + (CORRECTION_MAX_KEYS if correcting else ()), min_keys=MIN_KEYS,
             groups=(self.groups.pp, self.groups.dp_cp), device=_device())
         finite = torch.isfinite(torch.tensor([sums["loss_sum"], sums["entropy"]])).all().item()
-        metrics = summarize_policy_metrics({k: sums[k] for k in SUM_KEYS}, maxes, mins)
+        metrics = summarize_policy_metrics({k: sums[k] for k in policy_sums}, maxes, mins)
         tokens = max(sums["response_tokens"], 1.0)
         metrics.update(loss=sums["loss_sum"] / max(sums["kept_tokens"], 1.0), entropy=sums["entropy"] / tokens,
                        micro_batches=float(len(batches)), lr=float(self.optimizer.param_groups[0]["lr"]))
@@ -337,6 +344,8 @@ class Actor:
             return logp.sum() * 0.0, zero_tokens, {"logp": logp, "entropy": entropy}
         # advantages: one per sequence, broadcast over its tokens by the loss's sequence index
         old_logp, advantages = micro.old_logp.to(dev), micro.advantages.to(dev)
+        if loss_kwargs.get("rollout_correction", "none") != "none":  # pi_old / pi_rollout, a detached factor
+            loss_kwargs = dict(loss_kwargs, rollout_logp=micro.rollout_logp.to(dev))
         if isinstance(batch, CPMicroBatch):
             out = cp_policy_loss(logp, old_logp, advantages, mask, layout=batch.layout, group=self.groups.cp,
                                  **loss_kwargs)

@@ -2,7 +2,7 @@
 
 Owns ``RankMicroBatch`` (one packed micro-batch as this rank feeds it to the model: the whole
 micro-batch, or its CP-local share, with one advantage per sequence and, once prepared, the old
-log-probs of this rank's tokens), ``PreparedMiniBatch`` (a mini-batch's micro-batches with its
+and rollout log-probs of this rank's tokens), ``PreparedMiniBatch`` (a mini-batch's micro-batches with its
 old log-probs and trainer-vs-rollout mismatch sums), ``plan`` (samples -> micro-batches under the
 token budget, the count agreed over the pipeline; sequences padded by ``conventions.cp_alignment``).
 
@@ -39,6 +39,9 @@ class RankMicroBatch:
     old_logp: Optional[torch.Tensor] = None
     """``[view.num_tokens]`` float32 log-probs of this rank's tokens under the pre-update policy
     (label positions; set by ``Actor.prepare`` on the pipeline's last stage, None elsewhere)."""
+    rollout_logp: Optional[torch.Tensor] = None
+    """``[view.num_tokens]`` float32 log-probs of this rank's tokens under the rollout engine (zero
+    outside the response; set with ``old_logp``): the rollout correction's ``pi_rollout``."""
 
     @property
     def full(self) -> PackedBatch:
@@ -91,8 +94,8 @@ class PreparedMiniBatch:
     """Whether this rank's old log-probs are all finite (agree over ranks before using them)."""
 
     def keep_old_logp(self, micro: RankMicroBatch, old_logp: torch.Tensor, rollout_logp: torch.Tensor) -> None:
-        """Store a micro-batch's local old log-probs; add its mismatch sums and finiteness (response tokens)."""
-        micro.old_logp = old_logp
+        """Store a micro-batch's local old and rollout log-probs; add its mismatch sums and finiteness (response tokens)."""
+        micro.old_logp, micro.rollout_logp = old_logp, rollout_logp
         mask = micro.view.loss_mask.bool()
         self.finite &= bool(torch.isfinite(old_logp[mask]).all())
         for key, value in logprob_mismatch_sums(old_logp, rollout_logp, mask).items():
