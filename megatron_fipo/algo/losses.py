@@ -263,9 +263,8 @@ def _correction_weight(old_logp, rollout_logp, mask, seq, mode, cap, bounds):
             else:
                 stat = torch.exp(total if mode == "seq_mis" else total / tokens.clamp(min=1))
                 w_seq = ((stat >= lo) & (stat <= hi)).double()
-            w_seq = torch.where(tokens > 0, w_seq, torch.ones_like(w_seq))  # no response token: weight 1
             w = seq.expand(w_seq.to(rho.dtype)).expand(rho.shape)
-        w = torch.where(mask, w, torch.ones_like(w))
+        w = torch.where(mask, w, torch.ones_like(w))  # so a sequence without response tokens has weight 1
     return w, rho
 
 
