@@ -243,8 +243,9 @@ def _correction_weight(old_logp, rollout_logp, mask, seq, mode, cap, bounds):
     """``(w, rho)``: the rollout correction's detached factor per token and ``rho_t`` (1 outside the response).
 
     Only response tokens are read: outside ``mask`` the log ratio is 0, whatever ``rollout_logp``
-    holds there. The sequence modes sum the log ratios of each sequence over all of its tokens
-    (``seq.sum_per_sequence``: one all-reduce over the CP group under context parallelism).
+    holds there. The sequence modes sum each sequence's log ratios and count its response tokens with
+    ``seq.sum_per_sequence`` (under context parallelism one all-reduce over the CP group, so every
+    rank sees the whole sequence).
     """
     with torch.no_grad():
         log_rho = torch.clamp(old_logp - rollout_logp, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
