@@ -91,9 +91,9 @@ def test_loss_kwargs_match_the_loss_signature():
     from megatron_fipo.algo.losses import fipo_policy_loss
 
     params = inspect.signature(fipo_policy_loss).parameters
-    kwargs = Config().algo.loss_kwargs()
-    assert set(kwargs) <= set(params)
-    assert all(params[k].default == v for k, v in kwargs.items())  # the config defaults are the recipe's
+    for kwargs in (Config().algo.loss_kwargs(), Config().loss_kwargs()):  # the trainer calls Config.loss_kwargs
+        assert set(kwargs) <= set(params)
+        assert all(params[k].default == v for k, v in kwargs.items())  # the config defaults are the recipe's
 
 
 def _sections():
