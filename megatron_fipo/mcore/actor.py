@@ -201,7 +201,8 @@ class Actor:
             Metrics of the whole mini-batch (reduced over pipeline and data-parallel ranks):
             policy-loss summaries (the rollout correction's only when it is on), ``loss`` (token-mean),
             ``entropy``, ``grad_norm``, ``lr``, ``update_norm`` (when tracked), ``micro_batches``,
-            ``skipped`` (1.0 if no update was kept) and why: ``nonfinite_loss``, ``nonfinite_grad`` (not applied), ``nonfinite_update`` (rolled back).
+            ``skipped`` (1.0 if no update was kept) and why: ``nonfinite_loss``, ``nonfinite_grad``
+            (not applied), ``nonfinite_update`` (rolled back).
             A skipped step leaves parameters, optimizer state, lr schedule and ``steps`` as they were.
         """
         batches = prepared.micro_batches
