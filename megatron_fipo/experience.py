@@ -1,9 +1,10 @@
 """One training step's experience: generation rounds, rewards, overlong shaping, GRPO advantages, dynamic sampling.
 
 Owns ``collect_experience`` (run on global rank 0, which drives the rollout engine), the
-``Experience`` it returns (and its ``share`` per data-parallel rank: ``data.batches.RankShare``),
-``rollout_seed`` and ``shard_for_rank`` (the data-parallel split of a mini-batch). Composition of ``algo`` functions and a ``RolloutEngine``; no megatron, no process
-groups.
+``Experience`` it returns (and its ``shares``, one per data-parallel rank: ``data.batches.RankShare``),
+``rollout_seed`` and ``split_step`` / ``shard_for_rank`` (the data-parallel split of each mini-batch:
+token-balanced by ``data.balance``). Composition of ``algo`` functions and a ``RolloutEngine``; no
+megatron, no process groups.
 
 DAPO's loop, as in the spec: draw ``prompts_per_step`` prompts, sample ``n`` responses each,
 score them, add the overlong penalty, drop groups whose ``acc`` (or score) does not vary, and
@@ -33,6 +34,7 @@ from megatron_fipo.algo.advantages import (
     grpo_advantages,
     overlong_penalty,
 )
+from megatron_fipo.data.balance import balanced_partition, max_over_mean, sample_cost
 from megatron_fipo.data.batches import MiniBatch, RankShare
 from megatron_fipo.rollout.engine import EngineError, GenerationRequest, SamplingParams
 
@@ -69,11 +71,41 @@ class Experience:
     def num_groups(self) -> int:
         return len(self.prompts) // self.n
 
-    def share(self, mini_batch_prompts: int, dp_size: int, dp_rank: int) -> RankShare:
-        """Data-parallel rank ``dp_rank``'s samples of this step, per mini-batch (``shard_for_rank``)."""
-        return RankShare([MiniBatch(prompts=[self.prompts[i] for i in idx], responses=[self.responses[i] for i in idx],
-                                    advantages=self.advantages[idx], rollout_logp=[self.rollout_logp[i] for i in idx])
-                          for idx in shard_for_rank(len(self.prompts), self.n, mini_batch_prompts, dp_size, dp_rank)])
+    def costs(self, hidden_size: int) -> list:
+        """Each sample's training cost (``data.balance.sample_cost``: tokens plus attention)."""
+        return [sample_cost(len(p), len(r), hidden_size) for p, r in zip(self.prompts, self.responses)]
+
+    def split(self, mini_batch_prompts: int, dp_size: int, *, hidden_size: int,
+              balanced: bool = True) -> list[list[list[int]]]:
+        """Sample indices per mini-batch, per data-parallel rank (``split_step`` on ``costs(hidden_size)``)."""
+        return split_step(len(self.prompts), self.n, mini_batch_prompts, dp_size,
+                          costs=self.costs(hidden_size) if balanced else None)
+
+    def shares(self, mini_batch_prompts: int, dp_size: int, *, hidden_size: int,
+               balanced: bool = True) -> list[RankShare]:
+        """Every data-parallel rank's samples of this step, per mini-batch (``split``; rank ``r``: item ``r``).
+
+        Args:
+            mini_batch_prompts: prompt groups per mini-batch (one optimizer step).
+            dp_size: data-parallel ranks.
+            hidden_size: the model's hidden size (weights attention in the sample cost).
+            balanced: token-balanced split (the trainer's); False deals samples round-robin.
+        """
+        split = self.split(mini_batch_prompts, dp_size, hidden_size=hidden_size, balanced=balanced)
+        return self.shares_of(split, dp_size)
+
+    def shares_of(self, split: list[list[list[int]]], dp_size: int) -> list[RankShare]:
+        """The ``RankShare`` of every rank of a ``split_step`` result (indices per mini-batch, per rank)."""
+        return [RankShare([self._mini_batch(parts[r]) for parts in split]) for r in range(dp_size)]
+
+    def share(self, mini_batch_prompts: int, dp_size: int, dp_rank: int, *, hidden_size: int,
+              balanced: bool = True) -> RankShare:
+        """Data-parallel rank ``dp_rank``'s samples of this step, per mini-batch (``shares``)."""
+        return self.shares(mini_batch_prompts, dp_size, hidden_size=hidden_size, balanced=balanced)[dp_rank]
+
+    def _mini_batch(self, idx: list) -> MiniBatch:
+        return MiniBatch(prompts=[self.prompts[i] for i in idx], responses=[self.responses[i] for i in idx],
+                         advantages=self.advantages[idx], rollout_logp=[self.rollout_logp[i] for i in idx])
 
 
 def rollout_seed(base: int, step: int, round_: int, index: int, n: int) -> int:
@@ -224,18 +256,42 @@ class _RoundStats:
         }
 
 
-def shard_for_rank(num_samples: int, n: int, mini_batch_prompts: int, dp_size: int, dp_rank: int) -> list[list[int]]:
-    """Sample indices of this data-parallel rank, per mini-batch.
+def split_step(num_samples: int, n: int, mini_batch_prompts: int, dp_size: int, *,
+               costs: Optional[Sequence[float]] = None) -> list[list[list[int]]]:
+    """Sample indices per mini-batch, per data-parallel rank: ``out[m][r]``, ascending.
 
-    Mini-batch ``m`` holds prompt groups ``[m * M, (m + 1) * M)``; its samples are dealt to the
-    data-parallel ranks round-robin (so every rank sees every group's samples spread evenly).
+    Mini-batch ``m`` holds prompt groups ``[m * M, (m + 1) * M)``. With ``costs`` (one per sample,
+    ``data.balance.sample_cost``) its samples are shared over the ranks by
+    ``data.balance.balanced_partition``, so every rank gets about the same work (sample counts may
+    differ; the loss does not care: its denominator is the mini-batch's kept-token count over all
+    ranks). Without, they are dealt round-robin (rank ``r``: positions ``r, r + dp, ...``; the
+    benchmark's baseline). At ``dp_size == 1`` both give every sample, in order.
     """
+    if dp_size < 1 or mini_batch_prompts < 1 or n < 1:
+        raise ValueError(f"split_step needs dp_size, mini_batch_prompts and n >= 1, got {dp_size}, "
+                         f"{mini_batch_prompts}, {n}")
+    if costs is not None and len(costs) != num_samples:
+        raise ValueError(f"{len(costs)} sample costs for {num_samples} samples")
     per_mb = mini_batch_prompts * n
     out = []
     for start in range(0, num_samples, per_mb):
         idx = list(range(start, min(start + per_mb, num_samples)))
-        out.append(idx[dp_rank::dp_size])
+        if costs is None:
+            out.append([idx[r::dp_size] for r in range(dp_size)])
+        else:
+            out.append([[idx[j] for j in part] for part in balanced_partition([costs[i] for i in idx], dp_size)])
     return out
+
+
+def shard_for_rank(num_samples: int, n: int, mini_batch_prompts: int, dp_size: int, dp_rank: int, *,
+                   costs: Optional[Sequence[float]] = None) -> list[list[int]]:
+    """Sample indices of data-parallel rank ``dp_rank``, per mini-batch (``split_step``)."""
+    return [parts[dp_rank] for parts in split_step(num_samples, n, mini_batch_prompts, dp_size, costs=costs)]
+
+
+def split_balance(costs: Sequence[float], split: list[list[list[int]]]) -> float:
+    """The worst mini-batch's max rank cost / mean rank cost (``train/dp_cost_max_over_mean``); 1.0 if none."""
+    return max((max_over_mean(costs, parts) for parts in split), default=1.0)
 
 
 def evaluate_items(engine, items: Sequence[Any], score: Callable, decode: Callable, *, n: int, temperature: float,

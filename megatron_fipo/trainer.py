@@ -188,7 +188,7 @@ class Trainer:
             exp = collect_experience(services.engine, services.draw, services.score, services.decode, cfg, step,
                                      dp_size=g.dp_size, progress=cfg.log.progress, submit=services.submit_score)
             metrics.update(exp.metrics)
-        share = s.scatter(exp)  # this data-parallel rank's samples, per mini-batch
+        share = s.scatter(exp, metrics)  # this data-parallel rank's samples, per mini-batch (and the split's balance)
         if not share.num_samples:
             return self._skip(step, metrics, Skip.NOTHING_TO_TRAIN)
         s.release_engine()

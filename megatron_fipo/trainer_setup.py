@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from megatron_fipo.conventions import servers_per_node
 from megatron_fipo.data.batches import RankShare
+from megatron_fipo.experience import split_balance, split_step
 from megatron_fipo.services import RolloutServices, build_services, check_prompt_count
 from megatron_fipo.weight_sync import WeightSync
 
@@ -78,12 +79,20 @@ class Run:
     """The data-parallel rank of every global rank (who gets which share)."""
 
     # ------------------------------------------------------------------ collectives
-    def scatter(self, exp) -> RankShare:
-        """Rank 0's experience -> this rank's samples (identical within a model-parallel group)."""
+    def scatter(self, exp, metrics: Optional[dict] = None) -> RankShare:
+        """Rank 0's experience -> this rank's samples (identical within a model-parallel group).
+
+        Each mini-batch is split over the data-parallel ranks by cost (``experience.split_step`` on
+        ``Experience.costs``: tokens plus attention at the model's hidden size). With ``dp_size > 1``, rank 0 adds
+        ``train/dp_cost_max_over_mean`` (``experience.split_balance``) to ``metrics``.
+        """
         payloads = None
         if self.groups.rank == 0:
-            shares = [exp.share(self.config.train.mini_batch_prompts, self.groups.dp_size, r)
-                      for r in range(self.groups.dp_size)]
+            dp, costs = self.groups.dp_size, exp.costs(self.sync.arch.hidden_size)
+            split = split_step(len(costs), exp.n, self.config.train.mini_batch_prompts, dp, costs=costs)
+            shares = exp.shares_of(split, dp)
+            if metrics is not None and dp > 1 and split:
+                metrics["train/dp_cost_max_over_mean"] = split_balance(costs, split)
             payloads = [shares[self.dp_of_rank[w]] for w in range(self.groups.world_size)]
         out = [None]
         dist.scatter_object_list(out, payloads, src=0, group=self.groups.world)

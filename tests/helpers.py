@@ -76,6 +76,23 @@ def actor_samples(seed: int = 0, n: int = 8) -> tuple[list[list[int]], list[list
     return prompts, responses
 
 
+def actor_long_tailed(seed: int = 5):
+    """An ``experience.Experience`` of 3 groups x 4 samples for ``ACTOR_HF``, response lengths long-tailed.
+
+    Responses are 1-14 tokens except samples 1 and 5 (150 and 200 tokens): round-robin over two
+    data-parallel ranks gives both to rank 1, the balanced split one to each, with unequal sample
+    counts. Advantages and rollout log-probs are placeholders (set them from the actor's log-probs).
+    """
+    from megatron_fipo.experience import Experience
+
+    rng = random.Random(seed)
+    lengths = [5, 150, 9, 3, 12, 200, 7, 2, 14, 6, 1, 11]
+    prompts = [[rng.randrange(200) for _ in range(rng.randint(1, 6))] for _ in lengths]
+    responses = [[rng.randrange(200) for _ in range(n)] for n in lengths]
+    return Experience(prompts=prompts, responses=responses, rollout_logp=[torch.zeros(n) for n in lengths],
+                      advantages=torch.zeros(len(lengths)), n=4)
+
+
 def actor_per_sample(responses, logp, seed: int = 1) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Old log-probs per token (``logp`` + N(0, 0.3) noise) and one random advantage per response."""
     gen = torch.Generator().manual_seed(seed)

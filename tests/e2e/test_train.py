@@ -91,6 +91,9 @@ def test_parallel_layouts_agree_with_one_process(demo, tmp_path):
     for name in ("tp2", "pp2", "dp2", "cp2"):
         for k in keys:
             assert runs[name][k] == pytest.approx(runs["1x1"][k], rel=1e-4, abs=_ABS.get(k, 1e-6)), (name, k)
+    # the token-balanced data-parallel split's balance is logged at dp > 1 only (dp = 1's keys unchanged)
+    assert 1.0 <= runs["dp2"]["train/dp_cost_max_over_mean"] < 2.0
+    assert all("train/dp_cost_max_over_mean" not in runs[name] for name in ("1x1", "tp2", "pp2", "cp2"))
 
 
 def test_demo_at_cp2_checkpoints_and_resumes_at_cp1(demo, tmp_path):

@@ -68,3 +68,13 @@ def test_node_sync_benchmark_quick(tmp_path):
     assert local["bytes_into_node"]["0"] > 0 and local["bytes_into_node"]["1"] > 0
     assert sum(funnel["bytes_into_node"].values()) > 2 * sum(local["bytes_into_node"].values())
     assert result["qwen2.5_32b"]["node_local_max_gib_into_a_node"] < result["qwen2.5_32b"]["funnel_gib_into_a_node"]
+
+
+def test_dp_balance_benchmark_quick(tmp_path):
+    result = run_quick("dp_balance.py", tmp_path / "dp_balance.json")
+    assert [(r["dp"], r["seed"]) for r in result["results"]] == [(4, 0), (4, 1), (8, 0), (8, 1)]
+    for row in result["results"]:  # balance is a property of the split; the timings are only reported
+        m = row["max_over_mean"]
+        assert 1.0 <= m["balanced"] <= min(m["round_robin"], 1.05)
+        assert row["split_ms"] > 0
+    assert all(s["target_met"] for s in result["summary"].values())

@@ -7,11 +7,15 @@ import torch
 from megatron_fipo.algo.advantages import grpo_advantages, overlong_penalty
 from megatron_fipo.algo.rewards import make_result
 from megatron_fipo.config import load_config
+from megatron_fipo.data.balance import sample_cost
 from megatron_fipo.experience import (
+    Experience,
     PromptItem,
     collect_experience,
     rollout_seed,
     shard_for_rank,
+    split_balance,
+    split_step,
 )
 from megatron_fipo.rollout.engine import RolloutEngine, Sample
 
@@ -134,12 +138,57 @@ def test_seeds_deterministic_and_distinct():
 
 
 @pytest.mark.parametrize("num, n, m, dp", [(16, 4, 2, 2), (12, 3, 2, 2), (8, 4, 2, 4), (4, 4, 4, 1)])
-def test_shard_for_rank_partitions(num, n, m, dp):
-    shards = [shard_for_rank(num, n, m, dp, r) for r in range(dp)]
+@pytest.mark.parametrize("balanced", [False, True], ids=["round_robin", "balanced"])
+def test_shard_for_rank_partitions(num, n, m, dp, balanced):
+    rng = random.Random(num * 7 + dp)
+    costs = [rng.lognormvariate(7, 1) for _ in range(num)] if balanced else None
+    shards = [shard_for_rank(num, n, m, dp, r, costs=costs) for r in range(dp)]
     everything = sorted(i for s in shards for mb in s for i in mb)
     assert everything == list(range(num))
-    for mb in range(len(shards[0])):  # each mini-batch splits evenly and stays within its groups
-        sizes = {len(s[mb]) for s in shards}
-        assert len(sizes) == 1
+    for mb in range(len(shards[0])):  # each mini-batch stays within its groups, every rank gets samples
+        if not balanced:  # round-robin: the same count on every rank
+            assert len({len(s[mb]) for s in shards}) == 1
         for s in shards:
+            assert s[mb] and s[mb] == sorted(s[mb])
             assert all(mb * m * n <= i < (mb + 1) * m * n for i in s[mb])
+
+
+def _long_tailed_experience(num_groups=8, n=4, seed=0):
+    rng = random.Random(seed)
+    exp = Experience(n=n)
+    for i in range(num_groups * n):
+        exp.prompts.append([i % 50] * rng.randint(1, 20))
+        exp.responses.append([7] * (2000 if rng.random() < 0.15 else rng.randint(1, 300)))
+        exp.rollout_logp.append(torch.full((len(exp.responses[-1]),), -0.5))
+    exp.advantages = torch.randn(num_groups * n, generator=torch.Generator().manual_seed(seed))
+    return exp
+
+
+def test_dp1_share_is_every_sample_in_order():
+    exp = _long_tailed_experience()
+    (share,) = exp.shares(2, 1, hidden_size=64)
+    assert [len(mb) for mb in share.mini_batches] == [8, 8, 8, 8]
+    assert [p for mb in share.mini_batches for p in mb.prompts] == exp.prompts
+    assert torch.equal(torch.cat([mb.advantages for mb in share.mini_batches]), exp.advantages)
+    assert exp.share(2, 1, 0, hidden_size=64).mini_batches[1].responses == exp.responses[8:16]
+    assert split_step(32, 4, 2, 1, costs=exp.costs(64)) == split_step(32, 4, 2, 1) == \
+        [[list(range(s, s + 8))] for s in range(0, 32, 8)]
+
+
+def test_balanced_split_beats_round_robin_and_keeps_samples_whole():
+    exp = _long_tailed_experience(num_groups=16, n=8, seed=3)
+    costs = exp.costs(64)
+    assert costs[0] == sample_cost(len(exp.prompts[0]), len(exp.responses[0]), 64)
+    balanced, rr = exp.split(4, 4, hidden_size=64), exp.split(4, 4, hidden_size=64, balanced=False)
+    assert split_balance(costs, balanced) < split_balance(costs, rr)
+    shares = exp.shares(4, 4, hidden_size=64)
+    for r, share in enumerate(shares):  # each rank's mini-batch holds exactly its samples, whole
+        for m, mb in enumerate(share.mini_batches):
+            idx = balanced[m][r]
+            assert mb.prompts == [exp.prompts[i] for i in idx] and mb.responses == [exp.responses[i] for i in idx]
+            assert torch.equal(mb.advantages, exp.advantages[idx])
+            assert all(a is exp.rollout_logp[i] for a, i in zip(mb.rollout_logp, idx))
+    assert sum(s.num_tokens for s in shares) == sum(len(p) + len(r) for p, r in zip(exp.prompts, exp.responses))
+    assert split_balance([], []) == 1.0
+    with pytest.raises(ValueError, match="3 sample costs for 4 samples"):
+        split_step(4, 2, 1, 2, costs=[1.0, 2.0, 3.0])
