@@ -65,6 +65,7 @@ class RolloutConfig:
     max_restarts: int = 1
     cpu_max_batch_rows: int = 64
     max_staleness: int = 0  # generation may run this many weight versions ahead of training; 0 = synchronous
+    stale_policy: str = "wait"  # k >= 1: "wait" (reproducible schedule, no sample older than k) or "drop"
     sglang: Mapping[str, Any] = field(default_factory=dict)  # SGLang server arguments, passed through
 
     def sglang_server_args(self) -> tuple:

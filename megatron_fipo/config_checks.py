@@ -46,8 +46,7 @@ RANGES = {
     "rollout.top_k": ((lambda v: v >= 0), ">= 0 (0 disables it)"), "rollout.max_prompt_length": _ge(1),
     "rollout.max_response_length": _ge(1), "rollout.bucket_mb": _ge(1), "rollout.replicas": _ge(1),
     "rollout.servers_per_node": _ge(1, nullable=True),
-    "rollout.max_restarts": _ge(0), "rollout.cpu_max_batch_rows": _ge(1),
-    "rollout.max_staleness": ((lambda v: v >= 0), ">= 0 (0: synchronous)"),
+    "rollout.max_restarts": _ge(0), "rollout.cpu_max_batch_rows": _ge(1), "rollout.max_staleness": _ge(0),
     "algo.decay_rate": _gt(0), "algo.clip_low": _unit(False), "algo.clip_high": _ge(0),
     "algo.dual_clip_c": ((lambda v: v > 1), "> 1 or null (no dual clip)"), "algo.future_kl_clip_ratio": _unit(False),
     "algo.safety_thresh": _gt(0), "algo.overlong_buffer": ((lambda v: v >= 0), ">= 0 (0 disables the penalty)"),
@@ -111,6 +110,12 @@ def _check_rollout(ro, found: _Found) -> None:
                "rollout.servers_per_node (default: GPUs per node / rollout.sglang.tp_size) instead")
     if ro.n == 1:
         found.warnings.append("rollout.n=1: every GRPO group has one sample, so every advantage is 0")
+    found.need(ro.stale_policy in ("wait", "drop"), f"rollout.stale_policy must be 'wait' or 'drop', got "
+               f"{ro.stale_policy!r}")
+    if ro.max_staleness and ro.engine == "sglang" and ro.mode == "colocated":
+        found.warnings.append(f"rollout.max_staleness={ro.max_staleness} with colocated SGLang: the servers give "
+                              "their GPU memory to training, so generation cannot overlap it; samples are "
+                              "stale without any throughput gain (use rollout.mode=disaggregated to overlap)")
     found.need(all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ro.stop_token_ids),
                f"rollout.stop_token_ids must be token ids (integers >= 0), got {list(ro.stop_token_ids)}")
 

@@ -57,6 +57,7 @@ class Experience:
         rollout_logp: the engine's log-prob of every response token, per sample (float32).
         advantages: ``[N]`` float32 GRPO advantage per sample.
         n: samples per prompt.
+        versions: the weight version that drew each sample.
         metrics: ``train/...`` rollout metrics (over every generated sample, all rounds).
     """
 
@@ -66,10 +67,29 @@ class Experience:
     advantages: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
     n: int = 1
     metrics: dict = field(default_factory=dict)
+    versions: list = field(default_factory=list)
+    """The weight version that drew each sample (``Sample.weight_version``)."""
 
     @property
     def num_groups(self) -> int:
         return len(self.prompts) // self.n
+
+    def select_groups(self, groups: Sequence[int]) -> "Experience":
+        """The experience of prompt groups ``groups`` only (in that order; same metrics)."""
+        idx = [g * self.n + j for g in groups for j in range(self.n)]
+        return Experience([self.prompts[i] for i in idx], [self.responses[i] for i in idx],
+                          [self.rollout_logp[i] for i in idx], self.advantages[idx], self.n, dict(self.metrics),
+                          [self.versions[i] for i in idx])
+
+    def to_state(self) -> dict:
+        """Tensors, lists and numbers only (``torch.save`` with ``weights_only`` loading)."""
+        return {"prompts": self.prompts, "responses": self.responses, "rollout_logp": self.rollout_logp,
+                "advantages": self.advantages, "n": self.n, "metrics": self.metrics, "versions": self.versions}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "Experience":
+        return cls(state["prompts"], state["responses"], state["rollout_logp"], state["advantages"], int(state["n"]),
+                   dict(state["metrics"]), list(state["versions"]))
 
     def costs(self, hidden_size: int) -> list:
         """Each sample's training cost (``data.balance.sample_cost``: tokens plus attention)."""
@@ -171,7 +191,7 @@ def collect_experience(engine, draw: Callable[[int], Sequence[Any]], score: Call
                                "algo.on_exhausted=train_short")
         warnings.warn(f"step {step}: dynamic sampling kept {len(kept)} of {target} groups after {rounds} rounds; "
                       "training on the short batch", stacklevel=2)
-    kept = kept[:_even_groups(min(len(kept), target), ro.n, dp_size)]
+    kept = kept[:even_groups(min(len(kept), target), ro.n, dp_size)]
     exp = _assemble(kept, ro.n, algo)
     exp.metrics = {**stats.summary(), "train/gen_rounds": float(rounds), "train/kept_groups": float(len(kept))}
     return exp
@@ -208,7 +228,7 @@ def _scored_at_once(score: Callable) -> Callable:
     return submit
 
 
-def _even_groups(num_groups: int, n: int, dp_size: int) -> int:
+def even_groups(num_groups: int, n: int, dp_size: int) -> int:
     """Largest group count <= num_groups whose samples split evenly over dp_size ranks."""
     quantum = dp_size // math.gcd(n, dp_size)
     return num_groups - num_groups % quantum
@@ -223,6 +243,7 @@ def _assemble(kept, n: int, algo) -> Experience:
             exp.prompts.append(list(s.prompt_ids))
             exp.responses.append(list(s.token_ids))
             exp.rollout_logp.append(torch.tensor(s.logprobs, dtype=torch.float32))
+            exp.versions.append(int(s.weight_version))
     scores = torch.cat([sc for _, sc in kept])
     exp.advantages = grpo_advantages(scores, n, normalize_std=algo.normalize_adv_std).float()
     return exp

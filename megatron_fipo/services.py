@@ -99,8 +99,10 @@ def build_services(config, *, step: int, trainer_state: dict, urls: Optional[lis
             if obj is not None:
                 (getattr(obj, "shutdown", None) or obj.close)()
         raise
+    # The in-process CPU engine has no accelerator memory to give back: generating ahead, it keeps generating.
+    colocated = ro.mode == "colocated" and not (ro.engine == "cpu" and ro.max_staleness > 0)
     services = RolloutServices(engine, tokenizer, loader, pool, logger, config.algo.reward_fn,
-                               colocated=config.rollout.mode == "colocated", eval_items=eval_items)
+                               colocated=colocated, eval_items=eval_items)
     return services, config
 
 

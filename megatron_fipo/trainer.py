@@ -42,6 +42,7 @@ from megatron_fipo.experience import collect_experience
 from megatron_fipo.hf_config import read_hf_config
 from megatron_fipo.mcore.micro_batches import all_finite, reduce_mismatch
 from megatron_fipo.rollout.engine import EngineError
+from megatron_fipo.rollout_ahead import staleness_metrics
 from megatron_fipo.services import evaluate
 from megatron_fipo.trainer_setup import Run, Skip, build_run, check_inputs
 
@@ -145,12 +146,14 @@ class Trainer:
         last_save_s = None
         if counters.step == 0 and cfg.eval.at_start:
             self._log(0, evaluate(s.services, cfg))
+        s.advance_engine(counters.step)  # generation ahead of training (rollout.max_staleness >= 1) may start
         bar = s.progress_bar(initial=counters.step, total=cfg.train.steps)
         while counters.step < cfg.train.steps:
             step = counters.step + 1
             start = time.perf_counter()
             metrics = self._train_step(step)
             if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 or step == cfg.train.steps and cfg.eval.at_end:
+                s.hold_engine()
                 metrics.update(evaluate(s.services, cfg))
             counters.step = step
             metrics["time/step_s"] = time.perf_counter() - start
@@ -161,6 +164,8 @@ class Trainer:
             stop = self._stop_requested()
             if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 or step == cfg.train.steps or stop:
                 last_save_s = self._save(step)
+            if not stop:
+                s.advance_engine(step)
             last = metrics
             bar.update(1)
             bar.set_postfix(reward=f"{metrics.get('train/reward_mean', float('nan')):.3f}",
@@ -181,7 +186,11 @@ class Trainer:
         metrics: dict = {}
         exp = None
         services = s.services
-        if services is not None:  # global rank 0
+        if s.ahead is not None:  # global rank 0, generating ahead: this step's batch is done or being generated
+            exp, waited = s.ahead.take(step)
+            exp, staleness = staleness_metrics(exp, s.sync.version, cfg.rollout.max_staleness, g.dp_size)
+            metrics.update({**exp.metrics, **staleness, "time/wait_rollout_s": waited})
+        elif services is not None:  # global rank 0
             if services.engine.weight_version != s.sync.version:
                 raise EngineError(f"the engine holds weight version {services.engine.weight_version}, the actor "
                                   f"synced {s.sync.version}: a weight update was lost")

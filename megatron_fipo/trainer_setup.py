@@ -22,6 +22,7 @@ import torch.distributed as dist
 from megatron_fipo.conventions import servers_per_node
 from megatron_fipo.data.batches import RankShare
 from megatron_fipo.experience import split_balance, split_step
+from megatron_fipo.rollout_ahead import IN_FLIGHT_FILE, RolloutAhead, load_in_flight, save_in_flight
 from megatron_fipo.services import RolloutServices, build_services, check_prompt_count
 from megatron_fipo.weight_sync import WeightSync
 
@@ -77,6 +78,25 @@ class Run:
     """Global rank 0 only (the other ranks: None)."""
     dp_of_rank: list = field(default_factory=list)
     """The data-parallel rank of every global rank (who gets which share)."""
+    ahead: Optional[RolloutAhead] = None
+    """Global rank 0 with ``rollout.max_staleness`` >= 1: the producer generating future steps' experience."""
+
+    @property
+    def overlapped(self) -> bool:
+        """Generation runs ahead of training (every rank knows it: the config is the same everywhere)."""
+        return self.config.rollout.max_staleness > 0
+
+    def hold_engine(self) -> None:
+        """Before the engine's weights change or the trainer uses the engine, the loader or the reward pool:
+        wait until rank 0's producer is idle (it stays idle until ``advance_engine``). Rank 0 only; a no-op
+        without generation ahead."""
+        if self.ahead is not None:
+            self.ahead.hold()
+
+    def advance_engine(self, done_step: int) -> None:
+        """Step ``done_step`` is finished: the producer may generate the next steps (``rollout_ahead``)."""
+        if self.ahead is not None:
+            self.ahead.advance(done_step)
 
     # ------------------------------------------------------------------ collectives
     def scatter(self, exp, metrics: Optional[dict] = None) -> RankShare:
@@ -104,7 +124,8 @@ class Run:
         return float(n.item())
 
     def release_engine(self) -> None:
-        if self.services is not None:
+        if self.services is not None and self.services.colocated:
+            self.hold_engine()  # a colocated engine cannot generate while the actor trains
             self.services.release()
 
     def resume_engine(self) -> None:
@@ -128,12 +149,16 @@ class Run:
         """Stream the actor's weights to the engine as ``version`` (refused if not finite); returns seconds."""
         start = time.perf_counter()
         self.refuse_nonfinite(f"sync weight version {version} to the rollout engine")  # before the engine sees a byte
+        if self.overlapped:  # no rank writes to a server before rank 0's producer has finished its requests
+            self.hold_engine()
+            dist.barrier(group=self.groups.world)
         self.sync.push(self.services.engine if self.services is not None else None, version)
         return time.perf_counter() - start
 
     # ------------------------------------------------------------------ persistence
     def save(self, step: int) -> str:
         self.refuse_nonfinite(f"save the step-{step} checkpoint", optimizer_state=True)
+        self.hold_engine()  # the loader's position and the batches in flight must agree
         loader = self.services.loader if self.services is not None else None
         state = [{**self.counters.state_dict(), "step": step,
                   "loader": loader.state_dict() if loader is not None else None}]
@@ -141,7 +166,12 @@ class Run:
         extra = {"hf_config": self.sync.hf_config, "hf_source": os.path.abspath(self.config.model.hf_path),
                  "trainer": state[0]}
         self.actor.steps = step  # the checkpoint directory is named after the training step
-        return self.actor.save(self.checkpoint_root, extra=extra, keep_last=self.config.checkpoint.keep_last)
+        files = {}
+        if self.ahead is not None:  # the completed batches of the next steps, and nothing else, are in flight
+            batches = self.ahead.in_flight()
+            files[IN_FLIGHT_FILE] = lambda path: save_in_flight(path, batches)
+        return self.actor.save(self.checkpoint_root, extra=extra, keep_last=self.config.checkpoint.keep_last,
+                               rank0_files=files)
 
     def export_hf(self, out_dir: str) -> None:
         self.refuse_nonfinite(f"export the HF model to {out_dir}")
@@ -154,8 +184,12 @@ class Run:
                     disable=self.groups.rank != 0 or not self.config.log.progress)
 
     def close(self) -> None:
+        if self.ahead is not None:
+            self.ahead.close(timeout=0)  # no new batch; the engine's shutdown below ends the one running
         if self.services is not None:
             self.services.close()
+        if self.ahead is not None:
+            self.ahead.close()
         if self.sync.node_engine is not None:  # this node's colocated servers
             self.sync.node_engine.shutdown()
         if self.sync.stage_engine is not None and self.services is None:  # attached to rank 0's servers
@@ -190,6 +224,10 @@ def build_run(config, groups, hf_config: dict) -> Run:
             sync.stage_engine = _stage_sender(config, groups, sync, run.services)
         if path is not None:
             run.sync_weights(version=run.counters.step)  # the engine started from the HF weights
+        if run.overlapped and run.services is not None:
+            run.ahead = RolloutAhead(run.services, run.config, dp_size=groups.dp_size, done_step=run.counters.step,
+                                     version=lambda: run.sync.version,
+                                     restored=load_in_flight(trainer_state.get("checkpoint_dir")))
     except BaseException:
         run.close()
         raise
@@ -287,7 +325,7 @@ def _load_weights(config, actor, sync: WeightSync, path: Optional[tuple[str, str
     loaded, extra = actor.load_latest(where) if kind == "root" else (where, actor.load(where))
     if sync.groups.rank == 0:
         print(f"resumed from {loaded} (step {extra.get('trainer', {}).get('step')})", flush=True)
-    return extra.get("trainer", {})
+    return {**extra.get("trainer", {}), "checkpoint_dir": loaded}
 
 
 def check_inputs(config) -> None:

@@ -248,12 +248,14 @@ class Actor:
         """Names of this rank's non-finite parameters (and optimizer state); local, no collective."""
         return nonfinite_tensors(self.named_local_parameters(), self.optimizer, optimizer_state=optimizer_state)
 
-    def save(self, root: str, *, extra: Optional[Mapping[str, Any]] = None, keep_last: Optional[int] = None) -> str:
-        """Atomic distributed checkpoint of model, optimizer, lr schedule, step and RNG (``mcore.checkpoint``)."""
+    def save(self, root: str, *, extra: Optional[Mapping[str, Any]] = None, keep_last: Optional[int] = None,
+             rank0_files: Optional[Mapping[str, Any]] = None) -> str:
+        """Atomic distributed checkpoint of model, optimizer, lr schedule, step and RNG (``mcore.checkpoint``),
+        with rank 0's ``rank0_files`` (name -> writer) in the same directory."""
         from megatron_fipo.mcore.checkpoint import save_checkpoint
 
         return save_checkpoint(root, self.steps, self.chunks, self.optimizer, self.scheduler, self.groups,
-                               extra=dict(extra or {}), keep_last=keep_last)
+                               extra=dict(extra or {}), keep_last=keep_last, rank0_files=rank0_files)
 
     def load(self, path: str, *, load_optimizer: bool = True) -> Dict[str, Any]:
         """Load a checkpoint saved at any tp / pp; returns its ``extra`` and restores ``steps``."""

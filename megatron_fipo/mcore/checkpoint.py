@@ -80,7 +80,7 @@ def checkpoint_dir_name(step: int) -> str:
 
 # ------------------------------------------------------------------------------ save
 def save_checkpoint(root: str, step: int, chunks: list, optimizer, scheduler, groups, *,
-                    extra: dict | None = None, keep_last: int | None = None) -> str:
+                    extra: dict | None = None, keep_last: int | None = None, rank0_files=None) -> str:
     """Save model chunks, optimizer, scheduler, RNG states, ``step`` and ``extra`` atomically.
 
     Collective: every rank passes the same ``root``, ``step``, ``extra`` and ``keep_last``.
@@ -94,6 +94,8 @@ def save_checkpoint(root: str, step: int, chunks: list, optimizer, scheduler, gr
         groups: ``ParallelGroups`` of this process.
         extra: JSON-serialisable dict (data position, config hash...); rank 0's copy is kept.
         keep_last: keep this many complete checkpoints, the new one included (None: all).
+        rank0_files: ``{file name: writer(path)}`` run on rank 0 into the checkpoint directory before
+            it is published (covered by its integrity record), e.g. the batches in flight.
 
     Returns:
         the path of the complete checkpoint directory.
@@ -122,6 +124,7 @@ def save_checkpoint(root: str, step: int, chunks: list, optimizer, scheduler, gr
     if scheduler is not None:
         state["opt_param_scheduler"] = scheduler.state_dict()
     dist_checkpointing.save(state, tmp)
+    _on_rank0(lambda: [write(os.path.join(tmp, name)) for name, write in (rank0_files or {}).items()], groups)
     written = time.perf_counter()
     dist.barrier(group=groups.world)
     meta = {"format_version": FORMAT_VERSION, "step": step, "extra": extra or {}, "layout": layout,

@@ -44,7 +44,9 @@ Routes (SGLang 0.5 ``http_server.py``; request fields as in its ``io_struct``):
   503 under ``--never-healthy``), ``GET /get_model_info`` (``model_path``, ``tokenizer_path``,
   ``is_generation``, ``preferred_sampling_params``, ``weight_version``).
 * Project extension: ``GET /fipo_stats``, for tests and users: requests served, the prefix-cache
-  counters, the weight version, a pending update, and the weight-source record.
+  counters, the weight version, a pending update, the weight-source record, and
+  ``writes_under_requests``: weight-update calls that arrived while a ``/generate`` was running
+  (a trainer that generates ahead must keep it 0; every update's log line carries it too).
 
 Weight updates: buckets arrive one request at a time; they are copied in through
 ``cpu_engine.WeightUpdate`` (unknown, duplicated or mis-shaped names are an error answer), and
@@ -238,6 +240,7 @@ class CPUServer:
         self.lock = threading.Lock()  # the model and every counter below
         self.weight_version = "default"  # SGLang's value until an update sets one
         self.requests = self.prefill_tokens = self.cached_tokens = self.flushes = self.updates = 0
+        self.running = self.writes_under_requests = 0  # generate calls in progress; weight writes while any was
         self.prefilled: set[tuple[int, ...]] = set()
         self.sources: dict[tuple[int, str], dict] = {}
         self.groups: dict[str, tuple[list[Callable], str]] = {}
@@ -296,6 +299,15 @@ class CPUServer:
         prompt, params, return_logprob = self._parse_generate(body)
         request = GenerationRequest(prompt, params)
         with self.lock:
+            self.running += 1
+        try:
+            return self._answer(prompt, params, request, return_logprob, start)
+        finally:
+            with self.lock:
+                self.running -= 1
+
+    def _answer(self, prompt, params, request, return_logprob: bool, start: float) -> dict:
+        with self.lock:
             sample = self.engine.generate([request])[0][0]
             cached = prompt in self.prefilled
             if cached:
@@ -351,6 +363,7 @@ class CPUServer:
     # ------------------------------------------------------------------ weights
     def begin_weight_update(self, body: Mapping) -> dict:
         with self.lock:
+            self.writes_under_requests += bool(self.running)
             if self.session_open:
                 raise RequestError("a weight-update session is already open")
             self.session_open = True
@@ -364,6 +377,8 @@ class CPUServer:
         return {"success": True, "message": "Success"}
 
     def _check_session(self, route: str) -> None:
+        with self.lock:  # a trainer must never change the weights under a running request (rollout_ahead)
+            self.writes_under_requests += bool(self.running)
         if not self.session_open:  # SGLang's words
             raise RequestError(f"{route} must run between begin_weight_update() and end_weight_update()")
 
@@ -478,7 +493,8 @@ class CPUServer:
         sources = sorted({(rank, src.get("pid"), src.get("master")) for (rank, _), src in self.sources.items()
                           if src.get("weight_version") == version}, key=str)
         print("fipo-cpu-server update " + json.dumps({
-            "weight_version": version, "sources": [{"tp_rank": r, "pid": pid, "master": m} for r, pid, m in sources]}),
+            "weight_version": version, "sources": [{"tp_rank": r, "pid": pid, "master": m} for r, pid, m in sources],
+            "writes_under_requests": self.writes_under_requests}),
             flush=True)
 
     def _in_threads(self, fn: Callable[[int], None]) -> list[str]:
@@ -537,6 +553,7 @@ class CPUServer:
                     "cached_prompts": len(self.prefilled), "flushes": self.flushes,
                     "weight_version": self.weight_version, "released": self.engine.health()["released"],
                     "pending_update": pending, "session_open": self.session_open, "sessions": self.sessions,
+                    "running": self.running, "writes_under_requests": self.writes_under_requests,
                     "weight_sources": [dict(tp_rank=rank, name=name, **source)
                                        for (rank, name), source in sorted(self.sources.items())]}
 

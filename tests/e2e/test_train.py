@@ -138,10 +138,14 @@ def _strip(records):
     return [{k: v for k, v in r.items() if not k.startswith(("time/", "perf/"))} for r in records]
 
 
-def test_kill_and_resume_equals_uninterrupted(demo, tmp_path):
+@pytest.mark.parametrize("staleness", [0, 1], ids=["synchronous", "one_step_ahead"])
+def test_kill_and_resume_equals_uninterrupted(demo, tmp_path, staleness):
+    """At max_staleness=1 the step-2 checkpoint holds step 3's batch (generated during step 2 with the
+    step-1 weights) and the loader's position after it: the resumed run trains on exactly that batch."""
     whole, broken = str(tmp_path / "whole"), str(tmp_path / "broken")
-    assert _cli(whole, demo).wait(timeout=600) == 0
-    proc = _cli(broken, demo)
+    ahead = f"rollout.max_staleness={staleness}"
+    assert _cli(whole, demo, ahead).wait(timeout=600) == 0
+    proc = _cli(broken, demo, ahead)
     try:  # SIGKILL as soon as the step-2 checkpoint is complete (the run is somewhere in step 3)
         deadline = time.time() + 600
         while not os.path.exists(os.path.join(broken, "checkpoints", "iter_0000002", "fipo_checkpoint.json")):
@@ -150,11 +154,16 @@ def test_kill_and_resume_equals_uninterrupted(demo, tmp_path):
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    resumed = _cli(broken, demo, "--resume")
+    if staleness:
+        assert os.path.exists(os.path.join(broken, "checkpoints", "iter_0000002", "rollouts_in_flight.pt"))
+    resumed = _cli(broken, demo, ahead, "--resume")
     out = resumed.communicate(timeout=600)[0].decode()
     assert resumed.returncode == 0, out[-3000:]
     assert "resumed from" in out
-    assert _strip(_records(broken)) == _strip(_records(whole))
+    records = _strip(_records(broken))
+    assert records == _strip(_records(whole))
+    if staleness:  # step s trained on samples of the weights after step s - 2
+        assert [r["rollout/staleness_max"] for r in records if r["step"]] == [0.0, 1.0, 1.0, 1.0]
 
 
 def test_stop_file_checkpoints_after_the_current_step(demo, tmp_path):
