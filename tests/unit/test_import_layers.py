@@ -24,10 +24,11 @@ ALLOWED = {
     "tracking": set(),
     "services": {"algo", "rollout", "data", "config", "experience", "tracking"},  # rank 0's rollout side
     "weight_sync": {"conventions", "bridge", "rollout"},  # actor -> engine / HF directory
+    "rollout_ahead": {"experience", "rollout"},  # rank 0's producer thread (max_staleness >= 1)
     "trainer_setup": {"conventions", "algo", "parallel", "mcore", "bridge", "rollout", "data", "config", "experience",
-                      "tracking", "hf_config", "services", "weight_sync"},
+                      "tracking", "hf_config", "services", "weight_sync", "rollout_ahead"},
     "trainer": {"conventions", "algo", "parallel", "mcore", "bridge", "rollout", "data", "config", "experience",
-                "trainer_setup", "hf_config", "services", "weight_sync"},
+                "trainer_setup", "hf_config", "services", "weight_sync", "rollout_ahead"},
     "config": {"config_checks", "conventions"},
     "config_checks": {"conventions"},  # config's validation: stdlib only, reads the config by attribute
     "conventions": set(),  # rules every layer applies the same way (CP alignment, dtype names): stdlib only
