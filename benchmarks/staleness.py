@@ -32,7 +32,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def train(demo: str, run_dir: str, k: int, steps: int, extra: list) -> list[dict]:
+def train(demo: str, run_dir: str, k: int, steps: int, extra: list, pinned: bool = False) -> list[dict]:
     """One demo run at ``rollout.max_staleness=k``; its metrics records."""
     cmd = [sys.executable, "-m", "megatron_fipo", "train", "--config", os.path.join(REPO, "examples", "demo_cpu.yaml"),
            f"model.hf_path={demo}/base", f"data.train_files=[{demo}/train.jsonl]", f"eval.files=[{demo}/test.jsonl]",
@@ -40,7 +40,10 @@ def train(demo: str, run_dir: str, k: int, steps: int, extra: list) -> list[dict
            "checkpoint.every_steps=0", "checkpoint.export_hf=false", "log.progress=false", "log.tensorboard=false",
            *extra]
     start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    env = dict(os.environ)
+    if pinned:  # the trainer's pool: core 0, one thread (the server's pool is core 1, see main)
+        cmd, env["OMP_NUM_THREADS"] = ["taskset", "-c", "0", *cmd], "1"
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise SystemExit(f"k={k}: training failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
     print(f"  k={k}: {steps} steps in {time.perf_counter() - start:.0f} s", flush=True)
@@ -70,17 +73,32 @@ def main(argv=None) -> dict:
     ap.add_argument("--demo", default=os.path.join(REPO, "build", "demo"), help="built demo (tools/make_demo.py)")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--ks", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--engine", choices=("cpu", "cpu-server"), default="cpu",
+                    help="cpu: the in-process CPU engine (generation in a thread of the trainer); cpu-server: "
+                         "disaggregated SGLang protocol, one CPU server process (rollout.cpu_server)")
+    ap.add_argument("--pin", action="store_true",
+                    help="with --engine cpu-server: two pools of one core each, as disaggregated GPUs are "
+                         "(the trainer on core 0 with one thread, the server on core 1; taskset)")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="more config overrides for both runs (e.g. optim.max_tokens_per_micro_batch=1024)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--quick", action="store_true", help="3 steps on 16 held-out problems (a smoke test)")
     args = ap.parse_args(argv)
     if not os.path.isdir(os.path.join(args.demo, "base")):
         raise SystemExit(f"no demo model in {args.demo}: run `python tools/make_demo.py` first")
     steps, extra = (3, ["eval.max_problems=16"]) if args.quick else (args.steps, [])
+    extra += args.set
+    if args.engine == "cpu-server":
+        pin = "taskset,-c,'1'," if args.pin else ""
+        extra += ["rollout.engine=sglang", "rollout.mode=disaggregated",
+                  f"rollout.launcher=[{pin}{sys.executable},-m,megatron_fipo.rollout.cpu_server]"]
+    elif args.pin:
+        raise SystemExit("--pin needs --engine cpu-server (the in-process engine shares the trainer's cores)")
     n = 8  # the demo's rollout.n
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for k in args.ks:
-            results[k] = summarize(train(args.demo, os.path.join(tmp, f"k{k}"), k, steps, extra), n)
+            results[k] = summarize(train(args.demo, os.path.join(tmp, f"k{k}"), k, steps, extra, args.pin), n)
     base = results[args.ks[0]]["samples_per_s"]
     print("\nSummary (the demo, 2 cores: trained samples per second over steps 2..N; held-out Avg@4)")
     print(f"{'k':>3} {'samples/s':>10} {'ratio':>6} {'step s':>7} {'gen s':>6} {'wait s':>7} {'old-logp s':>10} "

@@ -110,6 +110,8 @@ def _check_rollout(ro, found: _Found) -> None:
                "rollout.servers_per_node (default: GPUs per node / rollout.sglang.tp_size) instead")
     if ro.n == 1:
         found.warnings.append("rollout.n=1: every GRPO group has one sample, so every advantage is 0")
+    found.need(all(isinstance(a, str) for a in ro.launcher),
+               f"rollout.launcher must be a list of strings (an argv; quote numbers), got {list(ro.launcher)}")
     found.need(ro.stale_policy in ("wait", "drop"), f"rollout.stale_policy must be 'wait' or 'drop', got "
                f"{ro.stale_policy!r}")
     if ro.max_staleness and ro.engine == "sglang" and ro.mode == "colocated":
