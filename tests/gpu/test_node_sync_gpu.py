@@ -96,6 +96,12 @@ def test_disaggregated_sync_by_stage_over_nccl_into_real_sglang(tmp_path):
 
 def _demo_on_two_gpus_in_sync(tmp_path, *rollout):
     """The demo at pp=2 on two ranks for 2 steps with real SGLang: the servers sample the trainer's weights."""
+    for record in _demo_on_two_gpus(tmp_path, "train.steps=2", *rollout):
+        assert record["rollout/token_mult_prob_error"] == pytest.approx(1.0, abs=1e-3)
+
+
+def _demo_on_two_gpus(tmp_path, *overrides) -> list:
+    """The demo at pp=2 on two ranks with real SGLang (SMALL_RUN sizes); its metrics records."""
     pytest.importorskip("sglang")
     from megatron_fipo.data.demo_task import build_demo
     from tests.helpers import DEMO_CONFIG, SMALL_RUN, demo_overrides, read_records, train_in_process
@@ -104,7 +110,22 @@ def _demo_on_two_gpus_in_sync(tmp_path, *rollout):
     build_demo(demo)
     run = str(tmp_path / "run")
     launch(train_in_process, 2, DEMO_CONFIG, demo_overrides(
-        demo, run, *SMALL_RUN, "parallel.pp=2", "train.steps=2", "checkpoint.export_hf=false", "rollout.engine=sglang",
-        *rollout), timeout=1500)
-    for record in read_records(run):
-        assert record["rollout/token_mult_prob_error"] == pytest.approx(1.0, abs=1e-3)
+        demo, run, *SMALL_RUN, "parallel.pp=2", "checkpoint.export_hf=false", "rollout.engine=sglang", *overrides),
+        timeout=1500)
+    return read_records(run)
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(1800)
+@pytest.mark.skipif(not enough_gpus(2), reason="needs 2 GPUs")
+def test_generation_ahead_with_real_sglang_disaggregated(tmp_path):
+    """rollout.max_staleness=1 against two real SGLang servers: step s trains on the samples of the weights of
+    step s - 2 (ages 0, 1, 1), step 1's samples come from the trainer's own weights, the default correction
+    (token TIS) is on, and the run completes with every sync after the batch it may not overtake."""
+    records = [r for r in _demo_on_two_gpus(
+        tmp_path, "train.steps=3", "rollout.mode=disaggregated", "rollout.replicas=2", "rollout.max_staleness=1",
+        "eval.every_steps=0", "rollout.sglang={tp_size: 1, mem_fraction_static: 0.3, dtype: float32}")
+        if "train/loss" in r]
+    assert [r["rollout/staleness_max"] for r in records] == [0.0, 1.0, 1.0]
+    assert records[0]["rollout/token_mult_prob_error"] == pytest.approx(1.0, abs=1e-3)
+    assert all("train/correction_weight_mean" in r for r in records)

@@ -163,6 +163,8 @@ def test_world_size_must_be_positive(world):
     ("rollout.max_restarts=-1", "rollout.max_restarts must be >= 0"),
     ("rollout.cpu_max_batch_rows=0", "rollout.cpu_max_batch_rows must be >= 1"),
     ("rollout.stop_token_ids=[2,-1]", "rollout.stop_token_ids must be token ids"),
+    ("rollout.launcher=[taskset,-c,1,python]", "rollout.launcher must be a list of strings"),
+    ("rollout.stale_policy=skip", "rollout.stale_policy must be 'wait' or 'drop'"),
     ("optim.logprob_chunk_tokens=0", "optim.logprob_chunk_tokens must be >= 1"),
     ("optim.warmup_steps=-3", "optim.warmup_steps must be >= 0, got -3"),
     ("optim.lr=0", "optim.lr must be > 0"),
