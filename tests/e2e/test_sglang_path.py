@@ -138,18 +138,26 @@ def test_demo_learns_through_the_http_path_as_in_process(demo, tmp_path):
     assert rises["http"] == pytest.approx(rises["in_process"], abs=0.03), rises
 
 
+AHEAD = ["train.steps=3", "rollout.max_staleness=1", "checkpoint.export_hf=false", "eval.every_steps=0",
+         "eval.at_start=false", "checkpoint.every_steps=0"]
+
+
+@pytest.fixture(scope="module")
+def ahead_in_process(demo, tmp_path_factory):
+    """The in-process CPU engine's records at max_staleness=1 (the reference of both modes below)."""
+    return [r for r in _reference(demo, tmp_path_factory.mktemp("ahead"), 1, *AHEAD) if "train/loss" in r]
+
+
 @pytest.mark.parametrize("mode", ["colocated", "disaggregated"])
-def test_generation_ahead_through_sglang_in_both_modes(demo, tmp_path, mode):
+def test_generation_ahead_through_sglang_in_both_modes(demo, tmp_path, mode, ahead_in_process):
     """rollout.max_staleness=1 through the CPU server: the same schedule as the in-process CPU engine
     (step s trains on the weights of step s - 2, whatever the timing), so every step's metrics equal the
     in-process run's; and no weight reached a server while one of its requests was running."""
-    extra = ["train.steps=3", "rollout.max_staleness=1", "checkpoint.export_hf=false", "eval.every_steps=0",
-             "eval.at_start=false", "checkpoint.every_steps=0"]
     engine = ["rollout.engine=sglang", SERVER] + (["rollout.mode=disaggregated"] if mode == "disaggregated" else [])
     run = str(tmp_path / "sglang")
-    launch(train_in_process, 1, DEMO_CONFIG, demo_overrides(demo, run, *SMALL_RUN, *extra, *engine), timeout=600)
+    launch(train_in_process, 1, DEMO_CONFIG, demo_overrides(demo, run, *SMALL_RUN, *AHEAD, *engine), timeout=600)
     records = [r for r in read_records(run) if "train/loss" in r]
-    reference = [r for r in _reference(demo, tmp_path, 1, *extra) if "train/loss" in r]
+    reference = ahead_in_process
     assert [r["rollout/staleness_max"] for r in records] == [0.0, 1.0, 1.0]
     for got, want in zip(records, reference, strict=True):
         for key in STEP1_KEYS + ["rollout/staleness_mean"]:

@@ -363,3 +363,18 @@ def test_eval_cli_on_hf_model_and_megatron_checkpoint(demo, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     ckpt_metrics, _ = run("--checkpoint", ckpt, "--tokenizer", f"{demo}/base", "--seed", "1234")
     assert ckpt_metrics == hf_metrics
+
+
+@pytest.mark.timeout(900)
+def test_staleness_benchmark_quick(demo, tmp_path):
+    """``benchmarks/staleness.py --quick``: both settings train; step 1 is the same batch at k = 0 and 1, every
+    later step of k = 1 trains on samples one version old (the throughput figures are only reported)."""
+    out = tmp_path / "staleness.json"
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "staleness.py"), "--quick", "--demo", demo,
+                           "--json", str(out)], capture_output=True, text=True, timeout=800, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Summary" in proc.stdout
+    results = json.loads(out.read_text())["results"]
+    assert results["0"]["staleness_mean"] == 0.0 and results["1"]["staleness_mean"] == 1.0
+    assert results["0"]["avg4_start"] == results["1"]["avg4_start"]
+    assert all(r["samples_per_s"] > 0 and r["timed_steps"] == 2 for r in results.values())
