@@ -2,7 +2,7 @@
 
 Owns ``collect_experience`` (run on global rank 0, which drives the rollout engine), the
 ``Experience`` it returns (and its ``shares``, one per data-parallel rank: ``data.batches.RankShare``),
-``rollout_seed`` and ``split_step`` / ``shard_for_rank`` (the data-parallel split of each mini-batch:
+``rollout_seed`` and ``split_step`` (the data-parallel split of each mini-batch:
 token-balanced by ``data.balance``). Composition of ``algo`` functions and a ``RolloutEngine``; no
 megatron, no process groups.
 
@@ -95,33 +95,15 @@ class Experience:
         """Each sample's training cost (``data.balance.sample_cost``: tokens plus attention)."""
         return [sample_cost(len(p), len(r), hidden_size) for p, r in zip(self.prompts, self.responses)]
 
-    def split(self, mini_batch_prompts: int, dp_size: int, *, hidden_size: int,
-              balanced: bool = True) -> list[list[list[int]]]:
-        """Sample indices per mini-batch, per data-parallel rank (``split_step`` on ``costs(hidden_size)``)."""
-        return split_step(len(self.prompts), self.n, mini_batch_prompts, dp_size,
-                          costs=self.costs(hidden_size) if balanced else None)
+    def split(self, mini_batch_prompts: int, dp_size: int, *,
+              costs: Optional[Sequence[float]] = None) -> list[list[list[int]]]:
+        """Sample indices per mini-batch, per data-parallel rank (``split_step``): balanced on ``costs``
+        (the trainer's: ``costs(hidden_size)``), round-robin without."""
+        return split_step(len(self.prompts), self.n, mini_batch_prompts, dp_size, costs=costs)
 
-    def shares(self, mini_batch_prompts: int, dp_size: int, *, hidden_size: int,
-               balanced: bool = True) -> list[RankShare]:
-        """Every data-parallel rank's samples of this step, per mini-batch (``split``; rank ``r``: item ``r``).
-
-        Args:
-            mini_batch_prompts: prompt groups per mini-batch (one optimizer step).
-            dp_size: data-parallel ranks.
-            hidden_size: the model's hidden size (weights attention in the sample cost).
-            balanced: token-balanced split (the trainer's); False deals samples round-robin.
-        """
-        split = self.split(mini_batch_prompts, dp_size, hidden_size=hidden_size, balanced=balanced)
-        return self.shares_of(split, dp_size)
-
-    def shares_of(self, split: list[list[list[int]]], dp_size: int) -> list[RankShare]:
-        """The ``RankShare`` of every rank of a ``split_step`` result (indices per mini-batch, per rank)."""
+    def shares(self, split: list[list[list[int]]], dp_size: int) -> list[RankShare]:
+        """The ``RankShare`` of every data-parallel rank of a ``split`` (rank ``r``: item ``r``)."""
         return [RankShare([self._mini_batch(parts[r]) for parts in split]) for r in range(dp_size)]
-
-    def share(self, mini_batch_prompts: int, dp_size: int, dp_rank: int, *, hidden_size: int,
-              balanced: bool = True) -> RankShare:
-        """Data-parallel rank ``dp_rank``'s samples of this step, per mini-batch (``shares``)."""
-        return self.shares(mini_batch_prompts, dp_size, hidden_size=hidden_size, balanced=balanced)[dp_rank]
 
     def _mini_batch(self, idx: list) -> MiniBatch:
         return MiniBatch(prompts=[self.prompts[i] for i in idx], responses=[self.responses[i] for i in idx],
@@ -302,12 +284,6 @@ def split_step(num_samples: int, n: int, mini_batch_prompts: int, dp_size: int, 
         else:
             out.append([[idx[j] for j in part] for part in balanced_partition([costs[i] for i in idx], dp_size)])
     return out
-
-
-def shard_for_rank(num_samples: int, n: int, mini_batch_prompts: int, dp_size: int, dp_rank: int, *,
-                   costs: Optional[Sequence[float]] = None) -> list[list[int]]:
-    """Sample indices of data-parallel rank ``dp_rank``, per mini-batch (``split_step``)."""
-    return [parts[dp_rank] for parts in split_step(num_samples, n, mini_batch_prompts, dp_size, costs=costs)]
 
 
 def split_balance(costs: Sequence[float], split: list[list[list[int]]]) -> float:

@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from megatron_fipo.conventions import servers_per_node
 from megatron_fipo.data.batches import RankShare
-from megatron_fipo.experience import split_balance, split_step
+from megatron_fipo.experience import split_balance
 from megatron_fipo.rollout_ahead import IN_FLIGHT_FILE, RolloutAhead, load_in_flight, save_in_flight
 from megatron_fipo.services import RolloutServices, build_services, check_prompt_count
 from megatron_fipo.weight_sync import WeightSync
@@ -102,15 +102,15 @@ class Run:
     def scatter(self, exp, metrics: Optional[dict] = None) -> RankShare:
         """Rank 0's experience -> this rank's samples (identical within a model-parallel group).
 
-        Each mini-batch is split over the data-parallel ranks by cost (``experience.split_step`` on
+        Each mini-batch is split over the data-parallel ranks by cost (``Experience.split`` on
         ``Experience.costs``: tokens plus attention at the model's hidden size). With ``dp_size > 1``, rank 0 adds
         ``train/dp_cost_max_over_mean`` (``experience.split_balance``) to ``metrics``.
         """
         payloads = None
         if self.groups.rank == 0:
             dp, costs = self.groups.dp_size, exp.costs(self.sync.arch.hidden_size)
-            split = split_step(len(costs), exp.n, self.config.train.mini_batch_prompts, dp, costs=costs)
-            shares = exp.shares_of(split, dp)
+            split = exp.split(self.config.train.mini_batch_prompts, dp, costs=costs)
+            shares = exp.shares(split, dp)
             if metrics is not None and dp > 1 and split:
                 metrics["train/dp_cost_max_over_mean"] = split_balance(costs, split)
             payloads = [shares[self.dp_of_rank[w]] for w in range(self.groups.world_size)]

@@ -2,7 +2,7 @@
 
 Owns ``MiniBatch`` (the samples of one optimizer step on one data-parallel rank, with one
 advantage per sequence) and ``RankShare`` (a rank's mini-batches of a step). Built on rank 0 by
-``experience.Experience.share`` and scattered; the actor packs each mini-batch once
+``experience.Experience.shares`` and scattered; the actor packs each mini-batch once
 (``mcore.micro_batches``). Advantages stay one per sequence until the loss broadcasts them over
 the sequence's tokens (``algo.losses.SequenceIndex.broadcast``).
 

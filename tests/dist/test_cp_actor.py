@@ -8,7 +8,7 @@ factorisations (4, 1), (2, 2), (1, 4) of world size 4 show the loss and gradient
 how the batch is split over data- and context-parallel ranks; tp / pp / sequence parallelism are
 combined with cp = 2 on top.
 
-The trainer's token-balanced split (``Experience.share``, long-tailed lengths, unequal sample
+The trainer's token-balanced split (``Experience.split`` and ``shares``, long-tailed lengths, unequal sample
 counts per rank) is checked the same way at dp = 2 (world 2) and dp = 2 x tp = 2, dp = 2 x cp = 2
 (world 4).
 """
@@ -61,12 +61,12 @@ def _run(tp, pp, cp, sp, budget, weights, extra=None, balanced=False):
     initial = T.full_weights(actor.chunks) if weights is None else None
     if weights is not None:
         T.load_full_weights(actor.chunks, weights, groups)
-    if balanced:  # the trainer's split: Experience.share at the model's hidden size
+    if balanced:  # the trainer's split: Experience.split on the costs at the model's hidden size
         exp = actor_long_tailed()
         logp = actor.compute_logprobs(exp.prompts, exp.responses)
         exp.rollout_logp, exp.advantages = actor_per_sample(exp.responses, [lp.detach() for lp in logp])
-        (mb,) = exp.share(exp.num_groups, groups.dp_size, groups.dp_rank,
-                          hidden_size=ACTOR_HF["hidden_size"]).mini_batches
+        split = exp.split(exp.num_groups, groups.dp_size, costs=exp.costs(ACTOR_HF["hidden_size"]))
+        (mb,) = exp.shares(split, groups.dp_size)[groups.dp_rank].mini_batches
         prepared, local = actor.prepare(mb, old_logp=mb.rollout_logp), len(mb)
     else:
         prompts, responses = actor_samples(seed=3, n=8)
@@ -127,8 +127,8 @@ def test_balanced_split_matches_single_process():
     """The trainer's token-balanced split (uneven sample counts per rank) leaves the loss, the grad norm and
     the updated weights those of one process, at dp = 2 alone and with tp = 2 or cp = 2."""
     exp = actor_long_tailed()
-    split = exp.split(exp.num_groups, 2, hidden_size=ACTOR_HF["hidden_size"])
-    assert split != exp.split(exp.num_groups, 2, hidden_size=ACTOR_HF["hidden_size"], balanced=False)
+    split = exp.split(exp.num_groups, 2, costs=exp.costs(ACTOR_HF["hidden_size"]))
+    assert split != exp.split(exp.num_groups, 2)
     counts = sorted(len(part) for part in split[0])
     assert counts[0] < counts[1]  # a rank holding a long sample gets fewer samples
     (ref,) = launch(run_reference, 1, None, True, timeout=240)

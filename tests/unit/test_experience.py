@@ -13,7 +13,6 @@ from megatron_fipo.experience import (
     PromptItem,
     collect_experience,
     rollout_seed,
-    shard_for_rank,
     split_balance,
     split_step,
 )
@@ -139,10 +138,10 @@ def test_seeds_deterministic_and_distinct():
 
 @pytest.mark.parametrize("num, n, m, dp", [(16, 4, 2, 2), (12, 3, 2, 2), (8, 4, 2, 4), (4, 4, 4, 1)])
 @pytest.mark.parametrize("balanced", [False, True], ids=["round_robin", "balanced"])
-def test_shard_for_rank_partitions(num, n, m, dp, balanced):
+def test_split_step_partitions(num, n, m, dp, balanced):
     rng = random.Random(num * 7 + dp)
     costs = [rng.lognormvariate(7, 1) for _ in range(num)] if balanced else None
-    shards = [shard_for_rank(num, n, m, dp, r, costs=costs) for r in range(dp)]
+    shards = [[parts[r] for parts in split_step(num, n, m, dp, costs=costs)] for r in range(dp)]
     everything = sorted(i for s in shards for mb in s for i in mb)
     assert everything == list(range(num))
     for mb in range(len(shards[0])):  # each mini-batch stays within its groups, every rank gets samples
@@ -166,11 +165,11 @@ def _long_tailed_experience(num_groups=8, n=4, seed=0):
 
 def test_dp1_share_is_every_sample_in_order():
     exp = _long_tailed_experience()
-    (share,) = exp.shares(2, 1, hidden_size=64)
+    (share,) = exp.shares(exp.split(2, 1, costs=exp.costs(64)), 1)
     assert [len(mb) for mb in share.mini_batches] == [8, 8, 8, 8]
     assert [p for mb in share.mini_batches for p in mb.prompts] == exp.prompts
     assert torch.equal(torch.cat([mb.advantages for mb in share.mini_batches]), exp.advantages)
-    assert exp.share(2, 1, 0, hidden_size=64).mini_batches[1].responses == exp.responses[8:16]
+    assert exp.shares(exp.split(2, 1), 1)[0].mini_batches[1].responses == exp.responses[8:16]
     assert split_step(32, 4, 2, 1, costs=exp.costs(64)) == split_step(32, 4, 2, 1) == \
         [[list(range(s, s + 8))] for s in range(0, 32, 8)]
 
@@ -179,9 +178,9 @@ def test_balanced_split_beats_round_robin_and_keeps_samples_whole():
     exp = _long_tailed_experience(num_groups=16, n=8, seed=3)
     costs = exp.costs(64)
     assert costs[0] == sample_cost(len(exp.prompts[0]), len(exp.responses[0]), 64)
-    balanced, rr = exp.split(4, 4, hidden_size=64), exp.split(4, 4, hidden_size=64, balanced=False)
+    balanced, rr = exp.split(4, 4, costs=costs), exp.split(4, 4)
     assert split_balance(costs, balanced) < split_balance(costs, rr)
-    shares = exp.shares(4, 4, hidden_size=64)
+    shares = exp.shares(balanced, 4)
     for r, share in enumerate(shares):  # each rank's mini-batch holds exactly its samples, whole
         for m, mb in enumerate(share.mini_batches):
             idx = balanced[m][r]
