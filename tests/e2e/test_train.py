@@ -367,13 +367,21 @@ def test_eval_cli_on_hf_model_and_megatron_checkpoint(demo, tmp_path):
 
 @pytest.mark.timeout(900)
 def test_staleness_benchmark_quick(demo, tmp_path):
-    """``benchmarks/staleness.py --quick``: both settings train; step 1 is the same batch at k = 0 and 1, every
-    later step of k = 1 trains on samples one version old (the throughput figures are only reported)."""
+    """``benchmarks/staleness.py --quick``: both settings train from the same start, every timed step of k = 1
+    trains on samples one version old (the throughput figures are only reported). The benchmark and the
+    trainers it starts share one process group, killed whole if the run overstays."""
     out = tmp_path / "staleness.json"
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "staleness.py"), "--quick", "--demo", demo,
-                           "--json", str(out)], capture_output=True, text=True, timeout=800, cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "Summary" in proc.stdout
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "benchmarks", "staleness.py"), "--quick", "--demo", demo,
+                             "--json", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=800)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "Summary" in stdout
     results = json.loads(out.read_text())["results"]
     assert results["0"]["staleness_mean"] == 0.0 and results["1"]["staleness_mean"] == 1.0
     assert results["0"]["avg4_start"] == results["1"]["avg4_start"]
