@@ -141,20 +141,14 @@ class RolloutAhead:
                     if self.closed:
                         return
                     step, self.running = self.next_step, True
-                try:
-                    engine = services.engine
-                    if engine.weight_version != self.version():
-                        raise EngineError(f"the engine holds weight version {engine.weight_version}, the actor "
-                                          f"synced {self.version()}: a weight update was lost")
-                    exp = collect_experience(engine, services.draw, services.score, services.decode, cfg, step,
-                                             dp_size=self.dp_size, progress=False, submit=services.submit_score)
-                finally:
-                    with self.cond:
-                        self.running = False
-                        self.cond.notify_all()
-                with self.cond:
-                    self.ready[step] = exp
-                    self.next_step = step + 1
+                engine = services.engine
+                if engine.weight_version != self.version():
+                    raise EngineError(f"the engine holds weight version {engine.weight_version}, the actor "
+                                      f"synced {self.version()}: a weight update was lost")
+                exp = collect_experience(engine, services.draw, services.score, services.decode, cfg, step,
+                                         dp_size=self.dp_size, progress=False, submit=services.submit_score)
+                with self.cond:  # one step: a trainer that sees the producer idle also sees the batch it made
+                    self.ready[step], self.next_step, self.running = exp, step + 1, False
                     self.cond.notify_all()
         except BaseException as err:  # noqa: BLE001 - handed to the trainer's thread
             with self.cond:
