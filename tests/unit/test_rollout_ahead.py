@@ -17,6 +17,7 @@ from megatron_fipo.config import load_config, validate
 from megatron_fipo.experience import Experience, PromptItem
 from megatron_fipo.rollout.engine import EngineError, RolloutEngine, Sample
 from megatron_fipo.rollout_ahead import (
+    STALE_POLICIES,
     RolloutAhead,
     load_in_flight,
     save_in_flight,
@@ -233,3 +234,8 @@ def test_close_returns_while_held_and_refuses_an_unscheduled_take():
 def test_config_errors(bad, match):
     with pytest.raises(ValueError, match=match):
         _cfg(bad)
+
+
+@pytest.mark.parametrize("policy", STALE_POLICIES)
+def test_config_accepts_every_policy_the_producer_knows(policy):  # config_checks keeps its own (stdlib-only) copy
+    assert _cfg(f"rollout.stale_policy={policy}", "rollout.max_staleness=1").rollout.stale_policy == policy
