@@ -44,7 +44,7 @@ import sys
 import time
 
 from megatron_fipo.data.balance import max_over_mean, sample_cost
-from megatron_fipo.experience import split_step
+from megatron_fipo.train.experience import split_step
 
 TARGET = 1.05
 

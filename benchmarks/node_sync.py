@@ -175,7 +175,7 @@ def main(argv=None) -> int:
         mp.spawn(_worker, args=(_free_port(), args, tmp), nprocs=WORLD, join=True)
         with open(os.path.join(tmp, "result.json")) as fh:
             result = json.load(fh)
-    from megatron_fipo.config import load_config
+    from megatron_fipo.config.schema import load_config
     from megatron_fipo.plan import node_sync_bytes, parameter_counts
 
     big = dict(hidden_size=5120, num_hidden_layers=64, num_attention_heads=40, num_key_value_heads=8,

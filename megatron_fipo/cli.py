@@ -16,7 +16,7 @@ import math
 import sys
 from typing import Optional, Sequence
 
-from megatron_fipo.conventions import DTYPE_NAMES
+from megatron_fipo.config.conventions import DTYPE_NAMES
 from megatron_fipo.convert import DEFAULT_VERIFY_TOL
 
 
@@ -91,7 +91,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _config(args):
-    from megatron_fipo.config import load_config
+    from megatron_fipo.config.schema import load_config
 
     overrides = list(args.overrides)
     if getattr(args, "resume", None):
@@ -100,8 +100,8 @@ def _config(args):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    """A FIPO training run (``megatron_fipo.trainer``)."""
-    from megatron_fipo.trainer import train
+    """A FIPO training run (``megatron_fipo.train.loop``)."""
+    from megatron_fipo.train.loop import train
 
     last = train(_config(args))
     if last:

@@ -22,7 +22,7 @@ import os
 import shutil
 import warnings
 
-from megatron_fipo.conventions import hf_dtype_name, torch_dtype
+from megatron_fipo.config.conventions import hf_dtype_name, torch_dtype
 
 DEFAULT_VERIFY_TOL = 1e-3
 
@@ -51,7 +51,7 @@ def hf_to_mcore(hf_dir: str, out: str, *, tp: int = 1, pp: int = 1, verify: bool
         ValueError: ``out`` not empty, a broken HF config, a failed verification.
     """
     from megatron_fipo.bridge.hf_import import load_hf_into_chunks
-    from megatron_fipo.hf_config import read_hf_config
+    from megatron_fipo.config.hf_model import read_hf_config
 
     target = _prepare_target(out, "--to-mcore")
     hf_config = read_hf_config(hf_dir)
@@ -150,7 +150,7 @@ def _writing(target: str, hf_config: dict, tp: int, pp: int):
 
 def _mcore_source(checkpoint: str, hf_config: str | None, tokenizer: str | None) -> tuple:
     """(HF config, tokenizer source, checkpoint directory) of ``mcore_to_hf``'s arguments."""
-    from megatron_fipo.hf_config import read_hf_config
+    from megatron_fipo.config.hf_model import read_hf_config
     from megatron_fipo.mcore.checkpoint import checkpoint_problem, read_checkpoint_meta, resolve_checkpoint, \
         resume_candidates
 

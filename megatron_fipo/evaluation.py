@@ -18,8 +18,8 @@ def run_eval(args) -> int:
     from transformers import AutoTokenizer
 
     from megatron_fipo.algo.reward_pool import RewardPool
-    from megatron_fipo.experience import evaluate_items
-    from megatron_fipo.services import encode_items
+    from megatron_fipo.train.experience import evaluate_items
+    from megatron_fipo.train.services import encode_items
 
     if bool(args.model) == bool(args.checkpoint):
         raise ValueError("pass exactly one of --model HF_DIR or --checkpoint MEGATRON_DIR")
@@ -57,7 +57,7 @@ def _max_new_tokens(requested, model_dir: str, items) -> int:
         if requested < 1:
             raise ValueError(f"--max-new-tokens must be >= 1, got {requested}")
         return requested
-    from megatron_fipo.hf_config import read_hf_config
+    from megatron_fipo.config.hf_model import read_hf_config
 
     try:
         positions = read_hf_config(model_dir).get("max_position_embeddings")
@@ -80,7 +80,7 @@ def _engine(args, model_dir: str):
         from megatron_fipo.rollout.cpu_engine import CPUEngine
 
         return CPUEngine(model_dir)
-    from megatron_fipo.config import RolloutConfig
+    from megatron_fipo.config.schema import RolloutConfig
     from megatron_fipo.rollout.sglang_engine import SGLangEngine
 
     return SGLangEngine.from_config(model_dir, RolloutConfig(engine="sglang"))

@@ -3,7 +3,7 @@
 Owns ``rank_layout`` (Megatron's default ``tp-cp-dp-pp`` rank order) and ``estimate_memory`` (a
 first-order model: parameters, gradients, optimizer state, activations of the in-flight
 micro-batches, the chunked log-prob buffers) and ``plan`` (validation + report). Imports only the
-config and hf_config modules: it must run on a laptop.
+``config`` package: it must run on a laptop.
 
 The estimate is an upper-bound style budget for planning, not a measurement: bf16 weights, fp32
 gradients (``grad_reduce_in_fp32``), fp32 main weights + Adam moments sharded over the data- and
@@ -18,9 +18,9 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from megatron_fipo import hf_config
-from megatron_fipo.config import Config, validate
-from megatron_fipo.conventions import cp_alignment, servers_per_node
+from megatron_fipo.config import hf_model
+from megatron_fipo.config.conventions import cp_alignment, servers_per_node
+from megatron_fipo.config.schema import Config, validate
 
 GiB = float(1 << 30)
 
@@ -186,8 +186,8 @@ def _context_parallel(config: Config) -> dict:
 
 
 def read_hf_config(path: str) -> dict:
-    """``config.json`` of an HF model directory (or the file itself), validated by ``hf_config``."""
-    return hf_config.read_hf_config(path, hint=": pass --hf-config with a config.json of the model")
+    """``config.json`` of an HF model directory (or the file itself), validated by ``config.hf_model``."""
+    return hf_model.read_hf_config(path, hint=": pass --hf-config with a config.json of the model")
 
 
 def format_plan(report: dict) -> str:

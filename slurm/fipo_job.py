@@ -17,7 +17,7 @@ command lines from ``rollout.sglang`` of the same config (``tp_size`` GPUs each,
 tp_size`` servers per node) and the ``rollout.urls`` handed to the trainer. The config is
 validated for the training world size before anything starts.
 
-Imports only ``megatron_fipo.config`` / ``plan`` at module level (the SGLang role also uses the
+Imports only ``megatron_fipo.config.schema`` / ``plan`` at module level (the SGLang role also uses the
 rollout package's server process); not part of the installed package, it runs from a checkout or
 the image's ``/opt/megatron_fipo``.
 """
@@ -36,7 +36,7 @@ from typing import Mapping, Optional, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_fipo.config import Config, load_config, validate  # noqa: E402
+from megatron_fipo.config.schema import Config, load_config, validate  # noqa: E402
 
 DEFAULT_MASTER_PORT = 29500
 DEFAULT_SGLANG_PORT = 30000

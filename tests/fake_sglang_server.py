@@ -137,7 +137,7 @@ def make_handler(state: State):
                                   "weight_version": state.version, "completion_tokens": len(pairs)}}
 
         def _update_weights_from_tensor(self, body):
-            from megatron_fipo.rollout.sglang_engine import deserialize_named_tensors
+            from megatron_fipo.rollout.sglang_weights import deserialize_named_tensors
 
             payloads = body["serialized_named_tensors"]
             if len(payloads) != state.args.tp_size:
@@ -149,7 +149,7 @@ def make_handler(state: State):
             return {"success": True, "message": "ok"}
 
         def _init_weights_update_group(self, body):
-            from megatron_fipo.rollout.sglang_engine import tcp_gloo_group
+            from megatron_fipo.rollout.sglang_weights import tcp_gloo_group
 
             init = f"tcp://{body['master_address']}:{body['master_port']}"
             groups = [None] * state.args.tp_size

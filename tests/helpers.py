@@ -83,7 +83,7 @@ def actor_long_tailed(seed: int = 5):
     data-parallel ranks gives both to rank 1, the balanced split one to each, with unequal sample
     counts. Advantages and rollout log-probs are placeholders (set them from the actor's log-probs).
     """
-    from megatron_fipo.experience import Experience
+    from megatron_fipo.train.experience import Experience
 
     rng = random.Random(seed)
     lengths = [5, 150, 9, 3, 12, 200, 7, 2, 14, 6, 1, 11]
@@ -179,14 +179,14 @@ def demo_overrides(demo, run_dir, *extra) -> list:
 
 def train_in_process(config_path, overrides):
     """``trainer.train`` of the config (a ``tests/dist/launcher.launch`` worker)."""
-    from megatron_fipo.config import load_config
-    from megatron_fipo.trainer import train
+    from megatron_fipo.config.schema import load_config
+    from megatron_fipo.train.loop import train
 
     return train(load_config(config_path, overrides))
 
 
 def read_records(run_dir) -> list:
     """The run's ``metrics.jsonl`` records."""
-    from megatron_fipo.tracking import read_metrics
+    from megatron_fipo.train.tracking import read_metrics
 
     return read_metrics(run_dir)

@@ -36,7 +36,7 @@ def plot(run_dir: str, keys=None, out_dir=None) -> list[str]:
         raise SystemExit(f"plotting needs matplotlib, which {sys.executable} does not have: run this with the "
                          "project's environment, .venv/bin/python tools/plot_run.py RUN_DIR (tools/bootstrap.sh "
                          "installs it), or pip install matplotlib") from err
-    from megatron_fipo.tracking import read_metrics
+    from megatron_fipo.train.tracking import read_metrics
 
     records = read_metrics(run_dir)
     present = sorted({k for r in records for k in r if k != "step"})

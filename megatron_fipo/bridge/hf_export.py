@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_fipo.bridge import qwen2_mapping as M
-from megatron_fipo.hf_config import read_hf_config
+from megatron_fipo.config.hf_model import read_hf_config
 
 Bucket = list  # list[tuple[str, torch.Tensor]]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",

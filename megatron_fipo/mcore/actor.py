@@ -44,7 +44,7 @@ import torch.distributed as dist
 
 from megatron_fipo.algo.losses import (CORRECTION_MAX_KEYS, CORRECTION_SUM_KEYS, MAX_KEYS, MIN_KEYS, SUM_KEYS,
                                        fipo_policy_loss, summarize_policy_metrics)
-from megatron_fipo.conventions import PARAMS_DTYPES, OptimConfig, torch_dtype
+from megatron_fipo.config.conventions import PARAMS_DTYPES, OptimConfig, torch_dtype
 from megatron_fipo.data.batches import MiniBatch
 from megatron_fipo.mcore import model as qwen2
 from megatron_fipo.mcore.context_parallel import CPMicroBatch

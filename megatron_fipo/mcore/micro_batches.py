@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from megatron_fipo.algo.mismatch import MAX_KEYS as MISMATCH_MAX_KEYS
 from megatron_fipo.algo.mismatch import logprob_mismatch_sums
-from megatron_fipo.conventions import cp_alignment
+from megatron_fipo.config.conventions import cp_alignment
 from megatron_fipo.data.packing import PackedBatch, pack_samples, plan_micro_batches
 from megatron_fipo.mcore.context_parallel import CPMicroBatch, shard_micro_batch
 from megatron_fipo.mcore.update_guard import agree_any

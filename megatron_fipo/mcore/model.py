@@ -26,7 +26,7 @@ from typing import Any, Mapping, Optional
 import torch
 import torch.nn.functional as F
 
-from megatron_fipo.hf_config import check_hf_config, read_hf_config
+from megatron_fipo.config.hf_model import check_hf_config, read_hf_config
 
 SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM",)
 

@@ -24,7 +24,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from megatron_fipo.conventions import cp_alignment
+from megatron_fipo.config.conventions import cp_alignment
 
 
 def _ranges(starts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

@@ -514,7 +514,7 @@ def test_resume_paths_name_what_to_pass(tmp_path):
     """A run directory stands for its checkpoints; an empty one, or an incomplete checkpoint, is an
     error that says what to pass (not an internal function)."""
     from megatron_fipo.mcore import checkpoint as C
-    from megatron_fipo.trainer_setup import _resume_path
+    from megatron_fipo.train.run import _resume_path
 
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)

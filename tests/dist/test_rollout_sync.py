@@ -24,15 +24,15 @@ def _check(hf_dir, tp, pp):
     from megatron_fipo.algo.mismatch import logprob_mismatch_sums, summarize_mismatch
     from megatron_fipo.bridge.hf_export import export_hf_state
     from megatron_fipo.bridge.hf_import import load_hf_into_chunks
-    from megatron_fipo.config import load_config
+    from megatron_fipo.config.schema import load_config
     from megatron_fipo.data.batches import MiniBatch
     from megatron_fipo.mcore import groups as G
     from megatron_fipo.mcore.actor import Actor, ActorSettings
     from megatron_fipo.mcore.model import Qwen2Arch
     from megatron_fipo.rollout.cpu_engine import CPUEngine
     from megatron_fipo.rollout.engine import GenerationRequest, SamplingParams
-    from megatron_fipo.trainer_setup import Run
-    from megatron_fipo.weight_sync import WeightSync
+    from megatron_fipo.train.run import Run
+    from megatron_fipo.train.weight_sync import WeightSync
 
     groups = G.init_distributed(tp=tp, pp=pp, seed=3)
     arch = Qwen2Arch.from_hf(hf_dir)

@@ -2,7 +2,7 @@
 
 Every run goes through the product's path: the demo's HF model is loaded into the Megatron actor,
 the CPU engine generates (fed by the weight bridge after each step), rewards come from the reward
-pool, and ``megatron_fipo.trainer.train`` runs in fresh processes (``tests/dist/launcher.py``) or
+pool, and ``megatron_fipo.train.loop.train`` runs in fresh processes (``tests/dist/launcher.py``) or
 as ``python -m megatron_fipo train`` (the kill-and-resume test kills that process).
 """
 import json

@@ -17,7 +17,7 @@ from tests.hf_tiny import tiny_hf_model
 
 OPEN = """
 import sys, json, torch
-from megatron_fipo.rollout.sglang_engine import deserialize_named_tensors
+from megatron_fipo.rollout.sglang_weights import deserialize_named_tensors
 named = deserialize_named_tensors(sys.stdin.read())
 print(json.dumps(sorted({t.device.index for _, t in named})))
 """
@@ -38,7 +38,7 @@ def _export_and_serialize(hf_dir):
     from megatron_fipo.mcore.actor import Actor, ActorSettings
     from megatron_fipo.mcore.model import Qwen2Arch
     from megatron_fipo.parallel.nodes import NodeGroups
-    from megatron_fipo.rollout.sglang_engine import serialize_named_tensors
+    from megatron_fipo.rollout.sglang_weights import serialize_named_tensors
 
     groups = G.init_distributed(tp=1, pp=2, seed=1)
     nodes = NodeGroups(groups, node=0)

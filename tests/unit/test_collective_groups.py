@@ -11,7 +11,7 @@ import pathlib
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[2] / "megatron_fipo"
-MODULES = ["trainer.py", "trainer_setup.py", "weight_sync.py", "services.py", "mcore/checkpoint.py",
+MODULES = ["train/loop.py", "train/run.py", "train/weight_sync.py", "train/services.py", "mcore/checkpoint.py",
            "mcore/checkpoint_state.py", "convert.py",
            "mcore/checkpoint_integrity.py",
            "mcore/micro_batches.py", "mcore/actor.py", "parallel/nodes.py", "bridge/hf_export.py"]

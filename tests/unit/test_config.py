@@ -1,7 +1,7 @@
 """config: YAML + dotted overrides, unknown keys, cross-field validation, round trip."""
 import pytest
 
-from megatron_fipo.config import Config, from_dict, load_config, save_config, to_dict, validate
+from megatron_fipo.config.schema import Config, from_dict, load_config, save_config, to_dict, validate
 
 HF = dict(num_attention_heads=8, num_key_value_heads=2, num_hidden_layers=8)
 OK = ["model.hf_path=m", "data.train_files=[a.jsonl]", "rollout.max_prompt_length=64",
@@ -97,7 +97,7 @@ def test_loss_kwargs_match_the_loss_signature():
 
 
 def _sections():
-    from megatron_fipo.config import Config
+    from megatron_fipo.config.schema import Config
 
     return Config().model, Config().parallel
 
@@ -105,7 +105,7 @@ def _sections():
 def test_optim_section_maps_onto_actor_settings():
     import dataclasses
 
-    from megatron_fipo.config import OptimConfig
+    from megatron_fipo.config.schema import OptimConfig
     from megatron_fipo.mcore.actor import ActorSettings
 
     assert issubclass(ActorSettings, OptimConfig)  # one definition of the optim settings and their defaults
@@ -119,7 +119,7 @@ def test_optim_section_maps_onto_actor_settings():
 def test_actor_settings_from_config_sections_ignore_unknown_fields():
     import dataclasses
 
-    from megatron_fipo.config import Config, OptimConfig
+    from megatron_fipo.config.schema import Config, OptimConfig
     from megatron_fipo.mcore.actor import ActorSettings
 
     cfg = Config()
@@ -195,7 +195,7 @@ def test_meaningless_values_are_rejected(override, match):
 def test_every_numeric_field_has_a_range_rule():
     import dataclasses
 
-    from megatron_fipo.config import RANGES
+    from megatron_fipo.config.schema import RANGES
 
     numeric = {f"{s.name}.{f.name}" for s in dataclasses.fields(Config)
                for f in dataclasses.fields(s.default_factory()) if f.type.replace("Optional[", "").rstrip("]") in ("int", "float")}
@@ -204,7 +204,7 @@ def test_every_numeric_field_has_a_range_rule():
 
 def test_reward_names_match_the_reward_registry():
     from megatron_fipo.algo.rewards import REWARD_FNS
-    from megatron_fipo.config import REWARD_NAMES
+    from megatron_fipo.config.schema import REWARD_NAMES
 
     assert set(REWARD_NAMES) == set(REWARD_FNS)
 

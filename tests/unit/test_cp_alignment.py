@@ -10,7 +10,7 @@ import types
 import pytest
 import torch
 
-from megatron_fipo.conventions import cp_alignment
+from megatron_fipo.config.conventions import cp_alignment
 
 LAYOUTS = [(cp, tp, sp) for cp in range(1, 5) for tp in range(1, 5) for sp in (False, True)]
 
@@ -54,7 +54,7 @@ def test_config_actor_and_layout_pad_alike(cp, tp, sp):
 
 def _errors(overrides, world) -> str:
     """The config validation's messages (other sections' errors do not matter here)."""
-    from megatron_fipo.config import load_config, validate
+    from megatron_fipo.config.schema import load_config, validate
 
     try:
         validate(load_config(None, overrides), world_size=world)

@@ -20,9 +20,10 @@ import pytest
 import torch
 
 from megatron_fipo.rollout.cpu_engine import CPUEngine
-from megatron_fipo.rollout.cpu_server import RequestError, load_named_tensors
+from megatron_fipo.rollout.cpu_server_weights import RequestError, load_named_tensors
 from megatron_fipo.rollout.engine import EngineError, GenerationRequest, SamplingParams
-from megatron_fipo.rollout.sglang_engine import SGLangEngine, serialize_named_tensors, tcp_gloo_group
+from megatron_fipo.rollout.sglang_engine import SGLangEngine
+from megatron_fipo.rollout.sglang_weights import serialize_named_tensors, tcp_gloo_group
 from megatron_fipo.rollout.sglang_server import ServerProcess, free_port, post_checked, request
 from tests.helpers import reused_buffer_buckets
 from tests.hf_tiny import tiny_hf_model
@@ -221,7 +222,7 @@ def test_colocated_update_lands_and_names_its_source(sync_server, model_dir, ref
 
 CHILD = """
 import json, os, sys, torch
-from megatron_fipo.rollout.sglang_engine import serialize_named_tensors
+from megatron_fipo.rollout.sglang_weights import serialize_named_tensors
 values = torch.tensor(json.loads(sys.stdin.readline()), dtype=torch.float32)
 print(os.getpid(), serialize_named_tensors([(sys.argv[1], values)]), flush=True)
 sys.stdin.readline()  # keep the shared memory alive until the test is done

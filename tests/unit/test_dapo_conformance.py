@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from megatron_fipo.algo.losses import fipo_policy_loss
-from megatron_fipo.config import load_config
+from megatron_fipo.config.schema import load_config
 from tests.helpers import fresh_seeds, random_cu_seqlens
 
 RECIPE = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "qwen2.5-32b-dapo.yaml")

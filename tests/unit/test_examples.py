@@ -7,7 +7,7 @@ import re
 import pytest
 
 from megatron_fipo.cli import main
-from megatron_fipo.config import load_config, to_dict, validate
+from megatron_fipo.config.schema import load_config, to_dict, validate
 from megatron_fipo.plan import format_plan, plan
 
 EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "..", "examples")

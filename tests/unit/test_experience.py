@@ -6,9 +6,9 @@ import torch
 
 from megatron_fipo.algo.advantages import grpo_advantages, overlong_penalty
 from megatron_fipo.algo.rewards import make_result
-from megatron_fipo.config import load_config
+from megatron_fipo.config.schema import load_config
 from megatron_fipo.data.balance import sample_cost
-from megatron_fipo.experience import (
+from megatron_fipo.train.experience import (
     Experience,
     PromptItem,
     collect_experience,

@@ -1,8 +1,9 @@
-"""The import direction of the architecture: algo <- parallel <- {mcore, bridge} <- trainer <- cli.
+"""The import direction of the architecture: config <- algo <- parallel <- {mcore, bridge} <- train <- commands.
 
 Parses every module's imports (top-level and lazy ones inside functions) with ``ast`` and checks
-them against the allowed layers, and that megatron / sglang / transformer-engine are imported
-only where the architecture says.
+them against the allowed layers (and, inside ``train/`` and ``config/``, the order of their
+modules), that megatron / sglang / transformer-engine are imported only where the architecture
+says, and that no module is over the 400-line budget.
 """
 
 import ast
@@ -11,44 +12,53 @@ import pathlib
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[2] / "megatron_fipo"
+MAX_LINES = 400  # the house's soft module budget (docs/architecture.md)
 
-# package -> project packages it may import (besides itself)
+# layer (a package, or a module at the package root) -> project layers it may import (besides itself)
 ALLOWED = {
+    "config": set(),  # the rules every layer obeys: stdlib + PyYAML only, no project import
     "algo": set(),
-    "parallel": {"conventions", "algo"},
-    "mcore": {"conventions", "algo", "parallel", "data", "hf_config"},  # packing and micro-batch planning live in data/
-    "bridge": {"conventions", "algo", "parallel", "hf_config"},
+    "parallel": {"config", "algo"},
+    "mcore": {"config", "algo", "parallel", "data"},  # packing and micro-batch planning live in data/
+    "bridge": {"config", "algo", "parallel"},
     "rollout": {"algo", "bridge"},
     "data": {"algo"},
-    "experience": {"algo", "rollout", "data"},  # the trainer's rollout phase (rank 0); data: its typed hand-off
-    "tracking": set(),
-    "services": {"algo", "rollout", "data", "config", "experience", "tracking"},  # rank 0's rollout side
-    "weight_sync": {"conventions", "bridge", "rollout"},  # actor -> engine / HF directory
-    "rollout_ahead": {"experience", "rollout"},  # rank 0's producer thread (max_staleness >= 1)
-    "trainer_setup": {"conventions", "algo", "parallel", "mcore", "bridge", "rollout", "data", "config", "experience",
-                      "tracking", "hf_config", "services", "weight_sync", "rollout_ahead"},
-    "trainer": {"conventions", "algo", "parallel", "mcore", "bridge", "rollout", "data", "config", "experience",
-                "trainer_setup", "hf_config", "services", "weight_sync", "rollout_ahead"},
-    "config": {"config_checks", "conventions"},
-    "config_checks": {"conventions"},  # config's validation: stdlib only, reads the config by attribute
-    "conventions": set(),  # rules every layer applies the same way (CP alignment, dtype names): stdlib only
-    "hf_config": set(),  # config.json reading: stdlib only, importable by every layer
-    "plan": {"conventions", "config", "hf_config"},
-    "convert": {"conventions", "algo", "parallel", "mcore", "bridge", "data", "hf_config"},
-    "evaluation": {"conventions", "algo", "rollout", "data", "config", "experience", "services", "convert",
-                   "hf_config"},
-    "cli": {"conventions", "algo", "parallel", "mcore", "bridge", "rollout", "data", "trainer", "config", "convert",
-            "plan", "evaluation"},
+    "train": {"config", "algo", "parallel", "mcore", "bridge", "rollout", "data"},  # one training run
+    # the commands: the only importers of train/
+    "plan": {"config"},
+    "convert": {"config", "algo", "parallel", "mcore", "bridge", "data"},
+    "evaluation": {"config", "algo", "rollout", "data", "train", "convert"},
+    "cli": {"config", "algo", "parallel", "mcore", "bridge", "rollout", "data", "train", "convert", "plan",
+            "evaluation"},
     "__main__": {"cli"},
     "__init__": set(),
+}
+# inside a layer package: module -> sibling modules it may import (a package absent here is not ordered)
+INNER = {
+    "config": {
+        "conventions": set(),  # CP alignment, dtype names, optimizer settings
+        "hf_model": set(),  # config.json reading
+        "checks": {"conventions"},  # validation; reads the config by attribute
+        "schema": {"checks", "conventions"},
+    },
+    "train": {
+        "tracking": set(),
+        "experience": set(),  # the rollout phase of one step (rank 0); data: its typed hand-off
+        "ahead": {"experience"},  # rank 0's producer thread (max_staleness >= 1)
+        "services": {"experience", "tracking"},  # rank 0's rollout side
+        "weight_sync": set(),  # actor -> engine / HF directory
+        "run": {"experience", "services", "weight_sync", "ahead", "tracking"},
+        "loop": {"experience", "services", "weight_sync", "ahead", "run"},
+    },
 }
 # third-party roots -> the only places that may import them
 RESTRICTED = {
     "megatron": ("mcore",),
     "transformer_engine": ("mcore",),
-    "sglang": ("rollout/sglang_engine.py",),
-    "torch.distributed": ("parallel", "mcore", "bridge", "rollout", "trainer", "trainer_setup", "weight_sync", "cli",
-                          "convert"),
+    "sglang": ("rollout/sglang_weights.py",),
+    "torch.distributed": ("parallel", "mcore", "bridge", "rollout", "train/loop.py", "train/run.py",
+                          "train/weight_sync.py", "cli", "convert"),
+    "yaml": ("config",),  # the YAML dialect (1.2 floats) is read in one place
 }
 
 
@@ -82,15 +92,26 @@ def test_module_respects_layers(path):
     layer = _layer(path)
     assert layer in ALLOWED, f"{path}: new top-level module or package {layer!r}: add it to ALLOWED"
     rel = str(path.relative_to(ROOT))
+    inner = INNER.get(layer)
+    me = path.relative_to(ROOT).parts[1].removesuffix(".py") if inner is not None else None
+    if inner is not None and me != "__init__":
+        assert me in inner, f"{rel}: new module in {layer}/: add it to INNER[{layer!r}]"
     for name in _imports(path):
         parts = name.split(".")
         if parts[0] == "megatron_fipo" and len(parts) > 1:
             target = parts[1]
             assert target == layer or target in ALLOWED[layer], f"{rel} imports {name}: {layer} may not import {target}"
+            if target == layer and inner is not None and len(parts) > 2 and parts[2] != me:
+                assert parts[2] in inner.get(me, set()), f"{rel} imports {name}: {layer}.{me} may not import {parts[2]}"
         for root, places in RESTRICTED.items():
             if name == root or name.startswith(root + "."):
                 ok = any(rel == p or rel.startswith(p + "/") or layer == p for p in places)
                 assert ok, f"{rel} imports {name}, which only {places} may import"
+
+
+def test_modules_within_line_budget():
+    over = {str(p.relative_to(ROOT)): n for p in _modules() if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    assert not over, f"modules over the {MAX_LINES}-line budget (split them along their seams): {over}"
 
 
 @pytest.mark.parametrize("path", _modules(), ids=lambda p: str(p.relative_to(ROOT)))
@@ -110,5 +131,23 @@ def test_checker_catches_a_violation(tmp_path, monkeypatch, source):
     bad = fake_root / "algo" / "bad.py"
     bad.write_text(f'"""doc"""\n{source}\n')
     monkeypatch.setitem(globals(), "ROOT", fake_root)
+    with pytest.raises(AssertionError):
+        test_module_respects_layers(bad)
+
+
+@pytest.mark.parametrize("where, source", [
+    ("config/schema.py", "from megatron_fipo.algo import losses"),  # config imports nothing of the project
+    ("mcore/actor.py", "from megatron_fipo.train.run import Run"),  # train/ only from the commands
+    ("train/experience.py", "from megatron_fipo.train.loop import Trainer"),  # upward inside train/
+    ("config/checks.py", "from megatron_fipo.config.schema import Config"),  # upward inside config/
+    ("train/services.py", "import torch.distributed"),  # rank 0's services hold no collectives
+    ("train/newthing.py", "import os"),  # a train/ module the order does not know
+])
+def test_checker_catches_the_new_layers(tmp_path, monkeypatch, where, source):
+    """The config/ and train/ rules can fail too."""
+    bad = tmp_path / "megatron_fipo" / where
+    bad.parent.mkdir(parents=True)
+    bad.write_text(f'"""doc"""\n{source}\n')
+    monkeypatch.setitem(globals(), "ROOT", tmp_path / "megatron_fipo")
     with pytest.raises(AssertionError):
         test_module_respects_layers(bad)

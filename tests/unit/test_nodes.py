@@ -10,7 +10,7 @@ import random
 
 import pytest
 
-from megatron_fipo.config import load_config
+from megatron_fipo.config.schema import load_config
 from megatron_fipo.parallel.nodes import RankPlace, cross_node_bytes, node_sync_plan
 from megatron_fipo.plan import node_sync_bytes, rank_layout, stage_parameters
 from tests.helpers import fresh_seeds

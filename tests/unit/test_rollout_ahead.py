@@ -1,4 +1,4 @@
-"""rollout_ahead: generation ahead of training against its schedule, under random timings.
+"""train.ahead: generation ahead of training against its schedule, under random timings.
 
 A fake engine records the weight version at the start and end of every request batch (weights must
 never change under one), a simulated trainer takes each step's batch, "trains" for a random time,
@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from megatron_fipo.algo.rewards import make_result
-from megatron_fipo.config import load_config, validate
-from megatron_fipo.experience import Experience, PromptItem
+from megatron_fipo.config.schema import load_config, validate
+from megatron_fipo.train.experience import Experience, PromptItem
 from megatron_fipo.rollout.engine import EngineError, RolloutEngine, Sample
-from megatron_fipo.rollout_ahead import (
+from megatron_fipo.train.ahead import (
     STALE_POLICIES,
     RolloutAhead,
     load_in_flight,
@@ -237,5 +237,5 @@ def test_config_errors(bad, match):
 
 
 @pytest.mark.parametrize("policy", STALE_POLICIES)
-def test_config_accepts_every_policy_the_producer_knows(policy):  # config_checks keeps its own (stdlib-only) copy
+def test_config_accepts_every_policy_the_producer_knows(policy):  # config.checks keeps its own (stdlib-only) copy
     assert _cfg(f"rollout.stale_policy={policy}", "rollout.max_staleness=1").rollout.stale_policy == policy

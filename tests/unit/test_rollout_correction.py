@@ -227,7 +227,7 @@ def test_bad_settings_raise(kwargs, match):
 
 # ---------------------------------------------------------------------------------------------- config
 def test_auto_resolves_by_max_staleness():
-    from megatron_fipo.config import Config, load_config
+    from megatron_fipo.config.schema import Config, load_config
 
     assert Config().algo.rollout_correction == "auto" and Config().rollout.max_staleness == 0
     assert Config().loss_kwargs()["rollout_correction"] == "none"
@@ -245,7 +245,7 @@ def test_auto_resolves_by_max_staleness():
 
 
 def test_config_mode_names_match_the_loss():
-    from megatron_fipo.config_checks import ROLLOUT_CORRECTIONS as CONFIG_MODES
+    from megatron_fipo.config.checks import ROLLOUT_CORRECTIONS as CONFIG_MODES
 
     assert CONFIG_MODES == ("auto",) + ROLLOUT_CORRECTIONS
 
@@ -261,14 +261,14 @@ def test_config_mode_names_match_the_loss():
     ("rollout.max_staleness=-1", "rollout.max_staleness must be >= 0"),
 ])
 def test_config_validation_errors(override, match):
-    from megatron_fipo.config import load_config, validate
+    from megatron_fipo.config.schema import load_config, validate
 
     with pytest.raises(ValueError, match=match):
         validate(load_config(None, [override]), for_training=False)
 
 
 def test_config_accepts_every_mode():
-    from megatron_fipo.config import load_config, validate
+    from megatron_fipo.config.schema import load_config, validate
 
     for mode in ("auto",) + ROLLOUT_CORRECTIONS:
         validate(load_config(None, [f"algo.rollout_correction={mode}", "algo.correction_cap=0.5",

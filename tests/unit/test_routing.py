@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from megatron_fipo.algo.reward_pool import RewardPool, score_batch
-from megatron_fipo.config import load_config
-from megatron_fipo.experience import PromptItem, collect_experience
+from megatron_fipo.config.schema import load_config
+from megatron_fipo.train.experience import PromptItem, collect_experience
 from megatron_fipo.rollout.engine import GenerationRequest, RolloutEngine, SamplingParams
 from megatron_fipo.rollout.routing import Job, PromptRouter
 from megatron_fipo.rollout.sglang_engine import SGLangEngine

@@ -16,11 +16,8 @@ import pytest
 import torch
 
 from megatron_fipo.rollout.engine import EngineError, GenerationRequest, SamplingParams
-from megatron_fipo.rollout.sglang_engine import (
-    SGLangEngine,
-    serialize_named_tensors,
-    tcp_gloo_group,
-)
+from megatron_fipo.rollout.sglang_engine import SGLangEngine
+from megatron_fipo.rollout.sglang_weights import serialize_named_tensors, tcp_gloo_group
 from megatron_fipo.rollout.sglang_server import request, server_argv
 from tests.helpers import reused_buffer_buckets
 
@@ -56,7 +53,7 @@ def test_payload_round_trip_in_another_process():
     named = [("w", buf[:6].view(2, 3)), ("b", buf[6:10]), ("x", buf[10:])]
     payload = serialize_named_tensors(named)
     code = ("import sys, json; sys.path.insert(0, %r)\n"
-            "from megatron_fipo.rollout.sglang_engine import deserialize_named_tensors\n"
+            "from megatron_fipo.rollout.sglang_weights import deserialize_named_tensors\n"
             "out = deserialize_named_tensors(sys.stdin.read())\n"
             "print(json.dumps([[n, t.tolist(), str(t.dtype), list(t.shape), t.untyped_storage().data_ptr()] "
             "for n, t in out]))" % REPO)
@@ -127,7 +124,7 @@ def test_disaggregated_sync_through_a_gloo_group(tmp_path):
 def test_attached_servers_sync_at_the_routable_address(tmp_path):
     """Servers given by url (disaggregated rollout nodes) join the weight-sync group at this machine's
     address on the route to them (loopback here), not at the engine's launch host."""
-    from megatron_fipo.rollout.sglang_engine import routable_address
+    from megatron_fipo.rollout.sglang_weights import routable_address
 
     assert routable_address("http://127.0.0.1:1") == "127.0.0.1" == routable_address("localhost:2")
     with pytest.raises(ValueError, match="cannot read a host"):

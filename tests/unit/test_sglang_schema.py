@@ -32,11 +32,11 @@ from typing import Optional
 import pytest
 import torch
 
-from megatron_fipo.rollout import sglang_engine
+from megatron_fipo.rollout import sglang_engine, sglang_weights
 from megatron_fipo.rollout.engine import GenerationRequest, SamplingParams
-from megatron_fipo.rollout.sglang_engine import (
+from megatron_fipo.rollout.sglang_engine import generate_payload
+from megatron_fipo.rollout.sglang_weights import (
     distributed_update_payload,
-    generate_payload,
     init_group_payload,
     tensor_update_payload,
 )
@@ -184,9 +184,9 @@ def test_every_request_of_the_engine_conforms_to_the_pinned_sglang(wheel):
 
 
 def test_every_route_the_engine_names_is_checked():
-    tree = ast.parse(open(sglang_engine.__file__, encoding="utf-8").read())
-    named = {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)
-             and re.fullmatch(r"/[a-z_]+", n.value)}
+    named = {n.value for module in (sglang_engine, sglang_weights)
+             for n in ast.walk(ast.parse(open(module.__file__, encoding="utf-8").read()))
+             if isinstance(n, ast.Constant) and isinstance(n.value, str) and re.fullmatch(r"/[a-z_]+", n.value)}
     assert named == {route for route, _, _ in sent()}
 
 

@@ -4,9 +4,9 @@ import os
 
 import pytest
 
-from megatron_fipo.config import load_config
+from megatron_fipo.config.schema import load_config
 from megatron_fipo.plan import estimate_memory, parameter_counts, plan, rank_layout
-from megatron_fipo.tracking import MetricsLogger, read_metrics
+from megatron_fipo.train.tracking import MetricsLogger, read_metrics
 
 
 def test_jsonl_records_and_tensorboard(tmp_path):

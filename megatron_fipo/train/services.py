@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from megatron_fipo.experience import PromptItem, evaluate_items
+from megatron_fipo.train.experience import PromptItem, evaluate_items
 
 
 @dataclass
@@ -73,8 +73,8 @@ def build_services(config, *, step: int, trainer_state: dict, urls: Optional[lis
     from transformers import AutoTokenizer
 
     from megatron_fipo.algo.reward_pool import RewardPool
-    from megatron_fipo.config import to_dict
-    from megatron_fipo.tracking import MetricsLogger
+    from megatron_fipo.config.schema import to_dict
+    from megatron_fipo.train.tracking import MetricsLogger
 
     tr, ro = config.train, config.rollout
     tokenizer = AutoTokenizer.from_pretrained(config.model.tokenizer or config.model.hf_path)

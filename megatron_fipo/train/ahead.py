@@ -40,7 +40,7 @@ from typing import Callable, Optional
 
 import torch
 
-from megatron_fipo.experience import Experience, collect_experience, even_groups
+from megatron_fipo.train.experience import Experience, collect_experience, even_groups
 from megatron_fipo.rollout.engine import EngineError
 
 IN_FLIGHT_FILE = "rollouts_in_flight.pt"

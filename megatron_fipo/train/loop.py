@@ -37,14 +37,14 @@ import warnings
 
 import torch
 
-from megatron_fipo.config import Config, save_config, validate
-from megatron_fipo.experience import collect_experience
-from megatron_fipo.hf_config import read_hf_config
+from megatron_fipo.config.schema import Config, save_config, validate
+from megatron_fipo.train.experience import collect_experience
+from megatron_fipo.config.hf_model import read_hf_config
 from megatron_fipo.mcore.micro_batches import all_finite, reduce_mismatch
 from megatron_fipo.rollout.engine import EngineError
-from megatron_fipo.rollout_ahead import staleness_metrics
-from megatron_fipo.services import evaluate
-from megatron_fipo.trainer_setup import Run, Skip, build_run, check_inputs
+from megatron_fipo.train.ahead import staleness_metrics
+from megatron_fipo.train.services import evaluate
+from megatron_fipo.train.run import Run, Skip, build_run, check_inputs
 
 
 STOP_FILE = "STOP"

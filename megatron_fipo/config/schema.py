@@ -2,9 +2,9 @@
 
 Owns the schema (``Config`` and its sections), ``load_config(path, overrides)``, ``apply_overrides``,
 ``validate(config, world_size=None)`` (the checks themselves, ``RANGES`` and ``cp_alignment`` live in
-``config_checks`` and are re-exported here) and ``to_dict`` / ``save_config``. YAML is read with YAML 1.2
+``config.checks`` and are re-exported here) and ``to_dict`` / ``save_config``. YAML is read with YAML 1.2
 floats (``1e-6``). Must not import torch, megatron, sglang or any other project module except its stdlib-only
-sibling ``config_checks``: it is read by ``plan`` on a laptop and by every launcher before anything heavy starts.
+sibling ``checks``: it is read by ``plan`` on a laptop and by every launcher before anything heavy starts.
 
 Departures: pass-through dicts (``model.transformer_overrides``, ``rollout.sglang``) are not
 checked here; their owners (megatron-core, SGLang) validate them.
@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Sequence
 
 # Re-exported: these names were defined here before the checks moved (plan and the tests read them).
-from megatron_fipo.config_checks import RANGES, RESUME_WORDS, REWARD_NAMES, cp_alignment, find_problems  # noqa: F401
-from megatron_fipo.conventions import OptimConfig  # noqa: F401 (the optim section: one definition, shared with the actor)
+from megatron_fipo.config.checks import RANGES, RESUME_WORDS, REWARD_NAMES, cp_alignment, find_problems  # noqa: F401
+from megatron_fipo.config.conventions import OptimConfig  # noqa: F401 (the optim section: one definition, shared with the actor)
 
 
 @dataclass(frozen=True)
@@ -190,7 +190,7 @@ class Config:
 # ---------------------------------------------------------------------------------------------- validation
 def validate(config: Config, world_size: Optional[int] = None, hf_config: Optional[Mapping[str, Any]] = None,
              *, for_training: bool = True) -> list[str]:
-    """Check ``config`` (``config_checks.find_problems``); raise ``ValueError`` listing every problem, return warnings.
+    """Check ``config`` (``checks.find_problems``); raise ``ValueError`` listing every problem, return warnings.
 
     Each section's ranges and own checks, in schema order, then the checks across sections.
 

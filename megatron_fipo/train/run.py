@@ -19,12 +19,12 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from megatron_fipo.conventions import servers_per_node
+from megatron_fipo.config.conventions import servers_per_node
 from megatron_fipo.data.batches import RankShare
-from megatron_fipo.experience import split_balance
-from megatron_fipo.rollout_ahead import IN_FLIGHT_FILE, RolloutAhead, load_in_flight, save_in_flight
-from megatron_fipo.services import RolloutServices, build_services, check_prompt_count
-from megatron_fipo.weight_sync import WeightSync
+from megatron_fipo.train.experience import split_balance
+from megatron_fipo.train.ahead import IN_FLIGHT_FILE, RolloutAhead, load_in_flight, save_in_flight
+from megatron_fipo.train.services import RolloutServices, build_services, check_prompt_count
+from megatron_fipo.train.weight_sync import WeightSync
 
 
 class Skip(enum.Enum):
@@ -94,7 +94,7 @@ class Run:
             self.ahead.hold()
 
     def advance_engine(self, done_step: int) -> None:
-        """Step ``done_step`` is finished: the producer may generate the next steps (``rollout_ahead``)."""
+        """Step ``done_step`` is finished: the producer may generate the next steps (``train.ahead``)."""
         if self.ahead is not None:
             self.ahead.advance(done_step)
 
@@ -243,7 +243,8 @@ def _stage_sender(config, groups, sync, services):
     """The engine that sends this rank's stage to the servers over the stage's own weight-update group: rank
     0's engine for stage 0, an engine attached to the same servers on the other stages' exporting TP rank 0,
     None elsewhere. Every rank learns the servers' URLs from rank 0."""
-    from megatron_fipo.rollout.sglang_engine import WEIGHT_GROUP, SGLangEngine
+    from megatron_fipo.rollout.sglang_engine import SGLangEngine
+    from megatron_fipo.rollout.sglang_weights import WEIGHT_GROUP
 
     urls = [services.engine.urls if services is not None else None]
     dist.broadcast_object_list(urls, src=0, group=groups.world)

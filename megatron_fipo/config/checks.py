@@ -2,12 +2,12 @@
 
 Owns ``RANGES`` (the allowed range of every int / float field), ``REWARD_NAMES``, ``RESUME_WORDS``,
 and ``find_problems(config, ...) -> (errors, warnings)``, which
-``megatron_fipo.config.validate`` (the public API) turns into one ``ValueError``. Sections are
+``megatron_fipo.config.schema.validate`` (the public API) turns into one ``ValueError``. Sections are
 checked in the schema's order (model, parallel, rollout, algo, optim, data, train, eval, log,
 checkpoint): each section's ranges, then its own checks (optim and eval have ranges only, log has
 nothing to check); then the checks that relate sections, the world size and the model's
 ``config.json``. Must not import: torch, megatron, sglang or any project module but ``conventions`` (the CP
-alignment and dtype names every layer shares); not ``megatron_fipo.config`` either (it imports
+alignment and dtype names every layer shares); not ``megatron_fipo.config.schema`` either (it imports
 this module; the config is read by attribute, so no import is needed).
 
 Departures: pass-through dicts (``model.transformer_overrides``, ``rollout.sglang``) are not checked
@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping, Optional
 
-from megatron_fipo.conventions import PARAMS_DTYPES, cp_alignment
+from megatron_fipo.config.conventions import PARAMS_DTYPES, cp_alignment
 
 REWARD_NAMES = ("dapo_math", "boxed_math")  # algo.rewards.REWARD_FNS (a test keeps the two in step)
 RESUME_WORDS = ("auto", "never")  # any other checkpoint.resume is a checkpoint directory
@@ -212,7 +212,7 @@ def _check_model_shape(par, hf_config: Mapping[str, Any], found: _Found) -> None
 
 def find_problems(config, world_size: Optional[int] = None, hf_config: Optional[Mapping[str, Any]] = None,
                   *, for_training: bool = True) -> tuple[list[str], list[str]]:
-    """Every problem of ``config`` (a ``megatron_fipo.config.Config``); arguments as ``config.validate``.
+    """Every problem of ``config`` (a ``megatron_fipo.config.schema.Config``); arguments as ``config.validate``.
 
     Returns:
         ``(errors, warnings)``: messages, each naming the setting to fix.

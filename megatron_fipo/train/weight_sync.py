@@ -3,7 +3,7 @@
 Owns ``WeightSync``: what the HF bridge needs to name this rank's parameters (architecture,
 layer offsets, spec), the one bucket buffer every sync reuses, the weight version the engine
 holds, and the two uses of the export stream (``push`` to the engine, ``export_hf`` to a
-directory). Refusing non-finite weights is the caller's (``trainer_setup.Run``), before either call.
+directory). Refusing non-finite weights is the caller's (``train.run.Run``), before either call.
 
 Two ways to feed the engine:
 
@@ -39,9 +39,9 @@ from megatron_fipo.bridge.hf_export import (
     export_hf_state,
     save_hf_checkpoint,
 )
-from megatron_fipo.conventions import hf_dtype_name, torch_dtype
+from megatron_fipo.config.conventions import hf_dtype_name, torch_dtype
 from megatron_fipo.rollout.engine import EngineError
-from megatron_fipo.rollout.sglang_engine import bucket_payload
+from megatron_fipo.rollout.sglang_weights import bucket_payload
 
 
 class WeightSync:
