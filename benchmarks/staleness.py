@@ -32,9 +32,11 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def train(demo: str, run_dir: str, k: int, steps: int, extra: list, pinned: bool = False) -> list[dict]:
-    """One demo run at ``rollout.max_staleness=k``; its metrics records."""
-    cmd = [sys.executable, "-m", "megatron_fipo", "train", "--config", os.path.join(REPO, "examples", "demo_cpu.yaml"),
+def train(demo: str, run_dir: str, k: int, steps: int, extra: list, pinned: bool = False,
+          config: str = "demo_cpu.yaml", label: str = "") -> list[dict]:
+    """One demo run (``examples/<config>``) at ``rollout.max_staleness=k``; its metrics records."""
+    label = label or f"k={k}"
+    cmd = [sys.executable, "-m", "megatron_fipo", "train", "--config", os.path.join(REPO, "examples", config),
            f"model.hf_path={demo}/base", f"data.train_files=[{demo}/train.jsonl]", f"eval.files=[{demo}/test.jsonl]",
            f"train.run_dir={run_dir}", f"train.steps={steps}", f"rollout.max_staleness={k}", "eval.every_steps=0",
            "checkpoint.every_steps=0", "checkpoint.export_hf=false", "log.progress=false", "log.tensorboard=false",
@@ -45,8 +47,8 @@ def train(demo: str, run_dir: str, k: int, steps: int, extra: list, pinned: bool
         cmd, env["OMP_NUM_THREADS"] = ["taskset", "-c", "0", *cmd], "1"
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
-        raise SystemExit(f"k={k}: training failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-    print(f"  k={k}: {steps} steps in {time.perf_counter() - start:.0f} s", flush=True)
+        raise SystemExit(f"{label}: training failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    print(f"  {label}: {steps} steps in {time.perf_counter() - start:.0f} s", flush=True)
     with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as fh:
         return [json.loads(line) for line in fh]
 

@@ -47,6 +47,7 @@ RANGES = {
     "rollout.max_response_length": _ge(1), "rollout.bucket_mb": _ge(1), "rollout.replicas": _ge(1),
     "rollout.servers_per_node": _ge(1, nullable=True),
     "rollout.max_restarts": _ge(0), "rollout.cpu_max_batch_rows": _ge(1), "rollout.max_staleness": _ge(0),
+    "rollout.oversample": _ge(1),
     "algo.decay_rate": _gt(0), "algo.clip_low": _unit(False), "algo.clip_high": _ge(0),
     "algo.dual_clip_c": ((lambda v: v > 1), "> 1 or null (no dual clip)"), "algo.future_kl_clip_ratio": _unit(False),
     "algo.safety_thresh": _gt(0), "algo.overlong_buffer": ((lambda v: v >= 0), ">= 0 (0 disables the penalty)"),
@@ -120,6 +121,28 @@ def _check_rollout(ro, found: _Found) -> None:
                               "stale without any throughput gain (use rollout.mode=disaggregated to overlap)")
     found.need(all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ro.stop_token_ids),
                f"rollout.stop_token_ids must be token ids (integers >= 0), got {list(ro.stop_token_ids)}")
+    _check_long_tail(ro, found)
+
+
+def _check_long_tail(ro, found: _Found) -> None:
+    """rollout.partial / inflight_updates / oversample: what each needs."""
+    x = ro.oversample  # its range (>= 1) is in RANGES
+    if isinstance(x, (int, float)) and x > 1:
+        found.need(ro.partial, f"rollout.oversample={x} needs rollout.partial=true: the groups still running when "
+                   "a step's batch is complete carry over to the next step")
+    for key in ("partial", "inflight_updates"):
+        value = getattr(ro, key)
+        found.need(isinstance(value, bool), f"rollout.{key} must be true or false, got {value!r}")
+        found.need(not (value is True and ro.engine == "cpu"),
+                   f"rollout.{key} needs the SGLang engine (rollout.engine=sglang; on CPU machines its protocol is "
+                   "served by rollout.launcher=[python, -m, megatron_fipo.rollout.cpu_server]): the in-process CPU "
+                   "engine generates a whole round at once and cannot pause, abort or continue a request")
+    if ro.inflight_updates is True:
+        found.need(ro.mode == "disaggregated", "rollout.inflight_updates needs rollout.mode=disaggregated: colocated "
+                   "servers give their GPU memory to training, so generation cannot run through a weight update "
+                   "(use rollout.partial=true there: unfinished samples are aborted and continued next step)")
+        found.need(ro.partial is True, "rollout.inflight_updates needs rollout.partial=true: a sample running through "
+                   "a weight update is trained when it finishes, at a later step")
 
 
 def _check_algo(algo, found: _Found) -> None:

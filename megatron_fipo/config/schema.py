@@ -66,6 +66,11 @@ class RolloutConfig:
     cpu_max_batch_rows: int = 64
     max_staleness: int = 0  # generation may run this many weight versions ahead of training; 0 = synchronous
     stale_policy: str = "wait"  # k >= 1: "wait" (reproducible schedule, no sample older than k) or "drop"
+    # the long tail (SGLang engine): a sample unfinished at the step boundary carries over to a later step
+    partial: bool = False
+    # disaggregated: a weight update pauses the servers in place and continues them; generation never drains
+    inflight_updates: bool = False
+    oversample: float = 1.0  # >= 1; > 1 needs partial: ceil(x * prompts_per_step) prompts in flight per step
     sglang: Mapping[str, Any] = field(default_factory=dict)  # SGLang server arguments, passed through
 
     def sglang_server_args(self) -> tuple:
@@ -96,7 +101,7 @@ class AlgoConfig:
     filter_metric: str = "acc"  # "acc" or "score"
     on_exhausted: str = "train_short"  # or "error": what to do when max_gen_rounds leaves the batch short
     # decoupled rollout correction: a detached factor on the loss from pi_old / pi_rollout (docs/algorithm.md);
-    # "auto": none when rollout.max_staleness is 0, token_tis when >= 1; or none, token_tis, token_mis,
+    # "auto": none when rollout.max_staleness is 0 (and rollout.partial off), token_tis when >= 1; or none, token_tis, token_mis,
     # seq_tis, seq_mis, geo_mis
     rollout_correction: str = "auto"
     correction_cap: float = 2.0  # C of token_tis / seq_tis
@@ -183,8 +188,9 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def loss_kwargs(self) -> dict:
-        """``algo.loss_kwargs`` with ``algo.rollout_correction: auto`` resolved by ``rollout.max_staleness``."""
-        return self.algo.loss_kwargs(self.rollout.max_staleness)
+        """``algo.loss_kwargs`` with ``algo.rollout_correction: auto`` resolved by ``rollout.max_staleness``
+        (``rollout.partial`` counts as 1: a carried sample's earlier tokens come from older weights)."""
+        return self.algo.loss_kwargs(max(self.rollout.max_staleness, int(bool(self.rollout.partial))))
 
 
 # ---------------------------------------------------------------------------------------------- validation

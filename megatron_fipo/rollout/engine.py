@@ -97,9 +97,12 @@ class Sample:
         token_ids: sampled token ids (the stop token included when ``finish_reason == "stop"``).
         logprobs: float log-prob of each sampled token (see the module docstring), same length.
         finish_reason: ``"stop"``, ``"length"`` or ``"abort"``.
-        weight_version: version of the weights the sample was drawn with.
+        weight_version: version of the weights the sample was drawn with (the version of its first
+            token when weights changed under it: in-flight updates, continued partial samples).
         request_index, sample_index: position of the request in the ``generate`` call and of the
             sample among its ``n``.
+        token_versions: the weight version that produced each token; empty when every token is
+            ``weight_version``'s (``versions()`` reads both).
     """
 
     prompt_ids: tuple[int, ...]
@@ -109,10 +112,17 @@ class Sample:
     weight_version: int
     request_index: int = 0
     sample_index: int = 0
+    token_versions: tuple[int, ...] = ()
 
     def __post_init__(self):
         if len(self.token_ids) != len(self.logprobs):
             raise ValueError(f"{len(self.token_ids)} tokens but {len(self.logprobs)} log-probs")
+        if self.token_versions and len(self.token_versions) != len(self.token_ids):
+            raise ValueError(f"{len(self.token_ids)} tokens but {len(self.token_versions)} token versions")
+
+    def versions(self) -> list[int]:
+        """The weight version of every token."""
+        return list(self.token_versions) if self.token_versions else [self.weight_version] * len(self.token_ids)
         if self.finish_reason not in FINISH_REASONS:
             raise ValueError(f"finish_reason must be one of {FINISH_REASONS}, got {self.finish_reason!r}")
 

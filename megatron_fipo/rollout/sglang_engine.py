@@ -46,6 +46,7 @@ from megatron_fipo.rollout.sglang_server import (
     request,
     server_argv,
 )
+from megatron_fipo.rollout.sglang_stream import Streaming, span_versions
 from megatron_fipo.rollout.sglang_weights import WEIGHT_GROUP, WeightUpdates, routable_address, sglang_group
 
 
@@ -59,7 +60,7 @@ def generate_payload(req: GenerationRequest, j: int) -> dict:
     return {"input_ids": list(req.prompt_ids), "sampling_params": sampling, "return_logprob": True}
 
 
-class SGLangEngine(WeightUpdates, RolloutEngine):
+class SGLangEngine(Streaming, WeightUpdates, RolloutEngine):
     """Rollouts from SGLang servers (see the module docstring).
 
     Args:
@@ -84,7 +85,7 @@ class SGLangEngine(WeightUpdates, RolloutEngine):
                  max_restarts: int = 1, startup_timeout: float = 900.0, request_timeout: float = 3600.0,
                  max_in_flight: int = 256, resync: Optional[Callable[[], tuple]] = None,
                  group_factory: Optional[Callable] = None, backend: Optional[str] = None,
-                 sync_host: Optional[str] = None, weight_group: str = WEIGHT_GROUP):
+                 sync_host: Optional[str] = None, weight_group: str = WEIGHT_GROUP, inflight_updates: bool = False):
         if mode not in ("colocated", "disaggregated"):
             raise ValueError(f"mode must be 'colocated' or 'disaggregated', got {mode!r}")
         if replicas < 1 or tp_size < 1 or max_in_flight < 1 or max_restarts < 0:
@@ -95,12 +96,13 @@ class SGLangEngine(WeightUpdates, RolloutEngine):
         self.group_factory = group_factory or sglang_group
         self.backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         self._lock, self._broadcast, self._closed = threading.Lock(), None, False
-        self.weight_version = 0
+        self.weight_version, self.inflight_updates = 0, inflight_updates
         self.servers: list[Optional[ServerProcess]] = []
         self.sync_host = sync_host or (routable_address(urls[0]) if urls else host)
         if urls:
             self.urls = [u.rstrip("/") for u in urls]
             self.servers = [None] * len(self.urls)
+            self._stream_init()
             for url in self.urls:
                 _wait_url(url, startup_timeout)
             return
@@ -112,6 +114,7 @@ class SGLangEngine(WeightUpdates, RolloutEngine):
                              str(tp_size), "--base-gpu-id", str(i * tp_size)] + server_argv(server_args or {})
             self.urls.append(f"http://{host}:{port}")
             self.servers.append(ServerProcess(argv, self.urls[-1], os.path.join(log_dir, f"sglang_replica{i}.log")))
+        self._stream_init()
         try:
             for s in self.servers:
                 s.start()
@@ -127,7 +130,7 @@ class SGLangEngine(WeightUpdates, RolloutEngine):
         ``kwargs`` override (e.g. ``replicas`` and ``urls`` for a node's own servers)."""
         tp, args = rollout.sglang_server_args()
         options = dict(replicas=rollout.replicas, urls=tuple(rollout.urls), launch_cmd=tuple(rollout.launcher) or None,
-                       sync_host=rollout.sync_host)
+                       sync_host=rollout.sync_host, inflight_updates=bool(getattr(rollout, "inflight_updates", False)))
         options.update(kwargs)
         return cls(model_path, tp_size=int(tp), server_args=args, mode=rollout.mode, max_restarts=rollout.max_restarts,
                    **options)
@@ -178,32 +181,42 @@ class SGLangEngine(WeightUpdates, RolloutEngine):
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
 
-    def _sample(self, replica: int, req: GenerationRequest, ri: int, j: int) -> Sample:
+    def _sample(self, replica: int, req: GenerationRequest, ri: int, j: int, strict: bool = True) -> Sample:
         payload = generate_payload(req, j)
         attempts = 0
-        while True:
-            try:
-                out = request(self.urls[replica] + "/generate", payload, timeout=self.timeout)
-                return self._parse(out, req, ri, j, replica)
-            except OSError as err:
-                attempts += 1
-                if attempts > 3 + self.max_restarts:
-                    raise EngineError(f"generation at {self.urls[replica]} keeps failing: {err}") from err
-                self._recover(replica, err)
+        self._busy(replica, +1)
+        try:
+            while True:
+                try:
+                    out = request(self.urls[replica] + "/generate", payload, timeout=self.timeout)
+                    return self._parse(out, req, ri, j, replica, strict)
+                except OSError as err:
+                    attempts += 1
+                    if attempts > 3 + self.max_restarts:
+                        raise EngineError(f"generation at {self.urls[replica]} keeps failing: {err}") from err
+                    self._recover(replica, err)
+        finally:
+            self._busy(replica, -1)
 
-    def _parse(self, out: Mapping, req: GenerationRequest, ri: int, j: int, replica: int) -> Sample:
+    def _parse(self, out: Mapping, req: GenerationRequest, ri: int, j: int, replica: int, strict: bool) -> Sample:
+        """One ``/generate`` answer -> ``Sample``. ``strict`` (the batch path): every token must come from the
+        weights the engine holds; otherwise (streaming) each token carries the version of its span."""
         meta = out.get("meta_info", {}) if isinstance(out, Mapping) else {}
         pairs = meta.get("output_token_logprobs")
         if pairs is None:
             raise EngineError(f"{self.urls[replica]}/generate answered without output_token_logprobs: {str(out)[:300]}")
-        version = meta.get("weight_version")  # SGLang reports "default" until a weight update sets it
-        version = "0" if version == "default" else version
-        if version is not None and str(version) != str(self.weight_version):
-            raise EngineError(f"{self.urls[replica]} sampled with weight version {version}, "
+        tokens, logprobs = [int(t) for _, t, *_ in pairs], [float(lp) for lp, *_ in pairs]
+        versions = span_versions(meta, len(tokens))
+        if strict and versions is not None and any(v != self.weight_version for v in versions):
+            raise EngineError(f"{self.urls[replica]} sampled with weight version(s) {sorted(set(versions))}, "
                               f"the engine holds {self.weight_version}")
         reason = (meta.get("finish_reason") or {}).get("type", "abort")
-        return Sample(req.prompt_ids, [int(t) for _, t, *_ in pairs], [float(lp) for lp, *_ in pairs],
-                      reason if reason in ("stop", "length") else "abort", self.weight_version, ri, j)
+        reason = reason if reason in ("stop", "length") else "abort"
+        self._note(replica, meta, len(tokens), reason == "abort")
+        if strict or not versions:
+            return Sample(req.prompt_ids, tokens, logprobs, reason, self.weight_version, ri, j)
+        return Sample(req.prompt_ids, tokens, logprobs, reason, versions[0], ri, j,
+                      tuple(versions) if len(set(versions)) > 1 else ())
 
     def _recover(self, replica: int, err: Exception) -> None:
         """After a failed call: restart a dead owned server (and re-sync it), or back off briefly."""
@@ -254,6 +267,7 @@ class SGLangEngine(WeightUpdates, RolloutEngine):
 
     def shutdown(self) -> None:
         self._closed = True
+        self._stream_shutdown()
         for server in self.servers:
             if server is not None:
                 server.kill()

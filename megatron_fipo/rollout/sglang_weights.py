@@ -27,9 +27,13 @@ Design (SGLang 0.5.23 HTTP API, the pin of tools/sglang_pin.txt):
   TP ranks follow), then per bucket ``/update_weights_from_distributed`` (names, dtypes,
   shapes) posted in background threads while this process broadcasts each tensor in order.
 
+* In-flight updates (``inflight_updates``, disaggregated): each server is paused with ``retract``
+  before its session opens and continued after its cache is flushed, so generation never drains
+  and no weight is written under a running forward (``rollout/sglang_stream.py`` says why retract).
+
 The mix-in reads the engine's ``urls``, ``tp_size``, ``mode``, ``timeout``, ``sync_host``,
-``backend``, ``weight_group``, ``group_factory`` and ``weight_version``, and guards pushes with
-its ``_lock``.
+``backend``, ``weight_group``, ``group_factory``, ``inflight_updates`` and ``weight_version``, and
+guards pushes with its ``_lock``.
 """
 from __future__ import annotations
 
@@ -199,21 +203,29 @@ class WeightUpdates:
         self._open_sessions(self.urls)
 
     def _open_sessions(self, urls) -> None:
-        """``/begin_weight_update`` on each of ``urls``; if one fails, the ones opened are closed again."""
+        """``/begin_weight_update`` on each of ``urls``; if one fails, the ones opened are closed again.
+
+        With in-flight updates each server is first paused with ``retract`` (its running requests wait,
+        their KV dropped) and continued by ``_end_sessions`` / ``_close_sessions``."""
         opened: list = []
         try:
             for url in urls:
-                self._post(url, "/begin_weight_update")
+                if self.inflight_updates:
+                    self.pause_generation("retract", [url])
                 opened.append(url)
+                self._post(url, "/begin_weight_update")
         except BaseException:
             self._close_sessions(opened)
             raise
 
     def _end_sessions(self, urls) -> None:
-        """A sync's end on each of ``urls``: close the session, flush the prefix cache."""
+        """A sync's end on each of ``urls``: close the session, flush the prefix cache (allowed while paused
+        with ``retract``: the continued requests then recompute their KV with the new weights), continue."""
         for url in urls:
             self._post(url, "/end_weight_update")
             self._post(url, "/flush_cache")
+            if self.inflight_updates:
+                self.continue_generation([url])
 
     def push_tensor_payloads(self, payloads: Sequence[Sequence[str]], version: int) -> None:
         """One bucket of a node-local colocated sync: ``payloads[i]`` holds replica i's serialized tensors, one
@@ -244,6 +256,9 @@ class WeightUpdates:
         for url in urls:  # so that a later sync can open them again; the first error is the one raised
             with contextlib.suppress(EngineError, OSError):
                 self._post(url, "/end_weight_update")
+            if self.inflight_updates:
+                with contextlib.suppress(EngineError, OSError):
+                    self.continue_generation([url])
 
     def send_stage(self, stream: WeightStream, version: int) -> None:
         """One pipeline stage's buckets over this engine's own weight-update group (``weight_group``), from the

@@ -68,7 +68,9 @@ class Experience:
     n: int = 1
     metrics: dict = field(default_factory=dict)
     versions: list = field(default_factory=list)
-    """The weight version that drew each sample (``Sample.weight_version``)."""
+    """The weight version that drew each sample (``Sample.weight_version``: its first token's)."""
+    token_versions: list = field(default_factory=list)
+    """Per sample, the weight version of every response token (``Sample.versions()``)."""
 
     @property
     def num_groups(self) -> int:
@@ -79,17 +81,21 @@ class Experience:
         idx = [g * self.n + j for g in groups for j in range(self.n)]
         return Experience([self.prompts[i] for i in idx], [self.responses[i] for i in idx],
                           [self.rollout_logp[i] for i in idx], self.advantages[idx], self.n, dict(self.metrics),
-                          [self.versions[i] for i in idx])
+                          [self.versions[i] for i in idx],
+                          [self.token_versions[i] for i in idx] if self.token_versions else [])
 
     def to_state(self) -> dict:
         """Tensors, lists and numbers only (``torch.save`` with ``weights_only`` loading)."""
         return {"prompts": self.prompts, "responses": self.responses, "rollout_logp": self.rollout_logp,
-                "advantages": self.advantages, "n": self.n, "metrics": self.metrics, "versions": self.versions}
+                "advantages": self.advantages, "n": self.n, "metrics": self.metrics, "versions": self.versions,
+                "token_versions": self.token_versions}
 
     @classmethod
     def from_state(cls, state: dict) -> "Experience":
+        versions = list(state["versions"])
+        token_versions = state.get("token_versions") or [[v] * len(r) for v, r in zip(versions, state["responses"])]
         return cls(state["prompts"], state["responses"], state["rollout_logp"], state["advantages"], int(state["n"]),
-                   dict(state["metrics"]), list(state["versions"]))
+                   dict(state["metrics"]), versions, list(token_versions))
 
     def costs(self, hidden_size: int) -> list:
         """Each sample's training cost (``data.balance.sample_cost``: tokens plus attention)."""
@@ -174,7 +180,7 @@ def collect_experience(engine, draw: Callable[[int], Sequence[Any]], score: Call
         warnings.warn(f"step {step}: dynamic sampling kept {len(kept)} of {target} groups after {rounds} rounds; "
                       "training on the short batch", stacklevel=2)
     kept = kept[:even_groups(min(len(kept), target), ro.n, dp_size)]
-    exp = _assemble(kept, ro.n, algo)
+    exp = assemble(kept, ro.n, algo)
     exp.metrics = {**stats.summary(), "train/gen_rounds": float(rounds), "train/kept_groups": float(len(kept))}
     return exp
 
@@ -216,7 +222,8 @@ def even_groups(num_groups: int, n: int, dp_size: int) -> int:
     return num_groups - num_groups % quantum
 
 
-def _assemble(kept, n: int, algo) -> Experience:
+def assemble(kept, n: int, algo) -> Experience:
+    """``[(n samples, their n scores)]`` per kept group -> ``Experience`` with GRPO advantages."""
     exp = Experience(n=n)
     if not kept:
         return exp
@@ -226,6 +233,7 @@ def _assemble(kept, n: int, algo) -> Experience:
             exp.responses.append(list(s.token_ids))
             exp.rollout_logp.append(torch.tensor(s.logprobs, dtype=torch.float32))
             exp.versions.append(int(s.weight_version))
+            exp.token_versions.append(s.versions())
     scores = torch.cat([sc for _, sc in kept])
     exp.advantages = grpo_advantages(scores, n, normalize_std=algo.normalize_adv_std).float()
     return exp

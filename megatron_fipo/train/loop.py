@@ -43,6 +43,7 @@ from megatron_fipo.config.hf_model import read_hf_config
 from megatron_fipo.mcore.micro_batches import all_finite, reduce_mismatch
 from megatron_fipo.rollout.engine import EngineError
 from megatron_fipo.train.ahead import staleness_metrics
+from megatron_fipo.train.pool import age_metrics, count_metrics, engine_metrics
 from megatron_fipo.train.services import evaluate
 from megatron_fipo.train.run import Run, Skip, build_run, check_inputs
 
@@ -137,6 +138,8 @@ class Trainer:
     def __init__(self, config: Config, groups, hf_config: dict):
         self.groups = groups
         self.s: Run = build_run(config, groups, hf_config)  # its config: this one with resolved stop tokens
+        services = self.s.services
+        self._mark = self._counters() if services is not None and hasattr(services.engine, "stream_stats") else None
         if groups.rank == 0:
             save_config(self.s.config, os.path.join(config.train.run_dir, "config.yaml"))
 
@@ -158,6 +161,8 @@ class Trainer:
             counters.step = step
             metrics["time/step_s"] = time.perf_counter() - start
             metrics["perf/tokens_per_s"] = metrics.pop("train/_tokens", 0.0) / metrics["time/step_s"]
+            if "train/_samples" in metrics:  # rollout.partial: trained samples per second
+                metrics["perf/samples_per_s"] = metrics.pop("train/_samples") / metrics["time/step_s"]
             if last_save_s is not None:  # the checkpoint written after the previous step
                 metrics["time/save_s"], last_save_s = last_save_s, None
             self._log(step, metrics)  # before the checkpoint: a checkpoint never exists without its step's record
@@ -186,7 +191,12 @@ class Trainer:
         metrics: dict = {}
         exp = None
         services = s.services
-        if s.ahead is not None:  # global rank 0, generating ahead: this step's batch is done or being generated
+        if s.pool is not None:  # global rank 0 with rollout.partial: the first groups to complete
+            version = s.sync.version
+            exp = s.pool.collect(step)
+            metrics.update(exp.metrics)
+            metrics["train/_samples"] = float(len(exp.prompts))
+        elif s.ahead is not None:  # global rank 0, generating ahead: this step's batch is done or being generated
             exp, waited = s.ahead.take(step)
             exp, staleness = staleness_metrics(exp, s.sync.version, cfg.rollout.max_staleness, g.dp_size)
             metrics.update({**exp.metrics, **staleness, "time/wait_rollout_s": waited})
@@ -225,7 +235,25 @@ class Trainer:
             self._stop_if_failing(step, why)
         metrics["time/sync_s"] = s.sync_weights(version=step)
         metrics["train/nonfinite_skipped_total"] = float(s.counters.nonfinite_total)
+        if s.pool is not None:
+            metrics.update(age_metrics(exp, version, cfg.rollout.max_staleness))
+        if self._mark is not None:
+            metrics.update(self._engine_metrics())
         return metrics
+
+    def _counters(self) -> tuple:
+        pool = self.s.pool
+        return self.s.services.engine.stream_stats(), dict(pool.counts) if pool is not None else None
+
+    def _engine_metrics(self) -> dict:
+        """The SGLang engine's figures (and the pool's counts) since the previous step's end (``train.pool``)."""
+        ro, engine = self.s.config.rollout, self.s.services.engine
+        before, self._mark = self._mark, self._counters()
+        capacity = int(ro.sglang.get("max_running_requests") or 0) or max(engine.max_in_flight // len(engine.urls), 1)
+        out = engine_metrics(before[0], self._mark[0], capacity)
+        if before[1] is not None:
+            out.update(count_metrics(before[1], self._mark[1]))
+        return out
 
     def _skip(self, step: int, metrics: dict, why: Skip) -> dict:
         self.s.counters.record(why)

@@ -23,6 +23,7 @@ from megatron_fipo.config.conventions import servers_per_node
 from megatron_fipo.data.batches import RankShare
 from megatron_fipo.train.experience import split_balance
 from megatron_fipo.train.ahead import IN_FLIGHT_FILE, RolloutAhead, load_in_flight, save_in_flight
+from megatron_fipo.train.pool import POOL_FILE, RolloutPool, load_pool, save_pool
 from megatron_fipo.train.services import RolloutServices, build_services, check_prompt_count
 from megatron_fipo.train.weight_sync import WeightSync
 
@@ -79,12 +80,16 @@ class Run:
     dp_of_rank: list = field(default_factory=list)
     """The data-parallel rank of every global rank (who gets which share)."""
     ahead: Optional[RolloutAhead] = None
-    """Global rank 0 with ``rollout.max_staleness`` >= 1: the producer generating future steps' experience."""
+    """Global rank 0 with ``rollout.max_staleness`` >= 1 (without ``partial``): the producer generating future
+    steps' experience."""
+    pool: Optional[RolloutPool] = None
+    """Global rank 0 with ``rollout.partial``: the groups in flight, carried from step to step (``train.pool``)."""
 
     @property
     def overlapped(self) -> bool:
-        """Generation runs ahead of training (every rank knows it: the config is the same everywhere)."""
-        return self.config.rollout.max_staleness > 0
+        """Whole batches are generated ahead of training by rank 0's producer (every rank knows it: the config is
+        the same everywhere)."""
+        return self.config.rollout.max_staleness > 0 and not self.config.rollout.partial
 
     def hold_engine(self) -> None:
         """Before the engine's weights change or the trainer uses the engine, the loader or the reward pool:
@@ -126,6 +131,8 @@ class Run:
     def release_engine(self) -> None:
         if self.services is not None and self.services.colocated:
             self.hold_engine()  # a colocated engine cannot generate while the actor trains
+            if self.pool is not None:
+                self.pool.interrupt()  # its unfinished samples continue after the training phase
             self.services.release()
 
     def resume_engine(self) -> None:
@@ -152,6 +159,10 @@ class Run:
         if self.overlapped:  # no rank writes to a server before rank 0's producer has finished its requests
             self.hold_engine()
             dist.barrier(group=self.groups.world)
+        if self.pool is not None and not self.config.rollout.inflight_updates:
+            self.pool.interrupt()  # nothing runs while the weights change; the next collect continues them
+        if self.config.rollout.partial and not self.config.rollout.inflight_updates:
+            dist.barrier(group=self.groups.world)  # no rank writes to a server before rank 0 has interrupted it
         self.sync.push(self.services.engine if self.services is not None else None, version)
         return time.perf_counter() - start
 
@@ -170,6 +181,10 @@ class Run:
         if self.ahead is not None:  # the completed batches of the next steps, and nothing else, are in flight
             batches = self.ahead.in_flight()
             files[IN_FLIGHT_FILE] = lambda path: save_in_flight(path, batches)
+        if self.pool is not None:  # every unfinished sample, with its tokens, log-probs, versions and seed
+            self.pool.interrupt()
+            pool_state = self.pool.state_dict()
+            files[POOL_FILE] = lambda path: save_pool(path, pool_state)
         return self.actor.save(self.checkpoint_root, extra=extra, keep_last=self.config.checkpoint.keep_last,
                                rank0_files=files)
 
@@ -186,6 +201,8 @@ class Run:
     def close(self) -> None:
         if self.ahead is not None:
             self.ahead.close(timeout=0)  # no new batch; the engine's shutdown below ends the one running
+        if self.pool is not None:
+            self.pool.close()
         if self.services is not None:
             self.services.close()
         if self.ahead is not None:
@@ -224,6 +241,9 @@ def build_run(config, groups, hf_config: dict) -> Run:
             sync.stage_engine = _stage_sender(config, groups, sync, run.services)
         if path is not None:
             run.sync_weights(version=run.counters.step)  # the engine started from the HF weights
+        if config.rollout.partial and run.services is not None:
+            run.pool = RolloutPool(run.services, run.config, dp_size=groups.dp_size,
+                                   state=load_pool(trainer_state.get("checkpoint_dir")))
         if run.overlapped and run.services is not None:
             run.ahead = RolloutAhead(run.services, run.config, dp_size=groups.dp_size, done_step=run.counters.step,
                                      version=lambda: run.sync.version,

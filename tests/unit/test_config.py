@@ -165,6 +165,11 @@ def test_world_size_must_be_positive(world):
     ("rollout.stop_token_ids=[2,-1]", "rollout.stop_token_ids must be token ids"),
     ("rollout.launcher=[taskset,-c,1,python]", "rollout.launcher must be a list of strings"),
     ("rollout.stale_policy=skip", "rollout.stale_policy must be 'wait' or 'drop'"),
+    ("rollout.oversample=0.9", "rollout.oversample must be >= 1, got 0.9"),
+    ("rollout.oversample=1.25", "rollout.oversample=1.25 needs rollout.partial=true"),
+    ("rollout.partial=true", "rollout.partial needs the SGLang engine"),
+    ("rollout.partial=2", "rollout.partial must be true or false"),
+    ("rollout.inflight_updates=true", "rollout.inflight_updates needs the SGLang engine"),
     ("optim.logprob_chunk_tokens=0", "optim.logprob_chunk_tokens must be >= 1"),
     ("optim.warmup_steps=-3", "optim.warmup_steps must be >= 0, got -3"),
     ("optim.lr=0", "optim.lr must be > 0"),
@@ -190,6 +195,22 @@ def test_world_size_must_be_positive(world):
 def test_meaningless_values_are_rejected(override, match):
     with pytest.raises(ValueError, match=match):
         validate(load_config(None, OK + [override]), world_size=1, hf_config=HF)
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["rollout.mode=colocated", "rollout.partial=true"], "rollout.inflight_updates needs rollout.mode=disaggregated"),
+    (["rollout.mode=disaggregated", "rollout.partial=false"], "rollout.inflight_updates needs rollout.partial=true"),
+])
+def test_inflight_updates_need_disaggregated_partial_sglang(overrides, match):
+    sglang = ["rollout.engine=sglang", "rollout.inflight_updates=true"]
+    with pytest.raises(ValueError, match=match):
+        validate(load_config(None, OK + sglang + overrides), world_size=1, hf_config=HF)
+    ok = ["rollout.mode=disaggregated", "rollout.partial=true", "rollout.oversample=1.25", "rollout.max_staleness=1"]
+    cfg = load_config(None, OK + sglang + ok)
+    validate(cfg, world_size=1, hf_config=HF)
+    assert cfg.loss_kwargs()["rollout_correction"] == "token_tis"
+    partial_only = load_config(None, OK + ["rollout.engine=sglang", "rollout.partial=true"])
+    assert partial_only.loss_kwargs()["rollout_correction"] == "token_tis"  # carried tokens are older
 
 
 def test_every_numeric_field_has_a_range_rule():

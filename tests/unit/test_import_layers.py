@@ -45,10 +45,11 @@ INNER = {
         "tracking": set(),
         "experience": set(),  # the rollout phase of one step (rank 0); data: its typed hand-off
         "ahead": {"experience"},  # rank 0's producer thread (max_staleness >= 1)
+        "pool": {"experience"},  # rank 0's groups in flight (rollout.partial)
         "services": {"experience", "tracking"},  # rank 0's rollout side
         "weight_sync": set(),  # actor -> engine / HF directory
-        "run": {"experience", "services", "weight_sync", "ahead", "tracking"},
-        "loop": {"experience", "services", "weight_sync", "ahead", "run"},
+        "run": {"experience", "services", "weight_sync", "ahead", "pool", "tracking"},
+        "loop": {"experience", "services", "weight_sync", "ahead", "pool", "run"},
     },
 }
 # third-party roots -> the only places that may import them

@@ -32,9 +32,10 @@ from typing import Optional
 import pytest
 import torch
 
-from megatron_fipo.rollout import sglang_engine, sglang_weights
+from megatron_fipo.rollout import sglang_engine, sglang_stream, sglang_weights
 from megatron_fipo.rollout.engine import GenerationRequest, SamplingParams
 from megatron_fipo.rollout.sglang_engine import generate_payload
+from megatron_fipo.rollout.sglang_stream import PAUSE_MODES, pause_payload
 from megatron_fipo.rollout.sglang_weights import (
     distributed_update_payload,
     init_group_payload,
@@ -174,7 +175,9 @@ def sent() -> list[tuple[str, str, Optional[dict]]]:
             ("/flush_cache", "POST", {}),
             ("/release_memory_occupation", "POST", {}),
             ("/resume_memory_occupation", "POST", {}),
-            ("/health", "GET", None)]
+            ("/health", "GET", None),
+            *[("/pause_generation", "POST", pause_payload(mode)) for mode in PAUSE_MODES],
+            ("/continue_generation", "POST", {})]
 
 
 def test_every_request_of_the_engine_conforms_to_the_pinned_sglang(wheel):
@@ -184,7 +187,7 @@ def test_every_request_of_the_engine_conforms_to_the_pinned_sglang(wheel):
 
 
 def test_every_route_the_engine_names_is_checked():
-    named = {n.value for module in (sglang_engine, sglang_weights)
+    named = {n.value for module in (sglang_engine, sglang_weights, sglang_stream)
              for n in ast.walk(ast.parse(open(module.__file__, encoding="utf-8").read()))
              if isinstance(n, ast.Constant) and isinstance(n.value, str) and re.fullmatch(r"/[a-z_]+", n.value)}
     assert named == {route for route, _, _ in sent()}

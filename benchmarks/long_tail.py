@@ -1,0 +1,110 @@
+"""Benchmark: the long-tailed demo, disaggregated, synchronous vs one step ahead vs in-flight + partial + over-sampling.
+
+Run::
+
+    python benchmarks/long_tail.py [--demo build/demo_longtail] [--steps 10] [--json out.json] [--quick]
+
+Build the demo first (the first comment line of ``examples/demo_longtail_cpu.yaml`` gives the command).
+Every setting trains that config in a fresh ``python -m megatron_fipo train`` process, one after the
+other, disaggregated the way GPUs are: the trainer on core 0 with one thread, one SGLang-protocol
+CPU server (``rollout.cpu_server``) on core 1 (``taskset``), whose decode steps take at least
+``--decode-step-ms`` (20 ms: emulated GPU timing, a step costs about the same whatever the batch up
+to the server's capacity). Settings:
+
+* ``sync``: ``rollout.max_staleness=0`` (each step generates its batch, then trains);
+* ``ahead``: ``rollout.max_staleness=1`` (whole batches one step ahead);
+* ``inflight``: ``max_staleness=1 inflight_updates=true partial=true oversample=1.25`` (the long tail
+  carries over, weights are updated under running samples).
+
+Reported per setting over steps 3..N (``metrics.jsonl``): trained samples per second of step time and
+the ratio to ``sync``; where a step's time goes (generation or the wait for it, old log-probs, the
+update, the sync); decode-slot utilisation (the server's, from its decode steps: running requests
+per step over its capacity); generated tokens per second; token ages; held-out Avg@4 at the start
+and at the end (equal steps). Figures are reported, not asserted.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from staleness import REPO, summarize, train  # noqa: E402
+
+SETTINGS = {
+    "sync": (0, []),
+    "ahead": (1, []),
+    "inflight": (1, ["rollout.inflight_updates=true", "rollout.partial=true", "rollout.oversample=1.25"]),
+}
+
+
+def long_tail_summary(records: list[dict], n: int, first: int = 3) -> dict:
+    """``staleness.summarize`` over steps ``first``..N, and the long tail's own figures."""
+    steps = [r for r in records if r["step"] >= first and "train/kept_groups" in r]
+    out = summarize([r for r in records if r["step"] >= first - 1], n)  # summarize skips its first step
+
+    def mean(key):
+        values = [r[key] for r in steps if key in r]
+        return sum(values) / len(values) if values else float("nan")
+
+    out.update({"sync_s": mean("time/sync_s"), "slot_util": mean("rollout/slot_util"),
+                "generated_tokens_per_s": mean("perf/generated_tokens_per_s"),
+                "token_age_mean": mean("rollout/token_age_mean"), "token_age_max": mean("rollout/token_age_max"),
+                "partial_carried": mean("rollout/partial_carried"),
+                "response_length_mean": mean("train/response_length_mean")})
+    return out
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--demo", default=os.path.join(REPO, "build", "demo_longtail"), help="the built long-tail demo")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    ap.add_argument("--decode-step-ms", type=float, default=20.0)
+    ap.add_argument("--max-running", type=int, default=64, help="the server's decode slots")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="more overrides for every run")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--quick", action="store_true", help="4 steps on 16 held-out problems (a smoke test)")
+    args = ap.parse_args(argv)
+    if not os.path.isdir(os.path.join(args.demo, "base")):
+        raise SystemExit(f"no demo model in {args.demo}: build it with the command on the first line of "
+                         "examples/demo_longtail_cpu.yaml")
+    steps, extra = (4, ["eval.max_problems=16"]) if args.quick else (args.steps, [])
+    server = [f"taskset,-c,'1',{sys.executable},-m,megatron_fipo.rollout.cpu_server,--decode-step-ms,"
+              f"'{args.decode_step_ms:g}',--max-running-requests,'{args.max_running}'"]
+    extra += ["rollout.engine=sglang", "rollout.mode=disaggregated", f"rollout.launcher=[{server[0]}]",
+              f"rollout.sglang.max_running_requests={args.max_running}", *args.set]
+    import yaml
+
+    with open(os.path.join(REPO, "examples", "demo_longtail_cpu.yaml"), encoding="utf-8") as fh:
+        n = int(yaml.safe_load(fh)["rollout"]["n"])
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.settings:
+            k, more = SETTINGS[name]
+            records = train(args.demo, os.path.join(tmp, name), k, steps, extra + more, pinned=True,
+                            config="demo_longtail_cpu.yaml", label=name)
+            results[name] = long_tail_summary(records, n)
+    base = results[args.settings[0]]["samples_per_s"]
+    print(f"\nSummary (long-tailed demo, trainer on core 0 / server on core 1 at {args.decode_step_ms:g} ms per "
+          f"decode step; steps 3..{steps})")
+    print(f"{'setting':>9} {'samples/s':>10} {'ratio':>6} {'step s':>7} {'gen s':>6} {'wait s':>7} {'update s':>9} "
+          f"{'sync s':>7} {'slots':>6} {'gen tok/s':>10} {'age':>5} {'Avg@4 start->end':>18}")
+    for name, r in results.items():
+        print(f"{name:>9} {r['samples_per_s']:>10.2f} {r['samples_per_s'] / base:>6.2f} {r['step_s']:>7.2f} "
+              f"{r['generate_s']:>6.2f} {r['wait_rollout_s']:>7.2f} {r['train_s']:>9.2f} {r['sync_s']:>7.2f} "
+              f"{r['slot_util']:>6.2f} {r['generated_tokens_per_s']:>10.1f} {r['token_age_mean']:>5.2f} "
+              f"{r['avg4_start']:>8.4f} -> {r['avg4_end']:.4f}")
+    out = {"steps": steps, "decode_step_ms": args.decode_step_ms,
+           "results": {name: {**r, "ratio": r["samples_per_s"] / base} for name, r in results.items()}}
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as fh:
+            json.dump(out, fh, indent=1, default=float)
+    return out
+
+
+if __name__ == "__main__":
+    main()
