@@ -103,7 +103,7 @@ class RolloutPool:
     def collect(self, step: int) -> Experience:
         """Wait until ``prompts_per_step`` kept groups are complete (or no more may be drawn); the batch of ``step``."""
         ro, algo, target = self.config.rollout, self.config.algo, self.config.train.prompts_per_step
-        start, drawn, carried_in = time.perf_counter(), 0, len(self.complete)
+        start, drawn, carried_in, at_start = time.perf_counter(), 0, len(self.complete), len(self.groups)
         stats = _StepStats()
         self._continue_partials()
         while len(self.complete) < target:
@@ -127,6 +127,8 @@ class RolloutPool:
         exp = assemble([(self._samples(g), g.scores) for g in batch], ro.n, algo)
         exp.metrics = {**stats.summary(ro.n), "train/kept_groups": float(len(batch)),
                        "train/gen_rounds": drawn / max(self.want, 1), "rollout/groups_carried_in": float(carried_in),
+                       "rollout/groups_unfinished_in": float(at_start),
+                       "rollout/continued_samples": float(sum(p.restarts > 0 for g in batch for p in g.pieces)),
                        "rollout/partial_carried": float(sum(p.finish is None for g in self.groups.values()
                                                             for p in g.pieces)),
                        "rollout/groups_in_flight": float(len(self.groups)),
