@@ -1,7 +1,8 @@
 """The CPU rollout engine: batched sampling with a KV cache on transformers' Qwen2, fed by the weight bridge.
 
-Owns ``CPUEngine``, the engine of the embedded CPU demo and of every CPU end-to-end test. Must
-not import megatron, megatron_fipo.mcore or sglang.
+Owns ``CPUEngine``, the engine of the embedded CPU demo and of every CPU end-to-end test, and the
+per-row sampler (``sample_rows``, ``row_generator``) the CPU server's batcher shares. Must not import
+megatron, megatron_fipo.mcore or sglang.
 
 How it samples: the ``n`` rows of every request are sorted by prompt length and run in batches
 of at most ``max_batch_rows``; prompts are left-padded with an attention mask and explicit
@@ -228,26 +229,38 @@ class _RowSampler:
         self.temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32)[:, None]
         self.top_k = torch.tensor([p.top_k for p in params])[:, None]
         self.top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32)[:, None]
-        self.generators = []
-        for p, j in zip(params, sample_indices):
-            seed = p.seed + j if p.seed is not None else random.SystemRandom().randrange(1 << 62)
-            self.generators.append(torch.Generator().manual_seed(seed % (1 << 63)))
+        self.generators = [row_generator(p, j) for p, j in zip(params, sample_indices)]
 
     def sample(self, logits: torch.Tensor, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokens ``[B]`` and their log-probs under ``log_softmax(logits / T)`` for batch rows ``rows``."""
         index = torch.tensor(rows)
-        scaled = logits / self.temperature[index]
-        full_logp = torch.log_softmax(scaled, dim=-1)
-        sorted_logits, order = torch.sort(scaled, dim=-1, descending=True)
-        rank = torch.arange(scaled.shape[-1])[None, :]
-        k = self.top_k[index]
-        drop = (k > 0) & (rank >= k)
-        probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
-        before = probs.cumsum(-1) - probs  # mass of the tokens ranked above
-        top_p = self.top_p[index]
-        drop |= (before >= top_p) & (top_p < 1)
-        probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
-        picks = torch.stack([torch.multinomial(probs[b], 1, generator=self.generators[r])[0]
-                             for b, r in enumerate(rows)])
-        token = order.gather(1, picks[:, None])[:, 0]
-        return token, full_logp.gather(1, token[:, None])[:, 0]
+        return sample_rows(logits, self.temperature[index], self.top_k[index], self.top_p[index],
+                           [self.generators[r] for r in rows])
+
+
+def row_generator(params, sample_index: int) -> torch.Generator:
+    """The generator of sample ``sample_index`` of a request: seeded ``seed + sample_index`` (fresh without a seed)."""
+    seed = params.seed + sample_index if params.seed is not None else random.SystemRandom().randrange(1 << 62)
+    return torch.Generator().manual_seed(seed % (1 << 63))
+
+
+def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                generators: Sequence[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token per row of ``logits [B, V]`` and its log-prob under ``log_softmax(logits / T)``.
+
+    ``temperature``, ``top_k`` (0 = off) and ``top_p`` are ``[B, 1]``; row ``b`` draws once from
+    ``generators[b]`` after top-k then top-p truncation, so its token depends only on its own logits and
+    generator (the CPU server's batcher samples its running requests with this too).
+    """
+    scaled = logits / temperature
+    full_logp = torch.log_softmax(scaled, dim=-1)
+    sorted_logits, order = torch.sort(scaled, dim=-1, descending=True)
+    rank = torch.arange(scaled.shape[-1])[None, :]
+    drop = (top_k > 0) & (rank >= top_k)
+    probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
+    before = probs.cumsum(-1) - probs  # mass of the tokens ranked above
+    drop |= (before >= top_p) & (top_p < 1)
+    probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
+    picks = torch.stack([torch.multinomial(probs[b], 1, generator=g)[0] for b, g in enumerate(generators)])
+    token = order.gather(1, picks[:, None])[:, 0]
+    return token, full_logp.gather(1, token[:, None])[:, 0]
