@@ -1,15 +1,17 @@
-"""An SGLang-protocol HTTP server on CPU: the CPU engine behind the SGLang routes this project uses.
+"""An SGLang-protocol HTTP server on CPU: a continuously batching HF model behind the SGLang routes this project uses.
 
 Owns ``CPUServer`` (the routes, as methods on decoded JSON bodies; the weight routes are its
-``WeightRoutes`` mix-in, ``rollout/cpu_server_weights.py``) and the command line (``main``; the HTTP
-front is ``rollout/http_front.py``). Must not import megatron, megatron_fipo.mcore
-or sglang (it stands in for SGLang where there is none).
+``WeightRoutes`` mix-in, ``rollout/cpu_server_weights.py``; the decode loop is its ``Batcher``,
+``rollout/cpu_batcher.py``) and the command line (``main``; the HTTP front is
+``rollout/http_front.py``). Must not import megatron, megatron_fipo.mcore or sglang (it stands in
+for SGLang where there is none).
 
 Run it by hand to try the trainer's SGLang path without GPUs (unknown SGLang server arguments
 are accepted and ignored, so ``SGLangEngine`` can launch it with SGLang's argv through
 ``launch_cmd``)::
 
-    python -m megatron_fipo.rollout.cpu_server --model-path runs/demo_cpu/hf --port 30000 [--tp-size 2]
+    python -m megatron_fipo.rollout.cpu_server --model-path runs/demo_cpu/hf --port 30000 [--tp-size 2] \\
+        [--max-running 64] [--decode-step-ms 20]
     curl -s localhost:30000/generate -H 'Content-Type: application/json' \\
         -d '{"input_ids": [5, 6, 7], "sampling_params": {"max_new_tokens": 8, "sampling_seed": 1}, "return_logprob": true}'
 
@@ -17,30 +19,43 @@ Routes (SGLang 0.5 ``http_server.py``; request fields as in its ``io_struct``):
 
 * ``POST /generate``: ``input_ids`` (one prompt), ``sampling_params`` (``temperature``, ``top_p``,
   ``top_k`` with -1 = off, ``max_new_tokens``, ``stop_token_ids``, ``sampling_seed``, ``n`` = 1),
-  ``return_logprob``. The sample is ``CPUEngine.generate`` of that prompt with
-  ``SamplingParams(seed=sampling_seed, n=1)``; requests run one at a time under one lock, so an
-  answer does not depend on which requests arrived together. Answer: ``output_ids`` and
-  ``meta_info`` (``id``, ``finish_reason`` ``{"type": "stop", "matched": token}`` or ``{"type":
-  "length", "length": max_new_tokens}``, ``prompt_tokens``, ``completion_tokens``,
-  ``cached_tokens``, ``weight_version``, ``output_token_logprobs`` ``[[logprob, token, null]]``
-  when ``return_logprob``, ``e2e_latency``). Errors: HTTP 400 ``{"error": {"message": ...}}``.
+  ``return_logprob``, ``rid`` (the request's id, for ``/abort_request``; default a fresh uuid).
+  Requests are decoded together, at most ``--max-running`` at a time, by one loop
+  (``cpu_batcher``); the sample draws from its own generator seeded ``sampling_seed``, so its
+  tokens are those of ``CPUEngine.generate`` of that prompt with ``SamplingParams(seed=sampling_seed,
+  n=1)`` whatever else runs (its log-probs equal up to fp32 rounding of the batch shapes). Answer:
+  ``output_ids`` and ``meta_info`` (``id``, ``finish_reason`` ``{"type": "stop", "matched": token}``,
+  ``{"type": "length", "length": max_new_tokens}`` or ``{"type": "abort", "message": ...}``,
+  ``prompt_tokens``, ``completion_tokens``, ``cached_tokens``, ``weight_version`` (of the last
+  token), ``weight_versions`` (runs ``{"version", "start", "end"}`` of the output tokens,
+  ``rollout/cpu_accounting.py``), ``output_token_logprobs`` ``[[logprob, token, null]]`` when
+  ``return_logprob``, ``e2e_latency``). Errors: HTTP 400 ``{"error": {"message": ...}}``.
+* ``POST /pause_generation`` ``{"mode": "abort" | "retract" | "in_place"}`` (default abort, as
+  SGLang), ``POST /continue_generation`` ``{}``: ``Batcher.pause`` / ``continue_`` (what each mode
+  does is in ``cpu_batcher``); new ``/generate`` requests queue while paused. Both answer SGLang's
+  ``{"message": ..., "status": "ok"}``. ``POST /abort_request`` ``{"rid", "abort_all"}`` ends the
+  requests whose rid starts with ``rid`` (SGLang matches prefixes), or all: each answers with its
+  output so far and ``finish_reason`` abort; the answer is empty (200), as SGLang's.
 * The weight routes (``/begin_weight_update``, ``/end_weight_update``, ``/update_weights_from_tensor``,
   ``/init_weights_update_group``, ``/update_weights_from_distributed``): ``WeightRoutes`` of
   ``rollout/cpu_server_weights.py``, whose docstring says what each takes and how an update completes.
+  They take the lock the decode loop holds through each iteration, so they land between decode
+  steps; while an update is part-way the loop waits. Paused (``in_place`` / ``retract``) is the
+  in-flight update path; an update that completes with a new ``weight_version`` records a version
+  event for every live request with output (its spans).
 * ``POST /release_memory_occupation`` / ``/resume_memory_occupation`` gate ``/generate`` (and
-  weight updates) as ``CPUEngine.release`` / ``resume`` do; release also empties the prefix cache
-  (SGLang frees the KV cache). ``POST /flush_cache`` empties it. ``GET /health`` (200, empty;
-  503 under ``--never-healthy``), ``GET /get_model_info`` (``model_path``, ``tokenizer_path``,
-  ``is_generation``, ``preferred_sampling_params``, ``weight_version``).
+  weight updates) as ``CPUEngine.release`` / ``resume`` do (running requests wait); release also
+  empties the prefix cache (SGLang frees the KV cache). ``POST /flush_cache`` empties it, refused
+  as SGLang refuses it while requests run (an ``in_place`` pause included) or wait unpaused.
+  ``GET /health`` (200, empty; 503 under ``--never-healthy``), ``GET /get_model_info``
+  (``model_path``, ``tokenizer_path``, ``is_generation``, ``preferred_sampling_params``,
+  ``weight_version``).
 * Project extension: ``GET /fipo_stats``, for tests and users: requests served, the prefix-cache
-  counters, the weight version, a pending update, the weight-source record, and
-  ``writes_under_requests``: weight-update calls that arrived while a ``/generate`` was running
-  (a trainer that generates ahead must keep it 0; every update's log line carries it too).
-
-Prefix-cache model (for counting, not for speed): the set of prompts prefilled since the last
-flush. A prompt in it costs 0 prefill tokens (``cached_tokens`` = its length), otherwise its length
-(then it joins the set); ``/flush_cache``, a weight update with ``flush_cache`` (SGLang's default
-true) and a release empty it.
+  counters (``cpu_accounting.PrefixCache``), the weight version, a pending update, the
+  weight-source record, ``writes_under_requests`` (weight-update calls that arrived while requests
+  were live and the server not paused: a trainer that generates ahead without in-flight updates
+  must keep it 0; every update's log line carries it too), and the batcher's counters
+  (``Batcher.stats``: decode steps, running-batch sum, tokens, pauses, time paused, ...).
 
 Departures from SGLang: one prompt per ``/generate`` (no batch lists, no ``text``: no tokenizer,
 no ``stream``); sampling parameters other than those above are refused, not ignored; stopping only
@@ -48,7 +63,8 @@ at ``stop_token_ids`` (SGLang also stops at the model's EOS unless ``ignore_eos`
 always passes its stop ids); no greedy ``temperature`` 0 (the CPU engine samples only); no
 ``text`` in answers; the model runs in fp32 whatever ``--dtype`` says; the weight version is set
 when an update is complete, not per bucket; memory release takes no ``tags``; the weight-update
-group is gloo only.
+group is gloo only; the prefix cache is counted, not reused (every prefill is computed in full);
+the decode-step time is emulated (``--decode-step-ms``, ``cpu_batcher``).
 
 Failure knobs (as ``tests/fake_sglang_server.py``): ``--die-after-requests N`` (exit hard on the
 N-th ``/generate``), ``--fail-endpoint NAME`` (that route answers an error), ``--never-healthy``.
@@ -64,25 +80,49 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Optional
 
+from megatron_fipo.rollout.cpu_accounting import PrefixCache
+from megatron_fipo.rollout.cpu_batcher import PAUSE_MODES, Batcher, Job
 from megatron_fipo.rollout.cpu_engine import CPUEngine, WeightUpdate
 from megatron_fipo.rollout.cpu_server_weights import WEIGHT_ROUTES, RequestError, WeightRoutes
 from megatron_fipo.rollout.engine import EngineError, GenerationRequest, SamplingParams
 from megatron_fipo.rollout.http_front import serve
 
 _SAMPLING_KEYS = {"temperature", "top_p", "top_k", "max_new_tokens", "stop_token_ids", "sampling_seed", "n"}
+# the body fields each control route reads (SGLang's PauseGenerationReqInput, ContinueGenerationReqInput,
+# AbortReq; tests/unit/test_sglang_schema.py checks them against the pinned wheel); others are refused
+CONTROL_FIELDS = {"pause_generation": {"mode"}, "continue_generation": {"torch_empty_cache"},
+                  "abort_request": {"rid", "abort_all"}}
+# route -> (HTTP methods, the method of CPUServer answering it)
+ROUTES = {"generate": (("POST", "PUT"), "generate"), "pause_generation": (("POST",), "pause_generation"),
+          "continue_generation": (("POST",), "continue_generation"), "abort_request": (("POST",), "abort_request"),
+          **{name: (("POST",), name) for name in ("begin_weight_update", "end_weight_update",
+                                                  "update_weights_from_tensor", "init_weights_update_group",
+                                                  "update_weights_from_distributed")},
+          "release_memory_occupation": (("GET", "POST"), "release_memory_occupation"),
+          "resume_memory_occupation": (("GET", "POST"), "resume_memory_occupation"),
+          "flush_cache": (("GET", "POST"), "flush_cache"), "health": (("GET",), "health"),
+          "health_generate": (("GET",), "health"), "get_model_info": (("GET",), "get_model_info"),
+          "fipo_stats": (("GET",), "stats")}
+PAUSED = {"message": "Generation paused successfully.", "status": "ok"}  # SGLang's answers
+CONTINUED = {"message": "Generation continued successfully.", "status": "ok"}
+GENERATE_FIELDS = {"input_ids", "sampling_params", "return_logprob", "rid", "stream", "text", "input_embeds",
+                   "image_data"}  # read by /generate (the last four only to refuse them)
 
 
 class CPUServer(WeightRoutes):
-    """The routes of the module docstring on one ``CPUEngine``; ``handle`` dispatches one request.
+    """The routes of the module docstring on one ``CPUEngine``'s model; ``handle`` dispatches one request.
 
     Args:
         model_path: HF checkpoint directory (loaded in fp32).
         tp_size: tensor-parallel ranks simulated (payload elements, group members).
         tokenizer_path: reported by ``/get_model_info`` (default ``model_path``, as SGLang).
+        max_running: requests decoded together at most (SGLang's ``--max-running-requests``).
+        decode_step_ms: the least time of one decode step (``cpu_batcher``: emulated GPU timing).
         die_after_requests, fail_endpoint, never_healthy: the failure knobs.
     """
 
     def __init__(self, model_path: str, *, tp_size: int = 1, tokenizer_path: Optional[str] = None,
+                 max_running: int = 64, decode_step_ms: float = 0.0,
                  die_after_requests: int = 0, fail_endpoint: str = "", never_healthy: bool = False):
         if tp_size < 1:
             raise ValueError(f"tp_size must be >= 1, got {tp_size}")
@@ -90,31 +130,20 @@ class CPUServer(WeightRoutes):
         self.tp_size = tp_size
         self.die_after_requests, self.fail_endpoint, self.never_healthy = die_after_requests, fail_endpoint, never_healthy
         self.engine = CPUEngine(model_path)
-        self.lock = threading.Lock()  # the model and every counter below
+        self.lock = threading.RLock()  # the model, the batcher's state and every counter below
         self.weight_version = "default"  # SGLang's value until an update sets one
-        self.requests = self.prefill_tokens = self.cached_tokens = self.flushes = self.updates = 0
-        self.running = self.writes_under_requests = 0  # generate calls in progress; weight writes while any was
-        self.prefilled: set[tuple[int, ...]] = set()
+        self.requests = self.flushes = self.updates = self.writes_under_requests = 0
+        self.prefix = PrefixCache()
         self.sources: dict[tuple[int, str], dict] = {}
         self.groups: dict[str, tuple[list[Callable], str]] = {}
         self.pending: Optional[tuple[Optional[str], WeightUpdate]] = None
         self.session_open = False
         self.sessions = 0
+        self.batcher = Batcher(self.engine.model, threading.Condition(self.lock), unusable=self._unusable,
+                               version=lambda: self.weight_version, cache=self.prefix, max_running=max_running,
+                               decode_step_ms=decode_step_ms)
         self.routes: dict[str, tuple[tuple[str, ...], Callable[[Mapping], Any]]] = {
-            "generate": (("POST", "PUT"), self.generate),
-            "begin_weight_update": (("POST",), self.begin_weight_update),
-            "end_weight_update": (("POST",), self.end_weight_update),
-            "update_weights_from_tensor": (("POST",), self.update_weights_from_tensor),
-            "init_weights_update_group": (("POST",), self.init_weights_update_group),
-            "update_weights_from_distributed": (("POST",), self.update_weights_from_distributed),
-            "release_memory_occupation": (("GET", "POST"), self.release_memory_occupation),
-            "resume_memory_occupation": (("GET", "POST"), self.resume_memory_occupation),
-            "flush_cache": (("GET", "POST"), self.flush_cache),
-            "health": (("GET",), self.health),
-            "health_generate": (("GET",), self.health),
-            "get_model_info": (("GET",), self.get_model_info),
-            "fipo_stats": (("GET",), self.stats),
-        }
+            name: (methods, getattr(self, attr)) for name, (methods, attr) in ROUTES.items()}
 
     # ------------------------------------------------------------------ dispatch
     def handle(self, method: str, path: str, body: Mapping) -> tuple[int, Any]:
@@ -141,6 +170,10 @@ class CPUServer(WeightRoutes):
             return {"success": False, "message": message}
         return {"error": {"message": message}}
 
+    def close(self) -> None:
+        """Stop the decode loop (requests still live end with an error)."""
+        self.batcher.stop()
+
     # ------------------------------------------------------------------ generation
     def generate(self, body: Mapping) -> dict:
         with self.lock:
@@ -150,34 +183,55 @@ class CPUServer(WeightRoutes):
                 os._exit(3)
         start = time.monotonic()
         prompt, params, return_logprob = self._parse_generate(body)
-        request = GenerationRequest(prompt, params)
-        with self.lock:
-            self.running += 1
-        try:
-            return self._answer(prompt, params, request, return_logprob, start)
-        finally:
-            with self.lock:
-                self.running -= 1
+        rid = body.get("rid")
+        if rid is not None and not isinstance(rid, str):
+            raise RequestError(f"rid must be one string (one prompt per request), got {type(rid).__name__}")
+        self.engine._validate(0, GenerationRequest(prompt, params))
+        job = self.batcher.submit(Job(prompt, params, rid or uuid.uuid4().hex, return_logprob))
+        job.done.wait()
+        if job.error is not None:
+            raise EngineError(job.error)
+        job.answer["meta_info"]["e2e_latency"] = time.monotonic() - start
+        return job.answer
 
-    def _answer(self, prompt, params, request, return_logprob: bool, start: float) -> dict:
-        with self.lock:
-            sample = self.engine.generate([request])[0][0]
-            cached = prompt in self.prefilled
-            if cached:
-                self.cached_tokens += len(prompt)
-            else:
-                self.prefilled.add(prompt)
-                self.prefill_tokens += len(prompt)
-            version = self.weight_version
-        tokens = sample.token_ids
-        reason = ({"type": "stop", "matched": tokens[-1]} if sample.finish_reason == "stop"
-                  else {"type": "length", "length": params.max_new_tokens})
-        meta = {"id": uuid.uuid4().hex, "finish_reason": reason, "prompt_tokens": len(prompt),
-                "completion_tokens": len(tokens), "cached_tokens": len(prompt) if cached else 0,
-                "weight_version": version, "e2e_latency": time.monotonic() - start}
-        if return_logprob:
-            meta["output_token_logprobs"] = [[lp, t, None] for lp, t in zip(sample.logprobs, tokens)]
-        return {"output_ids": tokens, "meta_info": meta}
+    def _unusable(self) -> Optional[str]:
+        try:
+            self.engine._check_usable()
+        except EngineError as err:
+            return str(err)
+        return None
+
+    def _requests_under_write(self) -> bool:
+        """Whether a weight write now would land under running requests (live, and the server not paused)."""
+        return self.batcher.paused is None and bool(self.batcher.live())
+
+    # ------------------------------------------------------------------ pause, continue, abort
+    @staticmethod
+    def _control_body(name: str, body: Mapping) -> None:
+        unknown = sorted(set(body) - CONTROL_FIELDS[name])
+        if unknown:
+            raise RequestError(f"{name} does not implement {unknown} (it reads {sorted(CONTROL_FIELDS[name])})")
+
+    def pause_generation(self, body: Mapping) -> dict:
+        self._control_body("pause_generation", body)
+        mode = body.get("mode", "abort")
+        if mode not in PAUSE_MODES:
+            raise RequestError(f"mode must be one of {list(PAUSE_MODES)}, got {mode!r}")
+        self.batcher.pause(mode)
+        return dict(PAUSED)
+
+    def continue_generation(self, body: Mapping) -> dict:
+        self._control_body("continue_generation", body)
+        self.batcher.continue_()
+        return dict(CONTINUED)
+
+    def abort_request(self, body: Mapping) -> None:
+        self._control_body("abort_request", body)
+        rid, abort_all = body.get("rid") or "", body.get("abort_all", False)
+        if not isinstance(rid, str) or not isinstance(abort_all, bool):
+            raise RequestError("rid must be a string and abort_all a bool")
+        self.batcher.abort(rid, abort_all)
+        return None
 
     @staticmethod
     def _parse_generate(body: Mapping) -> tuple[tuple[int, ...], SamplingParams, bool]:
@@ -226,14 +280,18 @@ class CPUServer(WeightRoutes):
             raise RequestError("the CPU server resumes everything: tags must be None")
         with self.lock:
             self.engine.resume()
+            self.batcher.cond.notify_all()
 
     def flush_cache(self, body: Mapping) -> str:
         with self.lock:
+            refusal = self.batcher.flush_refusal()
+            if refusal:
+                raise RequestError(refusal)
             self._flush()
         return "Cache flushed.\n"
 
     def _flush(self) -> None:
-        self.prefilled.clear()
+        self.prefix.clear()
         self.flushes += 1
 
     def health(self, body: Mapping) -> None:
@@ -248,11 +306,12 @@ class CPUServer(WeightRoutes):
             pending = None if self.pending is None else {"weight_version": self.pending[0],
                                                          "missing": len(self.pending[1].missing())}
             return {"pid": os.getpid(), "tp_size": self.tp_size, "requests": self.requests,
-                    "prefill_tokens": self.prefill_tokens, "cached_tokens": self.cached_tokens,
-                    "cached_prompts": len(self.prefilled), "flushes": self.flushes,
+                    "prefill_tokens": self.prefix.prefill_tokens, "cached_tokens": self.prefix.cached_tokens,
+                    "cached_prompts": self.prefix.sequences, "flushes": self.flushes,
                     "weight_version": self.weight_version, "released": self.engine.health()["released"],
                     "pending_update": pending, "session_open": self.session_open, "sessions": self.sessions,
-                    "running": self.running, "writes_under_requests": self.writes_under_requests,
+                    "running": len(self.batcher.live()), "writes_under_requests": self.writes_under_requests,
+                    "batcher": self.batcher.stats(),
                     "weight_sources": [dict(tp_rank=rank, name=name, **source)
                                        for (rank, name), source in sorted(self.sources.items())]}
 
@@ -266,16 +325,22 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=30000)
     parser.add_argument("--tp-size", "--tensor-parallel-size", dest="tp_size", type=int, default=1)
+    parser.add_argument("--max-running", "--max-running-requests", dest="max_running", type=int, default=64,
+                        help="requests decoded together at most (SGLang's --max-running-requests)")
+    parser.add_argument("--decode-step-ms", type=float, default=0.0,
+                        help="least time of one decode step: emulated GPU timing (rollout/cpu_batcher.py)")
     parser.add_argument("--die-after-requests", type=int, default=0, help="exit hard on the N-th /generate")
     parser.add_argument("--fail-endpoint", default="", help="this route answers an error")
     parser.add_argument("--never-healthy", action="store_true", help="/health answers 503")
     args, unknown = parser.parse_known_args(argv)
     server = CPUServer(args.model_path, tp_size=args.tp_size, tokenizer_path=args.tokenizer_path,
+                       max_running=args.max_running, decode_step_ms=args.decode_step_ms,
                        die_after_requests=args.die_after_requests, fail_endpoint=args.fail_endpoint,
                        never_healthy=args.never_healthy)
     http = serve(server.handle, args.host, args.port)
     print(f"cpu-sglang: serving {args.model_path} at http://{args.host}:{args.port}, tp_size {args.tp_size}, "
-          f"pid {os.getpid()} (ignoring {unknown})", flush=True)
+          f"max_running {args.max_running}, decode_step_ms {args.decode_step_ms}, pid {os.getpid()} "
+          f"(ignoring {unknown})", flush=True)
     try:
         http.serve_forever()
     finally:

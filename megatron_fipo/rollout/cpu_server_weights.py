@@ -28,8 +28,13 @@ Weight updates: buckets arrive one request at a time; they are copied in through
 the update is complete - ``weight_version`` set, ``/generate`` served again - when every
 parameter of the model has arrived since the first bucket of that version. A bucket with another
 ``weight_version`` starts a new update; a failed bucket leaves the model refusing to generate
-until a complete update arrives (never samples from a mix of versions). A weight call that
-arrives while a ``/generate`` runs is counted (``writes_under_requests``).
+until a complete update arrives (never samples from a mix of versions: the decode loop waits, and
+new ``/generate`` requests are refused unless the server is paused). Every bucket is copied under
+the server's lock, which the decode loop holds through each iteration, so weights change only
+between decode steps. A weight call that arrives while requests are live and the server is not
+paused is counted (``writes_under_requests``); paused (``in_place`` / ``retract``) is the in-flight
+path and is not. An update that completes with a new ``weight_version`` first records a version
+event for every live request with output (``Batcher.record_version_change``: its spans).
 
 Where each weight came from (``weight_sources`` of ``/fipo_stats``, one record per TP rank and
 name, the latest update): for ``update_weights_from_tensor`` the pid of the process that put the
@@ -42,8 +47,8 @@ distributed path the record is the group's rank-0 address (``master_address:mast
 complete update also prints one line, ``fipo-cpu-server update {json}``, with the sources per TP
 rank, so the server's log keeps the record after the server is gone.
 
-The mix-in reads the server's ``lock``, ``engine``, ``tp_size``, ``running`` and the counters
-``CPUServer.__init__`` sets, and calls its ``_flush``.
+The mix-in reads the server's ``lock``, ``engine``, ``tp_size``, ``batcher`` and the counters
+``CPUServer.__init__`` sets, and calls its ``_flush`` and ``_requests_under_write``.
 """
 from __future__ import annotations
 
@@ -175,7 +180,7 @@ class WeightRoutes:
 
     def begin_weight_update(self, body: Mapping) -> dict:
         with self.lock:
-            self.writes_under_requests += bool(self.running)
+            self.writes_under_requests += self._requests_under_write()
             if self.session_open:
                 raise RequestError("a weight-update session is already open")
             self.session_open = True
@@ -190,7 +195,7 @@ class WeightRoutes:
 
     def _check_session(self, route: str) -> None:
         with self.lock:  # a trainer must never change the weights under a running request (train.ahead)
-            self.writes_under_requests += bool(self.running)
+            self.writes_under_requests += self._requests_under_write()
         if not self.session_open:  # SGLang's words
             raise RequestError(f"{route} must run between begin_weight_update() and end_weight_update()")
 
@@ -290,7 +295,9 @@ class WeightRoutes:
                 self.updates += 1
                 update.finish(self.updates)
                 self.pending = None
-                if version is not None:
+                self.batcher.cond.notify_all()  # the decode loop may go on
+                if version is not None and version != self.weight_version:
+                    self.batcher.record_version_change(self.weight_version)
                     self.weight_version = version
                 self._log_update(version)
             if body.get("flush_cache", True):

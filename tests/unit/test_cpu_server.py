@@ -3,10 +3,13 @@
 Every server is a subprocess (``ServerProcess``, killed when its fixture or test ends) serving a
 tiny random HF Qwen2. The naive reference is ``CPUEngine`` in this process: sample ``j`` of a
 request must equal ``CPUEngine.generate`` of the same prompt with ``SamplingParams(seed=seed + j,
-n=1)`` (tokens, log-probs and finish reason, exactly), before and after weight updates that reach
+n=1)`` (tokens and finish reason exactly, log-probs within 1e-5: the server decodes concurrent
+requests in one batch), before and after weight updates that reach
 the server by shared memory (``update_weights_from_tensor``) and by gloo broadcasts
 (``update_weights_from_distributed``) and reach the reference by ``CPUEngine.update_weights``.
 The engine's own payloads exercise the schema: the server refuses fields it does not implement.
+Pause / continue / abort are driven over HTTP here; their interleavings with the decode loop are
+tested in this process by tests/unit/test_cpu_batcher.py.
 """
 import dataclasses
 import json
@@ -15,6 +18,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -91,6 +95,12 @@ def _key(groups):
     return [(s.token_ids, s.logprobs, s.finish_reason) for g in groups for s in g]
 
 
+def _expect(groups):
+    """``_key`` of the expected samples as the batching server must match them: tokens and finish reasons
+    exactly, log-probs within 1e-5 (requests decoded together change the fp32 rounding, not the draws)."""
+    return [(tokens, pytest.approx(logprobs, abs=1e-5), reason) for tokens, logprobs, reason in _key(groups)]
+
+
 def _stats(url):
     return request(url + "/fipo_stats", timeout=30)
 
@@ -127,10 +137,10 @@ def test_generate_equals_the_cpu_engine_one_by_one_and_concurrently(served, mode
     outs = []
     for seed in (0, 7):
         reqs = _requests(seed)
-        expected = _key(_per_sample(reference, reqs))
+        expected = _expect(_per_sample(reference, reqs))
         assert _key(one.generate(reqs)) == expected
         assert _key(many.generate(reqs)) == expected  # 12 requests in flight at once: the same answers
-        outs.append(expected)
+        outs.append(_key(_per_sample(reference, reqs)))
     assert outs[0] != outs[1]
     assert {reason for _, _, reason in outs[0] + outs[1]} == {"stop", "length"}
 
@@ -144,7 +154,8 @@ def test_answer_schema_and_refusals(served, reference):
     assert set(out) == {"output_ids", "meta_info"}
     meta = out["meta_info"]
     assert set(meta) == {"id", "finish_reason", "prompt_tokens", "completion_tokens", "cached_tokens",
-                         "weight_version", "output_token_logprobs", "e2e_latency"}
+                         "weight_version", "weight_versions", "output_token_logprobs", "e2e_latency"}
+    assert meta["weight_versions"] == [{"version": "default", "start": 0, "end": 4}]
     ref = reference.generate([GenerationRequest((5, 6, 7), SamplingParams(max_new_tokens=4, seed=3))])[0][0]
     assert meta["output_token_logprobs"] == [[lp, t, None] for lp, t in zip(ref.logprobs, ref.token_ids)]
     assert out["output_ids"] == ref.token_ids
@@ -192,7 +203,7 @@ def test_prefix_cache_counts_one_prefill_per_prompt(served, model_dir):
 def test_release_gates_generate_and_empties_the_cache(served, model_dir):
     eng = SGLangEngine(model_dir, urls=[served], tp_size=2)
     req = [GenerationRequest((5, 6), SamplingParams(n=2, max_new_tokens=3, seed=4))]
-    before = _key(eng.generate(req))
+    before = _expect(eng.generate(req))
     eng.release()
     try:
         stats = _stats(served)
@@ -204,6 +215,60 @@ def test_release_gates_generate_and_empties_the_cache(served, model_dir):
     assert not _stats(served)["released"] and _key(eng.generate(req)) == before
 
 
+def _wait_stats(url, ok, what, timeout=120.0):
+    deadline = time.monotonic() + timeout
+    while not ok(_stats(url)["batcher"]):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}: {_stats(url)['batcher']}"
+        time.sleep(0.02)
+
+
+def test_pause_continue_and_abort_over_http(model_dir, reference, tmp_path):
+    """A server launched with ``--max-running 2 --decode-step-ms 20``: abort one request by rid, retract the
+    running ones (the flush is allowed then), continue: the others finish with the uninterrupted tokens;
+    a pause in abort mode queues a new request until continue; the batcher's counters in /fipo_stats."""
+    server = _start(model_dir, str(tmp_path), "--max-running", "2", "--decode-step-ms", "20", tp=1)
+    bodies = [{"input_ids": [5, 6, k], "return_logprob": True, "rid": f"h{k}",
+               "sampling_params": {"max_new_tokens": 60, "sampling_seed": k}} for k in range(3)]
+    try:
+        server.wait_healthy(180)
+        url = server.url
+        with ThreadPoolExecutor(4) as pool:
+            futures = [pool.submit(request, url + "/generate", b, timeout=300) for b in bodies]
+            _wait_stats(url, lambda b: b["running_batch"] == 2 and b["waiting"] == 1 and b["tokens"] >= 6,
+                        "two running requests and one waiting")
+            assert request(url + "/abort_request", {"rid": "h2"}, timeout=30) is None  # an empty 200, as SGLang
+            _wait_stats(url, lambda b: (b["running_batch"], b["waiting"]) == (2, 0), "the two others running")
+            assert request(url + "/pause_generation", {"mode": "retract"}, timeout=30) == {
+                "message": "Generation paused successfully.", "status": "ok"}
+            _wait_stats(url, lambda b: (b["paused"], b["running_batch"]) == ("retract", 0), "the retraction")
+            assert request(url + "/flush_cache", {}, timeout=30) == "Cache flushed.\n"
+            assert request(url + "/continue_generation", {}, timeout=30)["status"] == "ok"
+            answers = {b["rid"]: f.result(timeout=300) for b, f in zip(bodies, futures)}
+            for b in bodies:
+                meta = answers[b["rid"]]["meta_info"]
+                if meta["finish_reason"]["type"] == "abort":
+                    continue
+                ref = reference.generate([GenerationRequest(tuple(b["input_ids"]), SamplingParams(
+                    max_new_tokens=60, seed=b["sampling_params"]["sampling_seed"]))])[0][0]
+                assert answers[b["rid"]]["output_ids"] == ref.token_ids and meta["id"] == b["rid"]
+                assert [lp for lp, _, _ in meta["output_token_logprobs"]] == pytest.approx(ref.logprobs, abs=1e-5)
+            assert [r for r, a in answers.items() if a["meta_info"]["finish_reason"]["type"] == "abort"] == ["h2"]
+
+            request(url + "/pause_generation", {"mode": "abort"}, timeout=30)
+            late = pool.submit(request, url + "/generate", {"input_ids": [7], "sampling_params": {
+                "max_new_tokens": 3, "sampling_seed": 1}}, timeout=300)
+            _wait_stats(url, lambda b: b["waiting"] == 1, "the late request to queue")
+            assert not late.done()
+            request(url + "/continue_generation", {}, timeout=30)
+            assert len(late.result(timeout=300)["output_ids"]) == 3
+        assert "mode must be one of" in _error_of(url + "/pause_generation", {"mode": "later"})["error"]["message"]
+        stats = _stats(url)["batcher"]
+        assert (stats["max_running"], stats["decode_step_ms"], stats["aborted"], stats["retracted"]) == (2, 20.0, 1, 2)
+        assert stats["max_batch"] == 2 and stats["decode_steps"] > 0 and stats["paused_s"] > 0
+    finally:
+        server.kill()
+
+
 # ---------------------------------------------------------------------------------------------- weights
 def test_colocated_update_lands_and_names_its_source(sync_server, model_dir, reference):
     named = _perturbed(model_dir, seed=1)
@@ -211,7 +276,7 @@ def test_colocated_update_lands_and_names_its_source(sync_server, model_dir, ref
     eng.update_weights(reused_buffer_buckets(named.items(), 20_000), version=1)
     reqs = _requests(3)
     got = _key(eng.generate(reqs))
-    assert got == _key(_per_sample(_updated_reference(model_dir, named, 1), reqs))
+    assert got == _expect(_per_sample(_updated_reference(model_dir, named, 1), reqs))
     assert got != _key(_per_sample(reference, reqs))  # the update changed the samples
     stats = _stats(sync_server)
     assert (stats["weight_version"], stats["pending_update"]) == ("1", None)
@@ -293,7 +358,7 @@ def test_disaggregated_update_over_gloo(sync_server, model_dir):
     eng = SGLangEngine(model_dir, urls=[sync_server], tp_size=2, mode="disaggregated", group_factory=tcp_gloo_group)
     eng.update_weights(reused_buffer_buckets(named.items(), 20_000), version=4)
     reqs = _requests(5)
-    assert _key(eng.generate(reqs)) == _key(_per_sample(_updated_reference(model_dir, named, 4), reqs))
+    assert _key(eng.generate(reqs)) == _expect(_per_sample(_updated_reference(model_dir, named, 4), reqs))
     sources = _sources(sync_server)
     assert set(sources) == {(rank, name) for rank in (0, 1) for name in named}
     masters = {(r["via"], r["master"], r["weight_version"]) for r in sources.values()}
@@ -356,7 +421,7 @@ def test_routing_over_real_model_servers(model_dir, reference, tmp_path):
             s.wait_healthy(180)
         urls = [s.url for s in servers]
         requests = _requests(11, n=8)
-        expected = _key(_per_sample(reference, requests))
+        expected = _expect(_per_sample(reference, requests))
         for k in (1, 2, 3):
             assert _key(SGLangEngine(model_dir, urls=urls[:k]).generate(requests)) == expected, k
         eng = SGLangEngine(model_dir, urls=urls)

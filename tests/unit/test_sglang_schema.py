@@ -249,3 +249,37 @@ def test_a_missing_wheel_fails_and_says_how_to_get_it(monkeypatch, tmp_path):
     monkeypatch.setattr(sys.modules[__name__], "WHEELS", str(tmp_path))
     with pytest.raises(pytest.fail.Exception, match="run bash tools/bootstrap.sh"):
         _wheel_path()
+
+
+def test_the_cpu_servers_control_routes_and_bodies_are_sglangs(wheel):
+    """rollout.cpu_server stands in for SGLang: its pause / continue / abort routes exist in the pinned
+    http_server.py with the same methods and request classes, every body field it reads is a field of
+    that class (``/generate``'s of ``GenerateReqInput``, ``rid`` included), its pause modes and default
+    are ``PauseGenerationReqInput.mode``'s, and its pause / continue answers are SGLang's."""
+    from megatron_fipo.rollout import cpu_batcher, cpu_server
+
+    classes = {"pause_generation": "PauseGenerationReqInput", "continue_generation": "ContinueGenerationReqInput",
+               "abort_request": "AbortReq", "generate": "GenerateReqInput"}
+    problems = []
+    for name, cls in classes.items():
+        methods, body_class = wheel["routes"].get("/" + name, (set(), None))
+        ours = set(cpu_server.ROUTES[name][0])
+        if not ours <= methods:
+            problems.append(f"/{name}: the CPU server takes {sorted(ours)}, SGLang {sorted(methods)}")
+        if body_class != cls:
+            problems.append(f"/{name} reads a {body_class} in SGLang, not a {cls}")
+        fields = cpu_server.GENERATE_FIELDS if name == "generate" else cpu_server.CONTROL_FIELDS[name]
+        problems += [f"/{name}: the CPU server reads {f!r}, which {cls} does not have"
+                     for f in sorted(set(fields) - set(wheel["io"][cls]))]
+    assert not problems, "\n".join(problems)
+    assert "rid" in cpu_server.GENERATE_FIELDS and {"rid", "abort_all"} <= cpu_server.CONTROL_FIELDS["abort_request"]
+    with zipfile.ZipFile(_wheel_path()) as zf:
+        io_source = zf.read(SOURCES["io"]).decode()
+        http_source = zf.read(SOURCES["http"]).decode()
+    pause = next(n for n in ast.walk(ast.parse(io_source))
+                 if isinstance(n, ast.ClassDef) and n.name == "PauseGenerationReqInput")
+    mode = next(s for s in pause.body if isinstance(s, ast.AnnAssign) and s.target.id == "mode")
+    assert ast.unparse(mode.annotation) == f"Literal[{', '.join(repr(m) for m in cpu_batcher.PAUSE_MODES)}]"
+    assert ast.literal_eval(mode.value) == "abort"  # the CPU server's default too
+    for answer in (cpu_server.PAUSED, cpu_server.CONTINUED):
+        assert f'content={{"message": "{answer["message"]}", "status": "{answer["status"]}"}}' in http_source
