@@ -33,10 +33,10 @@ capacity it costs about the same with 1 or ``max_running`` requests. Each decode
 least ``decode_step_ms``: the remainder is slept after the step, with the lock released (control
 calls and new requests get in as they would between GPU steps), and the requests that ended in
 the step are answered after it. Prefill is not emulated: an admission's prefill takes its real
-CPU time and is not counted in the step. The counters
-(``stats``): decode steps, the sum over steps of the running batch's size (decode-slot utilisation =
-``running_sum / (decode_steps * max_running)``), the largest batch, tokens generated, prefills,
-tokens recomputed after retraction, retracted and aborted requests, pauses and time paused.
+CPU time and is not counted in the step. The counters (``stats``): decode steps, the sum over
+steps of the running batch's size (decode-slot utilisation = ``running_sum / (decode_steps *
+max_running)``, also reported), the largest batch, tokens generated, prefills, tokens recomputed
+after retraction, retracted and aborted requests, pauses and time paused.
 """
 from __future__ import annotations
 
@@ -201,6 +201,8 @@ class Batcher:
                        running_batch=len(self.running), waiting=len(self.waiting), paused=self.paused)
             if self.paused is not None:
                 out["paused_s"] += time.monotonic() - self._paused_at
+            steps = self.counters["decode_steps"]
+            out["slot_utilisation"] = self.counters["running_sum"] / (steps * self.max_running) if steps else 0.0
             return out
 
     def stop(self, timeout: float = 30.0) -> None:

@@ -141,6 +141,7 @@ def test_decode_step_ms_is_a_floor_per_step(make_server, pool):
     assert stats["decode_step_ms"] == 25 and stats["decode_steps"] >= 11
     assert stats["decode_steps"] * 0.025 <= elapsed
     assert stats["running_sum"] / stats["decode_steps"] > 1  # the steps were shared
+    assert stats["slot_utilisation"] == stats["running_sum"] / (8 * stats["decode_steps"])
 
 
 # ---------------------------------------------------------------------------------------------- pause, abort
