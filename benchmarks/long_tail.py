@@ -73,9 +73,9 @@ def main(argv=None) -> dict:
         raise SystemExit(f"no demo model in {args.demo}: build it with the command on the first line of "
                          "examples/demo_longtail_cpu.yaml")
     steps, extra = (4, ["eval.max_problems=16"]) if args.quick else (args.steps, [])
-    server = [f"taskset,-c,'1',{sys.executable},-m,megatron_fipo.rollout.cpu_server,--decode-step-ms,"
-              f"'{args.decode_step_ms:g}',--max-running-requests,'{args.max_running}'"]
-    extra += ["rollout.engine=sglang", "rollout.mode=disaggregated", f"rollout.launcher=[{server[0]}]",
+    server = (f"taskset,-c,'1',{sys.executable},-m,megatron_fipo.rollout.cpu_server,--decode-step-ms,"
+              f"'{args.decode_step_ms:g}'")  # the CPU server's own flag; its capacity is SGLang's argument:
+    extra += ["rollout.engine=sglang", "rollout.mode=disaggregated", f"rollout.launcher=[{server}]",
               f"rollout.sglang.max_running_requests={args.max_running}", *args.set]
     import yaml
 
