@@ -54,7 +54,8 @@ def long_tail_summary(records: list[dict], n: int, first: int = 3) -> dict:
                 "generated_tokens_per_s": mean("perf/generated_tokens_per_s"),
                 "token_age_mean": mean("rollout/token_age_mean"), "token_age_max": mean("rollout/token_age_max"),
                 "partial_carried": mean("rollout/partial_carried"),
-                "response_length_mean": mean("train/response_length_mean")})
+                "response_length_mean": mean("train/response_length_mean"),  # every sample scored in the step
+                "trained_length_mean": mean("rollout/trained_length_mean")})  # the samples trained (pool only)
     return out
 
 

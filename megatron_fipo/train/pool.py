@@ -132,6 +132,8 @@ class RolloutPool:
                        "rollout/partial_carried": float(sum(p.finish is None for g in self.groups.values()
                                                             for p in g.pieces)),
                        "rollout/groups_in_flight": float(len(self.groups)),
+                       "rollout/trained_length_mean": (sum(map(len, exp.responses)) / len(exp.responses)
+                                                       if exp.responses else 0.0),
                        "time/generate_s": time.perf_counter() - start}
         return exp
 
