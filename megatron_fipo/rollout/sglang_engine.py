@@ -31,6 +31,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+import urllib.error
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from typing import Any, Optional
@@ -191,6 +192,9 @@ class SGLangEngine(Streaming, WeightUpdates, RolloutEngine):
                     out = request(self.urls[replica] + "/generate", payload, timeout=self.timeout)
                     return self._parse(out, req, ri, j, replica, strict)
                 except OSError as err:
+                    if isinstance(err, urllib.error.HTTPError) and 400 <= err.code < 500:  # refused: not retried
+                        raise EngineError(f"{self.urls[replica]}/generate refused the request (HTTP {err.code}): "
+                                          f"{_error_message(err)}") from None
                     attempts += 1
                     if attempts > 3 + self.max_restarts:
                         raise EngineError(f"generation at {self.urls[replica]} keeps failing: {err}") from err
@@ -275,6 +279,27 @@ class SGLangEngine(Streaming, WeightUpdates, RolloutEngine):
     def _check_open(self) -> None:
         if self._closed:
             raise EngineError("the SGLang engine was shut down")
+
+
+def _error_message(err) -> str:
+    """The server's explanation in an HTTP error's body (SGLang: ``{"error": {"message": ...}}`` or
+    ``{"message": ...}``), else the body's start."""
+    import json
+
+    try:
+        body = err.read().decode(errors="replace")
+    except OSError:
+        return str(err)
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return body[:500] or str(err)
+    if isinstance(data, dict):
+        inner = data.get("error")
+        message = inner.get("message") if isinstance(inner, dict) else data.get("message") or data.get("detail")
+        if message:
+            return str(message)[:2000]
+    return body[:500]
 
 
 def _wait_url(url: str, timeout: float) -> None:

@@ -179,6 +179,16 @@ def test_answer_schema_and_refusals(served, reference):
                          "weight_version"}
 
 
+def test_a_refused_request_is_reported_at_once_with_the_servers_words(served, model_dir):
+    """A 4xx from /generate is not retried (the same request would be refused again) and its message reaches
+    the user: here a token outside the vocabulary."""
+    engine = SGLangEngine(model_dir, urls=[served], tp_size=2, max_restarts=5)
+    before = _stats(served)["requests"]
+    with pytest.raises(EngineError, match=r"refused the request \(HTTP 400\): .*outside the vocabulary"):
+        engine.generate([GenerationRequest((5, 10_000), SamplingParams(max_new_tokens=2, seed=1))])
+    assert _stats(served)["requests"] - before == 1  # asked once, not 3 + max_restarts times
+
+
 def test_prefix_cache_counts_one_prefill_per_prompt(served, model_dir):
     eng = SGLangEngine(model_dir, urls=[served], tp_size=2)
     prompt = (21, 22, 23, 24, 25)
