@@ -98,6 +98,7 @@ class SGLangEngine(Streaming, WeightUpdates, RolloutEngine):
         self.backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         self._lock, self._broadcast, self._closed = threading.Lock(), None, False
         self.weight_version, self.inflight_updates = 0, inflight_updates
+        self.server_args = dict(server_args or {})
         self.servers: list[Optional[ServerProcess]] = []
         self.sync_host = sync_host or (routable_address(urls[0]) if urls else host)
         if urls:

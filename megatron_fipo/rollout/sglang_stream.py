@@ -25,9 +25,10 @@ SGLang 0.5.23 semantics this relies on (``io_struct.PauseGenerationReqInput``, t
 
 Counters (``stream_stats``, cumulative over every ``/generate`` of the engine, batch path included;
 the trainer takes per-step differences): output tokens per server, prompt and cached (prefix-hit)
-tokens, aborted answers, and the time integral of requests in flight per server (mean running
-requests = integral / wall time: the engine-side stand-in for decode-slot use, comparable with
-the server's capacity).
+tokens, aborted answers, and the time integral of requests running per server, each server's count
+capped at its capacity (``slots_per_server``: SGLang's ``max_running_requests`` when given, else
+``max_in_flight`` / servers; requests beyond it wait in the server's queue): integral / (wall time x
+capacity) is the engine-side stand-in for decode-slot use.
 """
 from __future__ import annotations
 
@@ -114,7 +115,7 @@ class StreamRouter:
 class Streaming:
     """The streaming routes of ``SGLangEngine`` (see the module docstring); a mix-in, not used alone.
 
-    Reads the engine's ``urls``, ``max_in_flight``, ``timeout`` and ``_check_open``, and runs jobs
+    Reads the engine's ``urls``, ``max_in_flight``, ``server_args``, ``timeout`` and ``_check_open``, and runs jobs
     through its ``_sample`` (retries, restarts) with version checks off (``strict=False``).
     """
 
@@ -125,6 +126,8 @@ class Streaming:
         self._counts = {"tokens": [0] * len(self.urls), "prompt_tokens": 0, "cached_tokens": 0, "aborted": 0,
                         "busy_s": [0.0] * len(self.urls)}
         self._running = [0] * len(self.urls)  # requests in flight per server (every path: _sample counts)
+        self.slots_per_server = max(int(self.server_args.get("max_running_requests") or 0)
+                                    or self.max_in_flight // len(self.urls), 1)
         self._busy_since = time.monotonic()
 
     def submit(self, req: GenerationRequest, j: int = 0, *, group: Any = None) -> "Future[Sample]":
@@ -152,8 +155,8 @@ class Streaming:
         """Integrate the requests in flight per server over time, then change ``server``'s count by ``delta``."""
         with self._stream_lock:
             now = time.monotonic()
-            for s, running in enumerate(self._running):
-                self._counts["busy_s"][s] += running * (now - self._busy_since)
+            for s, running in enumerate(self._running):  # a server runs at most its capacity; the rest wait
+                self._counts["busy_s"][s] += min(running, self.slots_per_server) * (now - self._busy_since)
             self._busy_since = now
             self._running[server] += delta
 

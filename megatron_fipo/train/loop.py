@@ -247,10 +247,9 @@ class Trainer:
 
     def _engine_metrics(self) -> dict:
         """The SGLang engine's figures (and the pool's counts) since the previous step's end (``train.pool``)."""
-        ro, engine = self.s.config.rollout, self.s.services.engine
+        engine = self.s.services.engine
         before, self._mark = self._mark, self._counters()
-        capacity = int(ro.sglang.get("max_running_requests") or 0) or max(engine.max_in_flight // len(engine.urls), 1)
-        out = engine_metrics(before[0], self._mark[0], capacity)
+        out = engine_metrics(before[0], self._mark[0], engine.slots_per_server)
         if before[1] is not None:
             out.update(count_metrics(before[1], self._mark[1]))
         return out
