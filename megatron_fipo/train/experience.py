@@ -155,12 +155,7 @@ def collect_experience(engine, draw: Callable[[int], Sequence[Any]], score: Call
         items = list(draw(target))
         groups, results = _generate_round(engine, items, submit, decode, config, step, rounds, progress)
         lengths = torch.tensor([len(s.token_ids) for g in groups for s in g], dtype=torch.float64)
-        scores = torch.tensor([r.score for r in results], dtype=torch.float64)
-        if algo.overlong_buffer > 0:
-            scores = scores + overlong_penalty(lengths, max_response_length=ro.max_response_length,
-                                               buffer_length=algo.overlong_buffer,
-                                               penalty_factor=algo.overlong_penalty_factor).double()
-        acc = torch.tensor([float(r.acc) for r in results], dtype=torch.float64)
+        scores, acc = shaped_scores(results, lengths, config)
         stats.add(scores, acc, lengths, [s.finish_reason for g in groups for s in g], ro.n)
         metric = acc if algo.filter_metric == "acc" else scores
         keep = dynamic_sampling_filter(metric, ro.n).keep_groups if algo.dynamic_sampling \
@@ -204,6 +199,18 @@ def _generate_round(engine, items, submit: Callable, decode: Callable, config, s
     if missing:
         raise EngineError(f"the engine did not return request(s) {missing[:5]} of {len(items)}")
     return groups, [r for p in pending for r in p.result()]
+
+
+def shaped_scores(results, lengths: torch.Tensor, config) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scores, acc)`` float64 of reward results: the reward plus the overlong penalty on ``lengths``
+    (``algo.overlong_buffer`` > 0), and the correctness."""
+    ro, algo = config.rollout, config.algo
+    scores = torch.tensor([r.score for r in results], dtype=torch.float64)
+    if algo.overlong_buffer > 0:
+        scores = scores + overlong_penalty(lengths, max_response_length=ro.max_response_length,
+                                           buffer_length=algo.overlong_buffer,
+                                           penalty_factor=algo.overlong_penalty_factor).double()
+    return scores, torch.tensor([float(r.acc) for r in results], dtype=torch.float64)
 
 
 def _scored_at_once(score: Callable) -> Callable:

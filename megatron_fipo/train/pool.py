@@ -45,9 +45,9 @@ from typing import Any, Mapping, Optional
 
 import torch
 
-from megatron_fipo.algo.advantages import dynamic_sampling_filter, overlong_penalty
+from megatron_fipo.algo.advantages import dynamic_sampling_filter
 from megatron_fipo.rollout.engine import EngineError, GenerationRequest, Sample, SamplingParams
-from megatron_fipo.train.experience import Experience, PromptItem, assemble, even_groups, rollout_seed
+from megatron_fipo.train.experience import Experience, PromptItem, assemble, even_groups, rollout_seed, shaped_scores
 
 POOL_FILE = "rollout_pool.pt"
 
@@ -207,12 +207,7 @@ class RolloutPool:
         for group, scores in pending:
             results = scores.result()
             lengths = torch.tensor([len(p.tokens) for p in group.pieces], dtype=torch.float64)
-            score = torch.tensor([r.score for r in results], dtype=torch.float64)
-            if algo.overlong_buffer > 0:
-                score = score + overlong_penalty(lengths, max_response_length=ro.max_response_length,
-                                                 buffer_length=algo.overlong_buffer,
-                                                 penalty_factor=algo.overlong_penalty_factor).double()
-            acc = torch.tensor([float(r.acc) for r in results], dtype=torch.float64)
+            score, acc = shaped_scores(results, lengths, self.config)
             group.scores, group.acc = score, acc
             stats.add(score, acc, lengths, [p.finish for p in group.pieces])
             del self.groups[group.gid]
