@@ -149,7 +149,7 @@ def collect_experience(engine, draw: Callable[[int], Sequence[Any]], score: Call
     """
     ro, algo, target = config.rollout, config.algo, config.train.prompts_per_step
     submit = submit or _scored_at_once(score)
-    kept, stats, rounds = [], _RoundStats(), 0
+    kept, stats, rounds = [], RoundStats(), 0
     while True:
         rounds += 1
         items = list(draw(target))
@@ -246,8 +246,10 @@ def assemble(kept, n: int, algo) -> Experience:
     return exp
 
 
-class _RoundStats:
-    """Rollout metrics over every sample generated this step (all rounds)."""
+class RoundStats:
+    """Rollout metrics (``train/...``) over every sample generated and scored in one step: all the
+    rounds of ``generate_experience``, or the groups ``train.pool.RolloutPool`` scored while
+    collecting a step's batch."""
 
     def __init__(self):
         self.scores, self.acc, self.lengths, self.truncated, self.group_acc = [], [], [], 0, []
@@ -260,7 +262,12 @@ class _RoundStats:
         self.truncated += sum(r == "length" for r in finish_reasons)
         self.group_acc.append(acc.view(-1, n).mean(dim=1))
 
+    def lengths_seen(self) -> torch.Tensor:
+        return torch.cat(self.lengths) if self.lengths else torch.zeros(0)
+
     def summary(self) -> dict:
+        if not self.scores:
+            return {"train/generated_samples": 0.0, "time/generate_s": time.perf_counter() - self.start}
         scores, acc, lengths = torch.cat(self.scores), torch.cat(self.acc), torch.cat(self.lengths)
         group_acc = torch.cat(self.group_acc)
         return {

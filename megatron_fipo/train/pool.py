@@ -47,7 +47,8 @@ import torch
 
 from megatron_fipo.algo.advantages import dynamic_sampling_filter
 from megatron_fipo.rollout.engine import EngineError, GenerationRequest, Sample, SamplingParams
-from megatron_fipo.train.experience import Experience, PromptItem, assemble, even_groups, rollout_seed, shaped_scores
+from megatron_fipo.train.experience import (Experience, PromptItem, RoundStats, assemble, even_groups, rollout_seed,
+                                            shaped_scores)
 
 POOL_FILE = "rollout_pool.pt"
 
@@ -104,7 +105,7 @@ class RolloutPool:
         """Wait until ``prompts_per_step`` kept groups are complete (or no more may be drawn); the batch of ``step``."""
         ro, algo, target = self.config.rollout, self.config.algo, self.config.train.prompts_per_step
         start, drawn, carried_in, at_start = time.perf_counter(), 0, len(self.complete), len(self.groups)
-        stats = _StepStats()
+        stats = RoundStats()
         self._continue_partials()
         while len(self.complete) < target:
             rounds = algo.max_gen_rounds if algo.dynamic_sampling else 1
@@ -125,15 +126,15 @@ class RolloutPool:
         if ro.max_staleness >= 1:
             self._top_up(step + 1, budget=self.want)  # the next step's samples generate while this one trains
         exp = assemble([(self._samples(g), g.scores) for g in batch], ro.n, algo)
-        exp.metrics = {**stats.summary(ro.n), "train/kept_groups": float(len(batch)),
+        exp.metrics = {**stats.summary(), "train/kept_groups": float(len(batch)),
                        "train/gen_rounds": drawn / max(self.want, 1), "rollout/groups_carried_in": float(carried_in),
                        "rollout/groups_unfinished_in": float(at_start),
                        "rollout/continued_samples": float(sum(p.restarts > 0 for g in batch for p in g.pieces)),
                        "rollout/partial_carried": float(sum(p.finish is None for g in self.groups.values()
                                                             for p in g.pieces)),
                        "rollout/groups_in_flight": float(len(self.groups)),
-                       "rollout/trained_length_mean": (sum(map(len, exp.responses)) / len(exp.responses)
-                                                       if exp.responses else 0.0),
+                       **length_metrics("trained", [len(r) for r in exp.responses]),
+                       **length_metrics("generated", [int(x) for x in stats.lengths_seen()]),
                        "time/generate_s": time.perf_counter() - start}
         return exp
 
@@ -200,7 +201,7 @@ class RolloutPool:
         elif len(piece.tokens) >= self.config.rollout.max_response_length:
             piece.finish = "length"
 
-    def _score(self, finished: list[_Group], stats: "_StepStats") -> None:
+    def _score(self, finished: list[_Group], stats: RoundStats) -> None:
         ro, algo = self.config.rollout, self.config.algo
         decode, gt = self.services.decode, lambda g: [g.item.ground_truth] * ro.n
         pending = [(g, self.services.submit_score([decode(p.tokens) for p in g.pieces], gt(g))) for g in finished]
@@ -209,7 +210,7 @@ class RolloutPool:
             lengths = torch.tensor([len(p.tokens) for p in group.pieces], dtype=torch.float64)
             score, acc = shaped_scores(results, lengths, self.config)
             group.scores, group.acc = score, acc
-            stats.add(score, acc, lengths, [p.finish for p in group.pieces])
+            stats.add(score, acc, lengths, [p.finish for p in group.pieces], self.config.rollout.n)
             del self.groups[group.gid]
             metric = acc if algo.filter_metric == "acc" else score
             if not algo.dynamic_sampling or bool(dynamic_sampling_filter(metric, ro.n).keep_groups[0]):
@@ -248,7 +249,7 @@ class RolloutPool:
                     self._append(piece, sample)
         finished = [g for g in self.groups.values() if g.finished]
         if finished:  # their scores count in no step's train/ metrics; they wait for the next batch
-            self._score(finished, _StepStats())
+            self._score(finished, RoundStats())
 
     def state_dict(self) -> dict:
         """Every unfinished and waiting group (call after ``interrupt``): tensors, lists and numbers only."""
@@ -287,31 +288,15 @@ class RolloutPool:
                     piece.future.cancel()
 
 
-class _StepStats:
-    """``train/...`` rollout metrics over the groups scored during one ``collect``."""
-
-    def __init__(self):
-        self.scores, self.acc, self.lengths, self.truncated, self.groups = [], [], [], 0, 0
-
-    def add(self, scores, acc, lengths, finish_reasons) -> None:
-        self.scores.append(scores)
-        self.acc.append(acc)
-        self.lengths.append(lengths)
-        self.truncated += sum(r == "length" for r in finish_reasons)
-        self.groups += 1
-
-    def summary(self, n: int) -> dict:
-        if not self.scores:
-            return {"train/generated_samples": 0.0}
-        scores, acc, lengths = torch.cat(self.scores), torch.cat(self.acc), torch.cat(self.lengths)
-        group_acc = acc.view(-1, n).mean(dim=1)
-        return {"train/reward_mean": float(scores.mean()), "train/acc_mean": float(acc.mean()),
-                "train/response_length_mean": float(lengths.mean()),
-                "train/response_length_max": float(lengths.max()),
-                "train/truncated_frac": self.truncated / len(lengths),
-                "train/solve_all_frac": float((group_acc == 1).double().mean()),
-                "train/solve_none_frac": float((group_acc == 0).double().mean()),
-                "train/generated_samples": float(len(lengths))}
+def length_metrics(kind: str, lengths: list[int]) -> dict:
+    """Mean, median and 90th percentile of response lengths: ``rollout/{kind}_length_*``. The pool
+    logs them for the samples trained in a step and for those finished (scored) in it, so a run shows
+    whether carrying the long tail over biases training toward short answers."""
+    if not lengths:
+        return {}
+    t = torch.tensor(lengths, dtype=torch.float64)
+    return {f"rollout/{kind}_length_mean": float(t.mean()), f"rollout/{kind}_length_p50": float(t.quantile(0.5)),
+            f"rollout/{kind}_length_p90": float(t.quantile(0.9))}
 
 
 def age_metrics(exp: Experience, version: int, k: int) -> dict:

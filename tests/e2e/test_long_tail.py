@@ -10,17 +10,21 @@ slowed (``--decode-step-ms``) so that samples are still running when the weights
 * colocated, ``partial=true oversample=1.5`` (k = 0): unfinished samples are aborted before the
   servers release their memory and continued in a later step;
 * a checkpoint holds the unfinished samples, and a resumed run continues them.
+* ``benchmarks/long_tail.py --quick`` runs (on the addition demo) and reports its figures.
 """
 import json
+import math
 import os
 import re
+import signal
+import subprocess
 import sys
 
 import pytest
 import torch
 
 from tests.dist.launcher import launch
-from tests.helpers import DEMO_CONFIG, SMALL_RUN, demo_overrides, read_records, train_in_process
+from tests.helpers import DEMO_CONFIG, REPO, SMALL_RUN, demo_overrides, read_records, train_in_process
 
 pytestmark = pytest.mark.timeout(1200)
 
@@ -92,3 +96,30 @@ def test_checkpoint_holds_the_unfinished_samples_and_resume_continues_them(demo,
     assert step3["rollout/groups_unfinished_in"] == len(pool["generating"])
     assert step3["rollout/groups_carried_in"] == len(pool["complete"])
     assert sum(r["rollout/continued_samples"] for r in resumed[2:]) > 0
+
+
+def test_long_tail_benchmark_quick(demo, tmp_path):
+    """``benchmarks/long_tail.py --quick`` on the addition demo (the long-tailed demo takes minutes to
+    build): the synchronous and the in-flight + partial + over-sampled settings run pinned as in the
+    README's figures, from the same start, and report throughput, slots and length distributions."""
+    out = tmp_path / "long_tail.json"
+    cmd = [sys.executable, os.path.join(REPO, "benchmarks", "long_tail.py"), "--quick", "--demo", demo,
+           "--config", "demo_cpu.yaml", "--settings", "sync", "inflight", "--json", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=900)
+    finally:
+        if proc.poll() is None:  # the benchmark and the trainers and servers it started, all of them
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "Summary" in stdout
+    results = json.loads(out.read_text())["results"]
+    sync, inflight = results["sync"], results["inflight"]
+    assert sync["avg4_start"] == inflight["avg4_start"]  # the same model, evaluated with the same seeds
+    assert all(r["samples_per_s"] > 0 and r["timed_steps"] == 2 and 0 < r["slot_util"] <= 1 for r in results.values())
+    assert inflight["ratio"] > 0 and sync["ratio"] == 1.0
+    assert sync["staleness_mean"] == 0.0 and math.isnan(sync["trained_length_mean"])  # no pool without partial
+    assert inflight["trained_length_p50"] <= inflight["trained_length_p90"]
+    assert inflight["generated_length_mean"] > 0

@@ -18,7 +18,7 @@ from megatron_fipo.algo.rewards import make_result
 from megatron_fipo.config.schema import load_config, validate
 from megatron_fipo.rollout.engine import Sample
 from megatron_fipo.train.experience import PromptItem
-from megatron_fipo.train.pool import RolloutPool, age_metrics, count_metrics, engine_metrics
+from megatron_fipo.train.pool import RolloutPool, age_metrics, count_metrics, engine_metrics, length_metrics
 from tests.helpers import fresh_seeds
 
 PROMPT_LEN = 3
@@ -148,6 +148,13 @@ def test_oversampling_forms_batches_without_waiting_for_the_tail(engine, seed):
         for prompt, response in zip(exp.prompts, exp.responses):
             assert response == _reference(prompt), "a trained sample is not what the engine generated"
         assert exp.metrics["rollout/groups_in_flight"] == len(pool.groups)
+        lengths = sorted(len(r) for r in exp.responses)
+        assert exp.metrics["rollout/trained_length_mean"] == pytest.approx(sum(lengths) / len(lengths))
+        assert lengths[0] <= exp.metrics["rollout/trained_length_p50"] <= exp.metrics["rollout/trained_length_p90"]
+        assert exp.metrics["rollout/trained_length_p90"] <= lengths[-1]
+        if exp.metrics["train/generated_samples"]:  # the samples scored during this collect
+            assert exp.metrics["rollout/generated_length_mean"] == pytest.approx(
+                exp.metrics["train/response_length_mean"])
         trained += exp.num_groups
     # every drawn group is trained once, filtered out, or still in the pool: none lost, none trained twice
     assert trained + pool.counts["filtered_groups"] + len(pool.groups) + len(pool.complete) == len(services.drawn)
@@ -224,3 +231,13 @@ def test_token_ages_and_sample_starts_in_the_metrics():
     assert m["rollout/server0_token_share"] == 0.75 and m["rollout/prefix_cache_hit"] == 0.75
     assert m["rollout/slot_util"] == pytest.approx(3.0 / (10.0 * 2 * 2)) and m["rollout/wasted_tokens"] == 7
     assert m["perf/generated_tokens_per_s"] == 4.0
+
+
+def test_length_metrics_quantiles_and_empty():
+    assert length_metrics("trained", []) == {}
+    m = length_metrics("generated", [1])
+    assert m == {"rollout/generated_length_mean": 1.0, "rollout/generated_length_p50": 1.0,
+                 "rollout/generated_length_p90": 1.0}
+    m = length_metrics("trained", list(range(1, 11)))  # 1..10: median 5.5, p90 9.1 (linear interpolation)
+    assert m["rollout/trained_length_mean"] == 5.5 and m["rollout/trained_length_p50"] == 5.5
+    assert m["rollout/trained_length_p90"] == pytest.approx(9.1)
