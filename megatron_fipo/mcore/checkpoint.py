@@ -27,6 +27,8 @@ Departs from upstream (megatron-core 0.16.1; docs/dependencies.md):
 * Atomic publication (``.tmp-*``, marker, rename, ``latest``), the integrity record, pruning and
   the fallback past damaged checkpoints are ours (upstream resumes from ``latest`` or fails).
 * Loading runs under ``no_grad`` (the distributed optimizer copies into views of leaf parameters).
+* The save runs in ``checkpoint_processes.bounded_save_processes``: no manager process for the write
+  results, and its forked writers die with the trainer (nothing outlives a SIGKILLed trainer).
 Not supported: async saves; loading optimizer state across kinds (plain <-> distributed).
 """
 from __future__ import annotations
@@ -55,6 +57,7 @@ from megatron_fipo.mcore.checkpoint_integrity import (  # noqa: F401  (re-export
     resolve_checkpoint,
     resume_candidates,
 )
+from megatron_fipo.mcore.checkpoint_processes import bounded_save_processes
 from megatron_fipo.mcore.checkpoint_state import (
     global_adam_step,
     load_model_state,
@@ -123,7 +126,8 @@ def save_checkpoint(root: str, step: int, chunks: list, optimizer, scheduler, gr
         state["optimizer"] = optimizer_sharded_for_save(optimizer, model_sd)
     if scheduler is not None:
         state["opt_param_scheduler"] = scheduler.state_dict()
-    dist_checkpointing.save(state, tmp)
+    with bounded_save_processes():
+        dist_checkpointing.save(state, tmp)
     _on_rank0(lambda: [write(os.path.join(tmp, name)) for name, write in (rank0_files or {}).items()], groups)
     written = time.perf_counter()
     dist.barrier(group=groups.world)
