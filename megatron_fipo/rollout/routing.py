@@ -14,6 +14,10 @@ Rules:
   prompt. The assignments are therefore a function of the order in which samples finish.
 * At most ``max_in_flight`` samples run at once (over all servers); samples start in request
   order, sample by sample, as slots free.
+* A dead server is routed around: ``exclude(server)`` moves each unfinished request assigned to it,
+  with its outstanding tokens, to the live server with the fewest outstanding tokens (in request
+  order), and no request is assigned to it until ``include(server)``. The engine resubmits the
+  samples that were running there to the request's new server (same seeds: the same samples).
 """
 from __future__ import annotations
 
@@ -38,7 +42,8 @@ class PromptRouter:
     sample starts); ``load[s]`` is server ``s``'s outstanding tokens.
     """
 
-    def __init__(self, requests: Sequence[tuple[int, int, int]], servers: int, max_in_flight: int):
+    def __init__(self, requests: Sequence[tuple[int, int, int]], servers: int, max_in_flight: int,
+                 excluded: Sequence[int] = ()):
         if servers < 1 or max_in_flight < 1:
             raise ValueError(f"servers and max_in_flight must be >= 1, got {servers} and {max_in_flight}")
         for i, (prompt, n, max_new) in enumerate(requests):
@@ -53,6 +58,35 @@ class PromptRouter:
         self._running = [0] * len(self.requests)
         self._next = (0, 0)  # the next (request, sample) to start
         self.in_flight = 0
+        self.live = [s not in set(excluded) for s in range(servers)]
+        """Servers that may be assigned requests (``exclude`` / ``include``)."""
+        if not any(self.live):
+            raise ValueError(f"no live server among {servers} (excluded: {sorted(set(excluded))})")
+
+    def _least_loaded(self) -> int:
+        return min((s for s in range(len(self.load)) if self.live[s]), key=lambda s: (self.load[s], s))
+
+    def exclude(self, server: int) -> dict[int, int]:
+        """``server`` is dead: its unfinished requests move to live servers; returns ``{request: new server}``.
+        ``ValueError`` if it was the last live server (nothing to route to)."""
+        if not self.live[server]:
+            return {}
+        if sum(self.live) == 1:
+            raise ValueError(f"server {server} is the last live server: nothing to route its requests to")
+        self.live[server] = False
+        moved = {}
+        for r, (prompt, _, max_new) in enumerate(self.requests):
+            if self.assignment[r] == server and self._left[r] > 0:
+                outstanding = prompt + self._left[r] * max_new
+                target = self._least_loaded()
+                self.load[server] -= outstanding
+                self.load[target] += outstanding
+                self.assignment[r] = moved[r] = target
+        return moved
+
+    def include(self, server: int) -> None:
+        """``server`` is back (serving the current weights): new requests may go to it again."""
+        self.live[server] = True
 
     def dispatch(self) -> list[Job]:
         """The jobs to start now (as many as free slots allow, in request order)."""
@@ -61,7 +95,7 @@ class PromptRouter:
         while self.in_flight < self.max_in_flight and r < len(self.requests):
             prompt, n, max_new = self.requests[r]
             if j == 0:
-                server = min(range(len(self.load)), key=lambda s: (self.load[s], s))
+                server = self._least_loaded()
                 self.assignment[r] = server
                 self.load[server] += prompt + n * max_new
             jobs.append(Job(r, j, self.assignment[r]))

@@ -21,10 +21,12 @@ Design (SGLang 0.5.23 HTTP API, the pin of tools/sglang_pin.txt):
 * Colocated release / resume need the server flags ``enable_memory_saver`` (package
   ``torch_memory_saver``) and, to keep the weights across a release, ``enable_weights_cpu_backup``
   (SGLang >= 0.5.3); the trainer re-syncs after every training phase in any case.
-* Failures: a replica whose process died is restarted (``max_restarts``) and its unfinished
-  requests re-issued; its weights are then re-synced through ``resync`` (a callable returning
-  ``(stream, version)``), and without one a restart after an update is an ``EngineError`` -
-  never a silent fall back to stale weights. Every error carries the server's log tail.
+* Failures (``rollout.sglang_failover``): a dead server is routed around - its requests go, with
+  their seeds, to the live servers, the routers skip it, its owner restarts it (``max_restarts``
+  per server; an ``EngineError`` past that), and it rejoins only with the current weights. With no
+  live server an owned one is restarted in place and re-synced through ``resync`` (a callable
+  returning ``(stream, version)``; without one a restart after an update is an ``EngineError`` -
+  never a silent fall back to stale weights). Every error carries the server's log tail.
 """
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ from typing import Any, Optional
 import torch
 
 from megatron_fipo.rollout.engine import EngineError, GenerationRequest, RolloutEngine, Sample, progress_bar
-from megatron_fipo.rollout.routing import PromptRouter
+from megatron_fipo.rollout.routing import Job, PromptRouter
 from megatron_fipo.rollout.sglang_server import (
     ServerProcess,
     default_launcher,
@@ -47,6 +49,7 @@ from megatron_fipo.rollout.sglang_server import (
     request,
     server_argv,
 )
+from megatron_fipo.rollout.sglang_failover import Failover, ServerDied
 from megatron_fipo.rollout.sglang_stream import Streaming, span_versions
 from megatron_fipo.rollout.sglang_weights import WEIGHT_GROUP, WeightUpdates, routable_address, sglang_group
 
@@ -61,7 +64,7 @@ def generate_payload(req: GenerationRequest, j: int) -> dict:
     return {"input_ids": list(req.prompt_ids), "sampling_params": sampling, "return_logprob": True}
 
 
-class SGLangEngine(Streaming, WeightUpdates, RolloutEngine):
+class SGLangEngine(Failover, Streaming, WeightUpdates, RolloutEngine):
     """Rollouts from SGLang servers (see the module docstring).
 
     Args:
@@ -75,7 +78,7 @@ class SGLangEngine(Streaming, WeightUpdates, RolloutEngine):
             address on the route to the first server, so remote rollout nodes can connect).
         launch_cmd: argv prefix replacing ``python -m sglang.launch_server``.
         log_dir: one log file per replica.
-        max_restarts: restarts allowed per replica.
+        max_restarts: restarts allowed per replica (by this engine, of the servers it launched).
         resync: ``() -> (stream, version)`` to re-sync a restarted replica.
         group_factory: builds the disaggregated group (default: SGLang's ``init_custom_process_group``).
     """
@@ -105,6 +108,7 @@ class SGLangEngine(Streaming, WeightUpdates, RolloutEngine):
             self.urls = [u.rstrip("/") for u in urls]
             self.servers = [None] * len(self.urls)
             self._stream_init()
+            self._failover_init()
             for url in self.urls:
                 _wait_url(url, startup_timeout)
             return
@@ -117,6 +121,7 @@ class SGLangEngine(Streaming, WeightUpdates, RolloutEngine):
             self.urls.append(f"http://{host}:{port}")
             self.servers.append(ServerProcess(argv, self.urls[-1], os.path.join(log_dir, f"sglang_replica{i}.log")))
         self._stream_init()
+        self._failover_init()
         try:
             for s in self.servers:
                 s.start()
@@ -154,16 +159,23 @@ class SGLangEngine(Streaming, WeightUpdates, RolloutEngine):
         iterating) cancels what has not started and waits for the running requests.
         """
         self._check_open()
+        if self.excluded_servers():
+            self._probe_rejoin()
+        if not self.live_servers():
+            raise EngineError(f"every rollout server is down ({', '.join(self.urls)})")
         router = PromptRouter([(len(r.prompt_ids), r.params.n, r.params.max_new_tokens) for r in requests],
-                              len(self.urls), self.max_in_flight)
+                              len(self.urls), self.max_in_flight, excluded=self.excluded_servers())
         groups: list[list] = [[None] * req.params.n for req in requests]
         total = sum(req.params.n for req in requests)
         pool = ThreadPoolExecutor(max_workers=max(1, min(self.max_in_flight, total)))
         running: dict = {}
 
+        def run(job: Job) -> None:
+            running[pool.submit(self._sample, job.server, requests[job.request], job.request, job.sample)] = job
+
         def start() -> None:
             for job in router.dispatch():
-                running[pool.submit(self._sample, job.server, requests[job.request], job.request, job.sample)] = job
+                run(job)
 
         try:
             with progress_bar(total, "generate", progress) as bar:
@@ -173,7 +185,13 @@ class SGLangEngine(Streaming, WeightUpdates, RolloutEngine):
                     complete = []
                     for fut in sorted(done, key=lambda f: (running[f].request, running[f].sample)):
                         job = running.pop(fut)
-                        groups[job.request][job.sample] = fut.result()
+                        try:
+                            groups[job.request][job.sample] = fut.result()
+                        except ServerDied:  # resubmitted (same seed) to the request's server among the live ones
+                            _follow(router, self.live_servers())
+                            run(Job(job.request, job.sample, router.assignment[job.request]))
+                            self._count("rerouted_requests")
+                            continue
                         bar.update(1)
                         if router.finish(job.request):
                             complete.append(job.request)
@@ -184,24 +202,31 @@ class SGLangEngine(Streaming, WeightUpdates, RolloutEngine):
             pool.shutdown(wait=True, cancel_futures=True)
 
     def _sample(self, replica: int, req: GenerationRequest, ri: int, j: int, strict: bool = True) -> Sample:
+        """Sample ``j`` of ``req`` on ``replica``: ``ServerDied`` when it is (or turns out) dead and another
+        server is live, transient errors retried, a refused request (4xx) an ``EngineError`` at once."""
         payload = generate_payload(req, j)
         attempts = 0
-        self._busy(replica, +1)
-        try:
-            while True:
-                try:
-                    out = request(self.urls[replica] + "/generate", payload, timeout=self.timeout)
-                    return self._parse(out, req, ri, j, replica, strict)
-                except OSError as err:
-                    if isinstance(err, urllib.error.HTTPError) and 400 <= err.code < 500:  # refused: not retried
-                        raise EngineError(f"{self.urls[replica]}/generate refused the request (HTTP {err.code}): "
-                                          f"{_error_message(err)}") from None
-                    attempts += 1
-                    if attempts > 3 + self.max_restarts:
-                        raise EngineError(f"generation at {self.urls[replica]} keeps failing: {err}") from err
-                    self._recover(replica, err)
-        finally:
-            self._busy(replica, -1)
+        while True:
+            if replica in self._excluded:
+                self._server_died(replica, None)  # raises ServerDied, or returns once a server is back
+                continue
+            self._busy(replica, +1)
+            try:
+                out = request(self.urls[replica] + "/generate", payload, timeout=self.timeout)
+                return self._parse(out, req, ri, j, replica, strict)
+            except OSError as err:
+                if isinstance(err, urllib.error.HTTPError) and 400 <= err.code < 500:  # refused: not retried
+                    raise EngineError(f"{self.urls[replica]}/generate refused the request (HTTP {err.code}): "
+                                      f"{_error_message(err)}") from None
+                if self._is_dead(replica):
+                    self._server_died(replica, err)
+                    continue
+                attempts += 1
+                if attempts > 3 + self.max_restarts:
+                    raise EngineError(f"generation at {self.urls[replica]} keeps failing: {err}") from err
+                time.sleep(0.5)
+            finally:
+                self._busy(replica, -1)
 
     def _parse(self, out: Mapping, req: GenerationRequest, ri: int, j: int, replica: int, strict: bool) -> Sample:
         """One ``/generate`` answer -> ``Sample``. ``strict`` (the batch path): every token must come from the
@@ -223,42 +248,46 @@ class SGLangEngine(Streaming, WeightUpdates, RolloutEngine):
         return Sample(req.prompt_ids, tokens, logprobs, reason, versions[0], ri, j,
                       tuple(versions) if len(set(versions)) > 1 else ())
 
-    def _recover(self, replica: int, err: Exception) -> None:
-        """After a failed call: restart a dead owned server (and re-sync it), or back off briefly."""
-        with self._lock:
-            server = self.servers[replica]
-            if server is None or server.alive():
-                time.sleep(0.5)
-                return
-            tail = server.tail()
-            if server.restarts >= self.max_restarts:
-                raise EngineError(f"SGLang server {server.url} died (exit {server.proc.returncode}) and "
-                                  f"max_restarts={self.max_restarts} is used up; log tail:\n{tail}") from err
-            if self.weight_version != 0 and self.resync is None:
-                raise EngineError(f"SGLang server {server.url} died and was restarted with the base weights, but "
-                                  f"it served version {self.weight_version} and no resync callback was given; "
-                                  f"log tail:\n{tail}") from err
-            server.restarts += 1
-            server.kill()
-            server.start()
-            server.wait_healthy(self.startup_timeout)
-            if self.weight_version != 0:
-                stream, version = self.resync()
-                self._push(stream, version, only=[replica])
-
     # ------------------------------------------------------------------ lifecycle
     def release(self) -> None:
         self._check_open()
-        for url in self.urls:
-            self._post(url, "/release_memory_occupation")
+        self._post_live("/release_memory_occupation")
 
     def resume(self) -> None:
         self._check_open()
-        for url in self.urls:
-            self._post(url, "/resume_memory_occupation")
+        self._post_live("/resume_memory_occupation")
+
+    # ------------------------------------------------------------------ weight syncs around dead servers
+    def update_weights(self, stream, version: int) -> None:
+        """The funnel sync (``WeightUpdates``) to the servers that can take it (``Failover._sync_targets``:
+        dead owned ones restarted first); each then serves ``version`` and is routed to again."""
+        self._check_open()
+        with self._lock:
+            targets = self._sync_targets()
+            self._push(stream, int(version), only=targets)
+            self.weight_version = int(version)
+        for i in targets:
+            self._rejoin(i)
+
+    def begin_update(self) -> None:
+        """A node-local or by-stage sync's start: dead owned servers are restarted first (bounded)."""
+        self._check_open()
+        self._restart_dead()
+        super().begin_update()
+
+    def finish_update(self, version: int) -> None:
+        super().finish_update(version)
+        for i in self.excluded_servers():
+            if self.servers[i] is not None:  # restarted by begin_update and fed by this sync
+                self._rejoin(i)
+
+    def adopt_version(self, version: int) -> None:
+        super().adopt_version(version)
+        if self.excluded_servers():
+            self._probe_rejoin()  # restarted and fed by their own node
 
     def health(self) -> dict:
-        replicas = []
+        replicas, excluded = [], {self.urls[i] for i in self.excluded_servers()}
         for url, server in zip(self.urls, self.servers):
             try:
                 request(url + "/health", timeout=10)
@@ -266,7 +295,7 @@ class SGLangEngine(Streaming, WeightUpdates, RolloutEngine):
             except OSError:
                 ok = False
             replicas.append({"url": url, "ok": ok and (server is None or server.alive()),
-                             "restarts": server.restarts if server else 0})
+                             "restarts": server.restarts if server else 0, "excluded": url in excluded})
         return {"ok": not self._closed and all(r["ok"] for r in replicas), "weight_version": self.weight_version,
                 "replicas": replicas}
 
@@ -280,6 +309,16 @@ class SGLangEngine(Streaming, WeightUpdates, RolloutEngine):
     def _check_open(self) -> None:
         if self._closed:
             raise EngineError("the SGLang engine was shut down")
+
+
+def _follow(router: PromptRouter, live: list) -> None:
+    """The router's live servers := ``live`` (none live: unchanged, and the job's own server brings one back)."""
+    if live:
+        for s in live:
+            router.include(s)
+        for s in range(len(router.live)):
+            if s not in live:
+                router.exclude(s)
 
 
 def _error_message(err) -> str:

@@ -39,6 +39,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Optional
 
 from megatron_fipo.rollout.engine import EngineError, GenerationRequest, Sample
+from megatron_fipo.rollout.sglang_failover import ServerDied
 
 PAUSE_MODES = ("abort", "retract", "in_place")
 
@@ -85,22 +86,34 @@ def _version(value) -> int:
 class StreamRouter:
     """Places jobs that arrive one at a time: a group's jobs stay on the server its first job went to
     (its prompt is prefilled once there, and a continuation finds its prefix cached), a new group goes
-    to the server with the fewest outstanding tokens (ties: lowest index). Thread-safe."""
+    to the live server with the fewest outstanding tokens (ties: lowest index). A dead server is
+    excluded (its groups find a new home) until it is included again. Thread-safe."""
 
     def __init__(self, servers: int):
         self.load = [0] * servers
         self.home: dict[Any, int] = {}
+        self.excluded: set[int] = set()
         self._lock = threading.Lock()
 
     def place(self, group: Any, tokens: int) -> int:
         with self._lock:
             server = self.home.get(group) if group is not None else None
             if server is None:
-                server = min(range(len(self.load)), key=lambda s: (self.load[s], s))
+                live = [s for s in range(len(self.load)) if s not in self.excluded] or list(range(len(self.load)))
+                server = min(live, key=lambda s: (self.load[s], s))
                 if group is not None:
                     self.home[group] = server
             self.load[server] += tokens
             return server
+
+    def exclude(self, server: int) -> None:
+        with self._lock:
+            self.excluded.add(server)
+            self.home = {g: s for g, s in self.home.items() if s != server}
+
+    def include(self, server: int) -> None:
+        with self._lock:
+            self.excluded.discard(server)
 
     def done(self, server: int, tokens: int) -> None:
         with self._lock:
@@ -116,7 +129,8 @@ class Streaming:
     """The streaming routes of ``SGLangEngine`` (see the module docstring); a mix-in, not used alone.
 
     Reads the engine's ``urls``, ``max_in_flight``, ``server_args``, ``timeout`` and ``_check_open``, and runs jobs
-    through its ``_sample`` (retries, restarts) with version checks off (``strict=False``).
+    through its ``_sample`` (retries, restarts) with version checks off (``strict=False``); a job whose server
+    died moves to a live one (``sglang_failover``).
     """
 
     def _stream_init(self) -> None:
@@ -143,10 +157,21 @@ class Streaming:
                 self._executor = ThreadPoolExecutor(max_workers=self.max_in_flight, thread_name_prefix="sglang-stream")
             executor = self._executor
         tokens = len(req.prompt_ids) + req.params.max_new_tokens
-        server = self._router.place(group, tokens)
-        future = executor.submit(self._sample, server, req, 0, j, False)
-        future.add_done_callback(lambda _: self._router.done(server, tokens))
-        return future
+        return executor.submit(self._stream_job, self._router.place(group, tokens), req, j, group, tokens)
+
+    def _stream_job(self, server: int, req: GenerationRequest, j: int, group: Any, tokens: int) -> Sample:
+        """One sample job; when its server dies it moves, with its seed, to the group's new (live) server."""
+        try:
+            while True:
+                try:
+                    return self._sample(server, req, 0, j, False)
+                except ServerDied as died:
+                    self._router.done(server, tokens)
+                    self._router.exclude(died.server)
+                    server = self._router.place(group, tokens)
+                    self._count("rerouted_requests")
+        finally:
+            self._router.done(server, tokens)
 
     def forget_group(self, group: Any) -> None:
         self._router.forget(group)
@@ -173,19 +198,18 @@ class Streaming:
         self._busy(0, 0)
         with self._stream_lock:
             c = self._counts
-            return {"tokens": list(c["tokens"]), "prompt_tokens": c["prompt_tokens"],
-                    "cached_tokens": c["cached_tokens"], "aborted": c["aborted"], "busy_s": list(c["busy_s"]),
-                    "time": time.monotonic()}
+            out = {"tokens": list(c["tokens"]), "prompt_tokens": c["prompt_tokens"],
+                   "cached_tokens": c["cached_tokens"], "aborted": c["aborted"], "busy_s": list(c["busy_s"]),
+                   "time": time.monotonic()}
+        return {**out, **self.failover_counts()}
 
     # ------------------------------------------------------------------ pause / continue
     def pause_generation(self, mode: str, urls: Optional[Sequence[str]] = None) -> None:
-        payload = pause_payload(mode)
-        for url in urls if urls is not None else self.urls:
-            self._post(url, "/pause_generation", payload)
+        """Pause ``urls`` (default: the live servers; one found dead on the way is excluded)."""
+        self._post_live("/pause_generation", pause_payload(mode), urls)
 
     def continue_generation(self, urls: Optional[Sequence[str]] = None) -> None:
-        for url in urls if urls is not None else self.urls:
-            self._post(url, "/continue_generation", {})
+        self._post_live("/continue_generation", {}, urls)
 
     def abort_running(self) -> None:
         """End every running request now (each answers with its tokens so far, ``finish_reason`` abort)
