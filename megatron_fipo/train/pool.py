@@ -316,7 +316,8 @@ def age_metrics(exp: Experience, version: int, k: int) -> dict:
 
 def engine_metrics(before: dict, after: dict, capacity: int) -> dict:
     """The SGLang engine's figures between two ``stream_stats`` readings: generated tokens (and per second),
-    decode-slot use (requests in flight over ``capacity`` per server), prefix-cache hits, server shares."""
+    decode-slot use (requests in flight over ``capacity`` per server), prefix-cache hits, server shares, and dead
+    servers routed around (``rollout.sglang_failover``: deaths, rerouted requests, rejoins; servers live now)."""
     tokens = [b - a for a, b in zip(before["tokens"], after["tokens"])]
     wall = max(after["time"] - before["time"], 1e-9)
     busy = [b - a for a, b in zip(before["busy_s"], after["busy_s"])]
@@ -326,6 +327,10 @@ def engine_metrics(before: dict, after: dict, capacity: int) -> dict:
     out["rollout/prefix_cache_hit"] = (after["cached_tokens"] - before["cached_tokens"]) / prompt if prompt else 0.0
     for i, t in enumerate(tokens):
         out[f"rollout/server{i}_token_share"] = t / sum(tokens) if sum(tokens) else 0.0
+    for key in ("server_deaths", "rerouted_requests", "server_rejoins"):  # dead servers routed around
+        out[f"rollout/{key}"] = float(after.get(key, 0) - before.get(key, 0))
+    if "servers_live" in after:
+        out["rollout/servers_live"] = float(after["servers_live"])
     return out
 
 
