@@ -75,6 +75,9 @@ def make_handler(state: State):
         def do_GET(self):
             if self.path == "/health":
                 return self._send(503 if state.args.never_healthy else 200, {})
+            if self.path == "/get_model_info":  # SGLang's fields this project reads (weight_version)
+                return self._send(200, {"model_path": state.args.model_path, "is_generation": True,
+                                        "weight_version": state.version})
             if self.path == "/fake_state":
                 with state.lock:
                     snapshot = json.dumps({"weight_version": state.version, "checksums": state.checksums,
