@@ -18,4 +18,9 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 # classes. One fixed wheel (cp311, x86_64) on any machine; pip checks it against tools/sglang_pin.txt's hashes.
 .venv/bin/python -m pip download -q --no-deps --require-hashes --only-binary=:all: --python-version 3.11 \
   --implementation cp --abi cp311 --platform manylinux_2_34_x86_64 -d build/wheels -r tools/sglang_pin.txt
+# Four small wheels (about 1.3 MB) that tools/sglang_request_check.py puts beside the unpacked SGLang wheel to run
+# its request classes; never installed into .venv (tests/unit/test_sglang_request_check.py).
+.venv/bin/python -m pip download -q --no-deps --require-hashes --only-binary=:all: --python-version 3.11 \
+  --implementation cp --abi cp311 --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+  --platform manylinux1_x86_64 -d build/wheels/sglang_check -r tools/sglang_check_pin.txt
 echo "[bootstrap] ready: $(.venv/bin/python -c 'import torch; print("torch", torch.__version__)')"

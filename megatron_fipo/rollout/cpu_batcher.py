@@ -186,11 +186,12 @@ class Batcher:
                     job.events.append((old, len(job.tokens)))
                     self.counters["version_events"] += 1
 
-    def flush_refusal(self) -> Optional[str]:
+    def flush_refusal(self, deferred: bool = False) -> Optional[str]:
         """Why the prefix cache may not be flushed now (SGLang's rule), or None: not while requests run, nor
-        while requests wait unless paused."""
+        while requests wait unless paused; a deferred flush (``/flush_cache?timeout=``) waits for no
+        request waiting at all."""
         with self.cond:
-            if self.running or (self.waiting and not self.paused):
+            if self.running or (self.waiting and (deferred or not self.paused)):
                 return (f"Cache not flushed because there are pending requests. #queue-req: {len(self.waiting)}, "
                         f"#running-req: {len(self.running)}")
             return None

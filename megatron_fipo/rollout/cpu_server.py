@@ -46,7 +46,8 @@ Routes (SGLang 0.5 ``http_server.py``; request fields as in its ``io_struct``):
 * ``POST /release_memory_occupation`` / ``/resume_memory_occupation`` gate ``/generate`` (and
   weight updates) as ``CPUEngine.release`` / ``resume`` do (running requests wait); release also
   empties the prefix cache (SGLang frees the KV cache). ``POST /flush_cache`` empties it, refused
-  as SGLang refuses it while requests run (an ``in_place`` pause included) or wait unpaused.
+  as SGLang refuses it while requests run (an ``in_place`` pause included) or wait unpaused; with
+  ``?timeout=S`` (SGLang's deferred flush) it waits until no request runs or waits, at most S seconds.
   ``GET /health`` (200, empty; 503 under ``--never-healthy``), ``GET /get_model_info``
   (``model_path``, ``tokenizer_path``, ``is_generation``, ``preferred_sampling_params``,
   ``weight_version``).
@@ -81,6 +82,7 @@ import os
 import threading
 import time
 import traceback
+import urllib.parse
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Optional
@@ -108,6 +110,7 @@ ROUTES = {"generate": (("POST", "PUT"), "generate"), "pause_generation": (("POST
           "flush_cache": (("GET", "POST"), "flush_cache"), "health": (("GET",), "health"),
           "health_generate": (("GET",), "health"), "get_model_info": (("GET",), "get_model_info"),
           "fipo_stats": (("GET",), "stats")}
+QUERY_PARAMS = {"flush_cache": {"timeout"}}  # SGLang's query parameters (``/flush_cache?timeout=S``)
 PAUSED = {"message": "Generation paused successfully.", "status": "ok"}  # SGLang's answers
 CONTINUED = {"message": "Generation continued successfully.", "status": "ok"}
 GENERATE_FIELDS = {"input_ids", "sampling_params", "return_logprob", "rid", "stream", "text", "input_embeds",
@@ -153,7 +156,8 @@ class CPUServer(WeightRoutes):
     # ------------------------------------------------------------------ dispatch
     def handle(self, method: str, path: str, body: Mapping) -> tuple[int, Any]:
         """``(HTTP status, answer)``: a dict (JSON), a str (text) or None (empty)."""
-        name = path.split("?", 1)[0].strip("/")
+        name, _, query = path.partition("?")
+        name = name.strip("/")
         route = self.routes.get(name)
         if route is None or method not in route[0]:
             return 404, {"error": {"message": f"no route {method} {path}"}}
@@ -162,7 +166,10 @@ class CPUServer(WeightRoutes):
         try:
             if name == self.fail_endpoint:
                 raise RequestError(f"injected failure in {name}")
-            return 200, route[1](body)
+            params = dict(urllib.parse.parse_qsl(query, keep_blank_values=True))
+            if set(params) - QUERY_PARAMS.get(name, set()):
+                raise RequestError(f"{name} takes no query parameter {sorted(set(params) - QUERY_PARAMS.get(name, set()))}")
+            return 200, route[1](body, **params) if params else route[1](body)
         except (RequestError, EngineError, ValueError) as err:
             return 400, self._error(name, str(err))
         except Exception as err:  # a bug or an environment failure: the answer carries the traceback
@@ -287,13 +294,24 @@ class CPUServer(WeightRoutes):
             self.engine.resume()
             self.batcher.cond.notify_all()
 
-    def flush_cache(self, body: Mapping) -> str:
-        with self.lock:
-            refusal = self.batcher.flush_refusal()
-            if refusal:
+    def flush_cache(self, body: Mapping, timeout: str = "0") -> str:
+        """SGLang's flush: at once, or refused while requests run (``timeout`` 0); with ``timeout`` S > 0
+        deferred until nothing runs or waits (paused or not), failing after S seconds."""
+        wait = float(timeout)
+        if not wait >= 0.0:
+            raise RequestError(f"timeout must be >= 0, got {timeout!r}")
+        deadline = time.monotonic() + wait
+        while True:
+            with self.lock:
+                refusal = self.batcher.flush_refusal(deferred=wait > 0)
+                if refusal is None:
+                    self._flush()
+                    return "Cache flushed.\n"
+            if wait <= 0:
                 raise RequestError(refusal)
-            self._flush()
-        return "Cache flushed.\n"
+            if time.monotonic() >= deadline:
+                raise RequestError("Timed out waiting for idle state.")
+            time.sleep(0.01)
 
     def _flush(self) -> None:
         self.prefix.clear()

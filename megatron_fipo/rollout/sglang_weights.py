@@ -12,7 +12,8 @@ and only lazily (``init_custom_process_group`` in disaggregated mode).
 Design (SGLang 0.5.23 HTTP API, the pin of tools/sglang_pin.txt):
 
 * Every sync is one weight-update session per server: ``/begin_weight_update``, the buckets,
-  ``/end_weight_update`` (SGLang refuses updates outside a session), then ``/flush_cache``. The
+  ``/end_weight_update`` (SGLang refuses updates outside a session), then ``/flush_cache``
+  (``flush_route``: deferred until the server is idle, or at once when it is paused). The
   update requests send SGLang's defaults explicitly: no flush per bucket (``flush_cache`` and so
   ``torch_empty_cache`` off), ``load_format`` None (named tensors, not SGLang's flattened bucket),
   ``selector`` ``"all"`` (the served model and, under speculative decoding, the draft model).
@@ -90,6 +91,16 @@ def deserialize_named_tensors(payload: str) -> list:
 WEIGHT_GROUP = "fipo_weights"  # the name of the disaggregated weight-update group
 # What every weight-update request says besides its tensors (see the module docstring).
 _UPDATE_OPTIONS = {"flush_cache": False, "torch_empty_cache": False, "load_format": None, "selector": "all"}
+FLUSH_WAIT_S = 300.0  # how long a server may take to become idle before its cache is flushed (requests aborted)
+
+
+def flush_route(paused: bool) -> str:
+    """The ``/flush_cache`` request that ends a sync. SGLang flushes only an idle server. Paused with
+    ``retract`` it is idle at once (its waiting requests hold no KV), and the flush must be immediate:
+    SGLang's deferred flush waits for an empty waiting queue, which a paused server never has. Not
+    paused, requests may still be leaving (an abort takes effect at the scheduler's next iteration),
+    so ``timeout`` asks SGLang to defer the flush until the server is idle instead of refusing it."""
+    return "/flush_cache" if paused else f"/flush_cache?timeout={FLUSH_WAIT_S:g}"
 
 
 def tensor_update_payload(per_rank: Sequence[str], version: int) -> dict:
@@ -195,7 +206,8 @@ class WeightUpdates:
         self._end_sessions(urls)
 
     def _post(self, url: str, route: str, payload: Optional[Mapping] = None) -> dict:
-        return post_checked(url + route, payload or {}, timeout=self.timeout, what=route[1:])
+        return post_checked(url + route, payload or {}, timeout=self.timeout + FLUSH_WAIT_S,
+                            what=route[1:].split("?")[0])
 
     def begin_update(self) -> None:
         """Open a weight-update session on every replica, before ``push_tensor_payloads`` (node-local sync)."""
@@ -223,7 +235,7 @@ class WeightUpdates:
         with ``retract``: the continued requests then recompute their KV with the new weights), continue."""
         for url in urls:
             self._post(url, "/end_weight_update")
-            self._post(url, "/flush_cache")
+            self._post(url, flush_route(paused=self.inflight_updates))
             if self.inflight_updates:
                 self.continue_generation([url])
 

@@ -323,6 +323,36 @@ def test_weight_write_under_running_requests_counts(make_server, model_dir, pool
     assert _ok(future)["meta_info"]["finish_reason"]["type"] == "abort"
 
 
+
+def test_deferred_flush_waits_for_the_server_to_be_idle(make_server, pool):
+    """``/flush_cache?timeout=S`` (SGLang's deferred flush): answered once nothing runs or waits, here after
+    the running request is aborted; a 0 timeout is refused at once; a paused server with waiting
+    (retracted) requests never becomes idle, so the deferred flush times out while a plain one succeeds."""
+    server = make_server(decode_step_ms=10)
+    future = pool.submit(server.handle, "POST", "/generate", _body([5], seed=0, max_new=200, rid="d"))
+    _wait_for(lambda: (_tokens_of(server, "d") or 0) >= 1, "a running request")
+    assert server.handle("POST", "/flush_cache", {})[0] == 400
+    flushed = pool.submit(server.handle, "POST", "/flush_cache?timeout=60", {})
+    time.sleep(0.05)
+    assert not flushed.done()  # deferred, not refused
+    flushes = server.flushes
+    _post(server, "abort_request", {"abort_all": True})
+    assert _ok(flushed) == "Cache flushed.\n" and server.flushes == flushes + 1
+    assert _ok(future)["meta_info"]["finish_reason"]["type"] == "abort"
+
+    future = pool.submit(server.handle, "POST", "/generate", _body([6], seed=1, max_new=200, rid="e"))
+    _wait_for(lambda: (_tokens_of(server, "e") or 0) >= 1, "a running request")
+    _post(server, "pause_generation", {"mode": "retract"})
+    code, answer = server.handle("POST", "/flush_cache?timeout=0.2", {})
+    assert code == 400 and answer["error"]["message"] == "Timed out waiting for idle state."
+    assert server.handle("POST", "/flush_cache", {})[0] == 200  # SGLang flushes a paused server at once
+    code, answer = server.handle("POST", "/flush_cache?wait=1", {})
+    assert code == 400 and "no query parameter ['wait']" in answer["error"]["message"]
+    _post(server, "continue_generation")
+    _post(server, "abort_request", {"abort_all": True})
+    assert _ok(future)["meta_info"]["finish_reason"]["type"] == "abort"
+
+
 # ---------------------------------------------------------------------------------------------- accounting
 def test_continuation_reports_the_cached_prefix(make_server, pool):
     server = make_server()

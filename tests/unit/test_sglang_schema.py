@@ -15,19 +15,18 @@ a field it requires and we do not send fails only on a GPU. This test reads the 
   sampling parameters outright).
 
 The bodies come from the engine's own builders (``generate_payload``, ``tensor_update_payload``,
-``init_group_payload``, ``distributed_update_payload``; the other routes get ``{}``), and every
-route the engine names must be listed here. A body fails when it sends a field the class does not
-have or leaves out one without a default.
+``init_group_payload``, ``distributed_update_payload``, ``pause_payload``, ``flush_route``; the
+other routes get ``{}``), and every route the engine names must be listed there. A body fails when
+it sends a field the class does not have or leaves out one without a default; a query string when
+it names a parameter the route does not take. The readers, the checker and the list of requests
+live in ``tools/sglang_wheel.py``, shared with ``tools/sglang_request_check.py``, which goes
+further: it feeds the same requests to SGLang's own classes (tests/unit/test_sglang_request_check.py).
 """
 import ast
-import glob
-import hashlib
 import os
 import re
 import sys
 import zipfile
-from collections.abc import Mapping
-from typing import Optional
 
 import pytest
 import torch
@@ -35,149 +34,40 @@ import torch
 from megatron_fipo.rollout import sglang_engine, sglang_stream, sglang_weights
 from megatron_fipo.rollout.engine import GenerationRequest, SamplingParams
 from megatron_fipo.rollout.sglang_engine import generate_payload
-from megatron_fipo.rollout.sglang_stream import PAUSE_MODES, pause_payload
-from megatron_fipo.rollout.sglang_weights import (
-    distributed_update_payload,
-    init_group_payload,
-    tensor_update_payload,
-)
+from megatron_fipo.rollout.sglang_weights import distributed_update_payload, tensor_update_payload
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 
 import image_check  # noqa: E402
-
-WHEELS = os.path.join(ROOT, "build", "wheels")
-SOURCES = {"http": "sglang/srt/entrypoints/http_server.py", "io": "sglang/srt/managers/io_struct.py",
-           "sampling": "sglang/srt/sampling/sampling_params.py", "contract": "sglang/api/v1/api_types.py"}
-
-Fields = dict[str, bool]  # field name -> required (no default)
-
-
-# ---------------------------------------------------------------- reading the wheel
-def class_fields(source: str) -> dict[str, Fields]:
-    """Every class of a module -> its fields (annotated ones and ``__init__``'s parameters; those of its
-    in-module bases first)."""
-    own, bases = {}, {}
-    for node in ast.parse(source).body:
-        if not isinstance(node, ast.ClassDef):
-            continue
-        bases[node.name] = [b.id for b in node.bases if isinstance(b, ast.Name)]
-        own[node.name] = {s.target.id: _required(s.value) for s in node.body
-                          if isinstance(s, ast.AnnAssign) and isinstance(s.target, ast.Name)
-                          and not ast.unparse(s.annotation).startswith(("ClassVar", "typing.ClassVar"))}
-        for init in (s for s in node.body if isinstance(s, ast.FunctionDef) and s.name == "__init__"):
-            params = init.args.args[1:]  # a plain class (older SGLang's SamplingParams): its parameters
-            with_default = len(init.args.defaults)
-            own[node.name].update({a.arg: i < len(params) - with_default for i, a in enumerate(params)})
-            own[node.name].update({a.arg: d is None for a, d in zip(init.args.kwonlyargs, init.args.kw_defaults)})
-
-    def resolve(name: str) -> Fields:
-        out: Fields = {}
-        for base in (b for b in bases[name] if b in own):
-            out.update(resolve(base))
-        return {**out, **own[name]}
-
-    return {name: resolve(name) for name in own}
-
-
-def _required(value: Optional[ast.expr]) -> bool:
-    """No default: no value, or ``field(...)`` / ``msgspec.field(...)`` without default(_factory)."""
-    if value is None:
-        return True
-    if isinstance(value, ast.Call) and ast.unparse(value.func) in ("field", "dataclasses.field", "msgspec.field"):
-        return not any(k.arg in ("default", "default_factory") for k in value.keywords)
-    return False
-
-
-def http_routes(source: str) -> dict[str, tuple[set, Optional[str]]]:
-    """``route -> (HTTP methods, the class its request body is read into or None)`` of ``@app.<verb>``."""
-    routes = {}
-    for node in ast.walk(ast.parse(source)):
-        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            continue
-        body = next((n.id for arg in node.args.args + node.args.kwonlyargs if arg.arg == "obj" and arg.annotation
-                     for n in ast.walk(arg.annotation) if isinstance(n, ast.Name) and n.id != "Annotated"), None)
-        for dec in node.decorator_list:
-            if not (isinstance(dec, ast.Call) and ast.unparse(dec.func).startswith("app.") and dec.args
-                    and isinstance(dec.args[0], ast.Constant)):
-                continue
-            verb = dec.func.attr
-            methods = {verb.upper()} if verb != "api_route" else set(next(
-                (ast.literal_eval(k.value) for k in dec.keywords if k.arg == "methods"), ["GET"]))
-            routes[dec.args[0].value] = (methods, body)
-    return routes
+import sglang_wheel  # noqa: E402
+from sglang_wheel import (  # noqa: E402
+    SOURCES,
+    WheelMissing,
+    body_problems,
+    class_fields,
+    http_routes,
+    query_params,
+    read_wheel,
+    request_problems,
+)
 
 
 def _wheel_path() -> str:
-    version, hashes = image_check.read_pin()
-    found = sorted(glob.glob(os.path.join(WHEELS, f"sglang-{version}-*.whl")))
-    if not found:
-        pytest.fail(f"the pinned SGLang wheel (sglang=={version}) is not in {WHEELS}: run bash tools/bootstrap.sh")
-    with open(found[0], "rb") as fh:
-        digest = hashlib.sha256(fh.read()).hexdigest()
-    assert digest in hashes, f"{found[0]} has sha256 {digest}, not one of tools/sglang_pin.txt's: rerun bootstrap"
-    return found[0]
+    try:
+        return sglang_wheel.wheel_path()
+    except WheelMissing as err:
+        pytest.fail(str(err))
 
 
 @pytest.fixture(scope="module")
 def wheel() -> dict:
-    """The pinned wheel's parsed sources: ``routes``, ``io``, ``sampling``, ``contract`` and ``requires``."""
-    with zipfile.ZipFile(_wheel_path()) as zf:
-        text = {key: zf.read(path).decode() for key, path in SOURCES.items()}
-        metadata = next(n for n in zf.namelist() if n.endswith(".dist-info/METADATA"))
-        requires = re.findall(r"^Requires-Dist: (.+)$", zf.read(metadata).decode(), flags=re.M)
-    return {"routes": http_routes(text["http"]), "io": class_fields(text["io"]),
-            "sampling": class_fields(text["sampling"])["SamplingParams"], "contract": class_fields(text["contract"]),
-            "requires": requires}
+    """The pinned wheel's parsed sources (``sglang_wheel.read_wheel``)."""
+    return read_wheel(_wheel_path())
 
 
-# ---------------------------------------------------------------- the checker
-def body_problems(body: Mapping, fields: Fields, what: str) -> list[str]:
-    """A body's fields SGLang does not have, and SGLang's required fields the body leaves out."""
-    return ([f"{what} sends {k!r}, which SGLang does not have" for k in sorted(set(body) - set(fields))]
-            + [f"{what} leaves out {k!r}, which SGLang requires" for k, req in sorted(fields.items())
-               if req and k not in body])
-
-
-def request_problems(wheel: dict, route: str, method: str, body: Optional[Mapping]) -> list[str]:
-    """Everything wrong with sending ``body`` to ``route`` by ``method`` (None: no body)."""
-    if route not in wheel["routes"]:
-        return [f"SGLang serves no {route}"]
-    methods, cls = wheel["routes"][route]
-    problems = [] if method in methods else [f"{route} does not take {method} (only {sorted(methods)})"]
-    if cls is None:
-        return problems + ([f"{route} reads no body, but {sorted(body)} is sent"] if body else [])
-    if cls not in wheel["io"]:
-        return problems + [f"{route} reads a {cls}, which is not a class of io_struct.py"]
-    problems += body_problems(body or {}, wheel["io"][cls], f"{route} ({cls})")
-    if route == "/generate":  # the JSON contract and the sampling parameters, checked before the class
-        problems += body_problems(body, wheel["contract"]["GenerateRequest"], "/generate (contract)")
-        sampling = body.get("sampling_params", {})
-        problems += body_problems(sampling, wheel["sampling"], "/generate sampling_params (SamplingParams)")
-        problems += body_problems(sampling, wheel["contract"]["SamplingParams"], "/generate sampling_params (contract)")
-    return problems
-
-
-# ---------------------------------------------------------------- what the engine sends
-def sent() -> list[tuple[str, str, Optional[dict]]]:
-    """``(route, method, body)`` of every request of the engine, the bodies from its own builders."""
-    bucket = [("model.embed_tokens.weight", torch.zeros(4, 2)),
-              ("model.norm.weight", torch.zeros(2, dtype=torch.bfloat16))]
-    seeded = GenerationRequest((1, 2, 3), SamplingParams(n=2, top_k=5, max_new_tokens=4, stop_token_ids=(3,), seed=7))
-    return [("/generate", "POST", generate_payload(seeded, 1)),
-            ("/generate", "POST", generate_payload(GenerationRequest((1,)), 0)),  # no seed, no top_k
-            ("/begin_weight_update", "POST", {}),
-            ("/update_weights_from_tensor", "POST", tensor_update_payload(["payload-rank0", "payload-rank1"], 3)),
-            ("/init_weights_update_group", "POST", init_group_payload("10.0.0.1", 29500, 1, 5, "nccl")),
-            ("/update_weights_from_distributed", "POST", distributed_update_payload(bucket, 3)),
-            ("/end_weight_update", "POST", {}),
-            ("/flush_cache", "POST", {}),
-            ("/release_memory_occupation", "POST", {}),
-            ("/resume_memory_occupation", "POST", {}),
-            ("/health", "GET", None),
-            *[("/pause_generation", "POST", pause_payload(mode)) for mode in PAUSE_MODES],
-            ("/continue_generation", "POST", {})]
+def sent() -> list:
+    return sglang_wheel.engine_requests()
 
 
 def test_every_request_of_the_engine_conforms_to_the_pinned_sglang(wheel):
@@ -190,7 +80,7 @@ def test_every_route_the_engine_names_is_checked():
     named = {n.value for module in (sglang_engine, sglang_weights, sglang_stream)
              for n in ast.walk(ast.parse(open(module.__file__, encoding="utf-8").read()))
              if isinstance(n, ast.Constant) and isinstance(n.value, str) and re.fullmatch(r"/[a-z_]+", n.value)}
-    assert named == {route for route, _, _ in sent()}
+    assert named == {route.partition("?")[0] for route, _, _ in sent()}
 
 
 def test_the_checker_reports_renamed_fields(wheel):
@@ -222,6 +112,8 @@ def test_the_checker_reports_renamed_fields(wheel):
         "SGLang serves no /begin_weight_update"]
     assert request_problems(wheel, "/flush_cache", "POST", {"timeout": 1}) == [
         "/flush_cache reads no body, but ['timeout'] is sent"]
+    assert request_problems(wheel, "/flush_cache?timeout_s=5", "POST", {}) == [
+        "/flush_cache has no query parameter 'timeout_s'"]
 
 
 def test_the_parsers_read_dataclasses_structs_and_routes():
@@ -237,6 +129,8 @@ def test_the_parsers_read_dataclasses_structs_and_routes():
                          'async def x(obj: Annotated[Req, Body()]): ...\n'
                          '@app.post("/y")\n@app.get("/z")\nasync def y(timeout: float = 0.0): ...\n')
     assert routes == {"/x": ({"GET", "POST"}, "Req"), "/y": ({"POST"}, None), "/z": ({"GET"}, None)}
+    assert query_params('@app.post("/f")\nasync def f(timeout: float = Query(0.0, ge=0.0), b: int = 1): ...\n'
+                        '@app.get("/g")\nasync def g(obj: Req): ...\n') == {"/f": {"timeout"}, "/g": set()}
 
 
 def test_the_pinned_wheel_pins_the_torch_of_image_check_pairs(wheel):
@@ -246,7 +140,7 @@ def test_the_pinned_wheel_pins_the_torch_of_image_check_pairs(wheel):
 
 
 def test_a_missing_wheel_fails_and_says_how_to_get_it(monkeypatch, tmp_path):
-    monkeypatch.setattr(sys.modules[__name__], "WHEELS", str(tmp_path))
+    monkeypatch.setattr(sglang_wheel, "WHEELS", str(tmp_path))
     with pytest.raises(pytest.fail.Exception, match="run bash tools/bootstrap.sh"):
         _wheel_path()
 
