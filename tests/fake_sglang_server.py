@@ -90,7 +90,7 @@ def make_handler(state: State):
 
         def do_POST(self):
             body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
-            name = self.path.strip("/")
+            name = self.path.split("?", 1)[0].strip("/")  # /flush_cache?timeout=S: the route's name
             if name == state.args.fail_endpoint:
                 return self._send(400, {"success": False, "message": f"injected failure in {name}"})  # as SGLang
             handler = getattr(self, "_" + name, None)
