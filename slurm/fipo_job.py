@@ -4,18 +4,30 @@ Usage (inside an allocation, one task per node; ``slurm/fipo.sbatch`` and
 ``slurm/launch_nemo_run.py`` both run exactly these commands)::
 
     python slurm/fipo_job.py train  --config CFG [--rollout-nodes R] [--gpus-per-node 8] [-- overrides...]
+    python slurm/fipo_job.py train  --config CFG --gpus-per-node 0 --procs-per-node 2 ...   # CPU nodes
     python slurm/fipo_job.py sglang --config CFG --rollout-nodes R [--log-dir DIR] [-- overrides...]
     python slurm/fipo_job.py train  --print ...     # show the command and environment, run nothing
 
 Owns the node-side launch logic, so both launchers share one definition of the job:
 the allocation's hosts (``FIPO_NODES``, else ``scontrol show hostnames``) split into training nodes
-(the first ones) and ``--rollout-nodes`` SGLang nodes (the last ones); rendezvous
-(``MASTER_ADDR`` = first training node, static ``--node-rank`` = the task's ``SLURM_PROCID``);
-the NCCL / Gloo interface (``FIPO_IFNAME``, else the interface that routes to another node);
-``--resume`` after a requeue (``SLURM_RESTART_COUNT > 0``); in disaggregated mode the SGLang server
-command lines from ``rollout.sglang`` of the same config (``tp_size`` GPUs each, ``gpus_per_node /
-tp_size`` servers per node) and the ``rollout.urls`` handed to the trainer. The config is
-validated for the training world size before anything starts.
+(the first ones) and ``--rollout-nodes`` SGLang nodes (the last ones); their addresses (Slurm's
+``NodeAddr`` from ``scontrol show node``: node names need not resolve); rendezvous
+(``MASTER_ADDR`` = the first training node's address, or ``FIPO_MASTER_ADDR``; static
+``--node-rank`` = the task's ``SLURM_PROCID``), checked before torchrun starts: an address that
+does not resolve, is not the master's own, or cannot be reached within ``FIPO_CONNECT_TIMEOUT_S``
+(45 s) ends the node with one line naming it; the NCCL / Gloo interface (``FIPO_IFNAME``, else the
+interface that routes to another node's address); ``--resume`` after a requeue
+(``SLURM_RESTART_COUNT > 0``); in disaggregated mode the SGLang server command lines from
+``rollout.sglang`` of the same config (``tp_size`` GPUs each, ``gpus_per_node / tp_size`` servers
+per node; on nodes without GPUs ``procs_per_node / tp_size`` servers, e.g. the CPU server through
+``FIPO_SGLANG_LAUNCHER``) and the ``rollout.urls`` (node addresses) handed to the trainer. The
+config is validated for the training world size (nodes x ``--procs-per-node``, which is the GPUs per
+node unless the nodes have none) before anything starts.
+
+torchrun runs in this process (``torch.distributed.run``): when Slurm ends the step (requeue,
+preemption, cancellation, time limit) each node prints one line saying so and from which
+checkpoint the run resumes, instead of torchrun's ``SignalException`` traceback, and a requeued
+node exits 0. ``FIPO_TORCHRUN`` names another launcher to exec instead (the tests' stand-in).
 
 Imports only ``megatron_fipo.config.schema`` / ``plan`` at module level (the SGLang role also uses the
 rollout package's server process); not part of the installed package, it runs from a checkout or
@@ -26,6 +38,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import shlex
 import shutil
 import socket
@@ -40,6 +53,7 @@ from megatron_fipo.config.schema import Config, load_config, validate  # noqa: E
 
 DEFAULT_MASTER_PORT = 29500
 DEFAULT_SGLANG_PORT = 30000
+CONNECT_TIMEOUT_S = 45.0  # an unreachable master ends the job within a minute
 LAUNCHER_KEYS = ("rollout.engine", "rollout.mode", "rollout.urls")
 
 
@@ -50,6 +64,9 @@ class Job:
     Attributes:
         config: YAML config path; ``overrides``: dotted ``key=value`` overrides of the user.
         hosts: every node of the allocation, in Slurm order.
+        addresses: each host's address (Slurm's ``NodeAddr``); empty: the names themselves.
+        gpus_per_node: 0 for nodes without GPUs (CPU training and CPU rollout servers).
+        procs_per_node: training processes per node; None: one per GPU (required without GPUs).
         rollout_nodes: > 0 runs SGLang on the last ``rollout_nodes`` hosts (disaggregated).
         restart: ``SLURM_RESTART_COUNT`` (> 0 after a requeue: the trainer resumes).
     """
@@ -62,10 +79,22 @@ class Job:
     master_port: int = DEFAULT_MASTER_PORT
     sglang_port: int = DEFAULT_SGLANG_PORT
     restart: int = 0
+    procs_per_node: Optional[int] = None
+    addresses: tuple = ()
 
     def __post_init__(self):
-        if self.gpus_per_node < 1:
-            raise ValueError(f"--gpus-per-node must be >= 1, got {self.gpus_per_node}")
+        if self.gpus_per_node < 0:
+            raise ValueError(f"--gpus-per-node must be >= 0, got {self.gpus_per_node}")
+        if self.procs_per_node is None and not self.gpus_per_node:
+            raise ValueError("nodes without GPUs (--gpus-per-node=0) need the training processes per node: "
+                             "--procs-per-node N (FIPO_PROCS_PER_NODE in fipo.sbatch)")
+        if self.procs < 1:
+            raise ValueError(f"--procs-per-node must be >= 1, got {self.procs}")
+        if self.gpus_per_node and self.procs != self.gpus_per_node:
+            raise ValueError(f"one training process per GPU: --procs-per-node={self.procs} must equal "
+                             f"--gpus-per-node={self.gpus_per_node} (or run on nodes without GPUs: --gpus-per-node=0)")
+        if self.addresses and len(self.addresses) != len(self.hosts):
+            raise ValueError(f"{len(self.addresses)} addresses for {len(self.hosts)} hosts")
         if not 0 <= self.rollout_nodes < len(self.hosts):
             raise ValueError(f"--rollout-nodes={self.rollout_nodes} must leave at least one of the "
                              f"{len(self.hosts)} node(s) {list(self.hosts)} for training")
@@ -83,26 +112,51 @@ class Job:
         return self.hosts[len(self.hosts) - self.rollout_nodes:]
 
     @property
+    def procs(self) -> int:
+        """Training processes per node (torchrun's ``--nproc-per-node``)."""
+        return self.gpus_per_node if self.procs_per_node is None else self.procs_per_node
+
+    @property
+    def slots(self) -> int:
+        """What rollout servers are laid out over on a rollout node: its GPUs, or without GPUs its processes."""
+        return self.gpus_per_node or self.procs
+
+    def address(self, host: str) -> str:
+        """``host``'s address (Slurm's ``NodeAddr``; the name itself when unknown)."""
+        return dict(zip(self.hosts, self.addresses)).get(host, host)
+
+    @property
+    def master_addr(self) -> str:
+        return self.address(self.train_hosts[0])
+
+    @property
     def world_size(self) -> int:
-        return len(self.train_hosts) * self.gpus_per_node
+        return len(self.train_hosts) * self.procs
 
 
-def sglang_layout(config: Config, gpus_per_node: int) -> tuple[int, int, dict]:
-    """``(tp_size, servers per node, other server arguments)`` from ``rollout.sglang``."""
+def sglang_layout(config: Config, gpus_per_node: int, what: str = "GPUs") -> tuple[int, int, dict]:
+    """``(tp_size, servers per node, other server arguments)`` from ``rollout.sglang``.
+
+    ``gpus_per_node``: the node's GPUs, or on a node without GPUs its processes (``what``).
+    """
     tp, args = config.rollout.sglang_server_args()
     if not isinstance(tp, int) or tp < 1 or gpus_per_node % tp:
         raise ValueError(f"rollout.sglang.tp_size={tp!r} must be a positive divisor of the {gpus_per_node} "
-                         "GPUs per node")
+                         f"{what} per node")
     for key in ("model_path", "host", "port", "base_gpu_id"):
         if key in args:
             raise ValueError(f"rollout.sglang.{key} is set by the launcher; remove it from the config")
     return tp, gpus_per_node // tp, args
 
 
+def _layout(job: Job, config: Config) -> tuple[int, int, dict]:
+    return sglang_layout(config, job.slots, "GPUs" if job.gpus_per_node else "processes (no GPUs)")
+
+
 def rollout_urls(job: Job, config: Config) -> list[str]:
-    """The SGLang servers of the rollout nodes, in host order (what the trainer gets as ``rollout.urls``)."""
-    _, per_node, _ = sglang_layout(config, job.gpus_per_node)
-    return [f"http://{host}:{job.sglang_port + i}" for host in job.rollout_hosts for i in range(per_node)]
+    """The SGLang servers of the rollout nodes at their addresses, in host order (``rollout.urls``)."""
+    _, per_node, _ = _layout(job, config)
+    return [f"http://{job.address(host)}:{job.sglang_port + i}" for host in job.rollout_hosts for i in range(per_node)]
 
 
 def train_overrides(job: Job, config: Config) -> list[str]:
@@ -120,7 +174,7 @@ def resolve(job: Job) -> Config:
     for message in validate(config, world_size=job.world_size):
         print(f"[fipo_job] warning: {message}", file=sys.stderr)
     if job.rollout_nodes:
-        sglang_layout(config, job.gpus_per_node)
+        _layout(job, config)
     return config
 
 
@@ -130,18 +184,20 @@ def torchrun_argv(job: Job, config: Config, node_rank: int) -> list[str]:
     if not 0 <= node_rank < nodes:
         raise ValueError(f"node rank {node_rank} is not one of the {nodes} training node(s)")
     resume = ["--resume"] if job.restart > 0 else []
-    return ["torchrun", f"--nnodes={nodes}", f"--nproc-per-node={job.gpus_per_node}", f"--node-rank={node_rank}",
-            f"--master-addr={job.train_hosts[0]}", f"--master-port={job.master_port}",
+    return ["torchrun", f"--nnodes={nodes}", f"--nproc-per-node={job.procs}", f"--node-rank={node_rank}",
+            f"--master-addr={job.master_addr}", f"--master-port={job.master_port}",
             "-m", "megatron_fipo", "train", *resume, "--config", job.config, *train_overrides(job, config)]
 
 
 def sglang_argvs(job: Job, config: Config, launcher: Sequence[str]) -> list[list[str]]:
-    """One ``sglang.launch_server`` command per server of a rollout node (GPUs ``i*tp .. (i+1)*tp - 1``)."""
+    """One ``sglang.launch_server`` command per server of a rollout node (GPUs ``i*tp .. (i+1)*tp - 1``;
+    no ``--base-gpu-id`` on a node without GPUs)."""
     from megatron_fipo.rollout.sglang_server import server_argv
 
-    tp, per_node, extra = sglang_layout(config, job.gpus_per_node)
+    tp, per_node, extra = _layout(job, config)
     return [[*launcher, "--model-path", config.model.hf_path, "--host", "0.0.0.0", "--port", str(job.sglang_port + i),
-             "--tp-size", str(tp), "--base-gpu-id", str(i * tp), *server_argv(extra)] for i in range(per_node)]
+             "--tp-size", str(tp), *(["--base-gpu-id", str(i * tp)] if job.gpus_per_node else []), *server_argv(extra)]
+            for i in range(per_node)]
 
 
 def route_interface(host: str) -> Optional[str]:
@@ -169,15 +225,15 @@ def route_interface(host: str) -> Optional[str]:
 def node_env(job: Job, base: Mapping[str, str], this_host: Optional[str] = None) -> dict:
     """The process environment of a node: rendezvous, NCCL / Gloo interface, Megatron's CUDA setting.
 
-    The interface is ``FIPO_IFNAME``, else the one that routes from ``this_host`` to another node of
-    the job (the master, or from the master to a peer: its own name may resolve to a loopback
+    The interface is ``FIPO_IFNAME``, else the one that routes from ``this_host`` to another node's
+    address (the master's, or from the master to a peer's: its own name may resolve to a loopback
     address); a loopback answer on a multi-node job is ignored (NCCL / Gloo then choose).
     """
     env = dict(base)
     master = job.train_hosts[0]
-    env.update(MASTER_ADDR=master, MASTER_PORT=str(job.master_port))
+    env.update(MASTER_ADDR=job.master_addr, MASTER_PORT=str(job.master_port))
     peer = master if this_host != master else next((h for h in job.hosts if h != master), master)
-    ifname = env.get("FIPO_IFNAME") or route_interface(peer)
+    ifname = env.get("FIPO_IFNAME") or route_interface(job.address(peer))
     if ifname and not (ifname == "lo" and len(set(job.hosts)) > 1):
         env.setdefault("NCCL_SOCKET_IFNAME", ifname)
         env.setdefault("GLOO_SOCKET_IFNAME", ifname)
@@ -199,6 +255,59 @@ def hosts_from_env(env: Mapping[str, str]) -> tuple:
                      "with scontrol available")
 
 
+def node_addresses(hosts: Sequence[str], env: Mapping[str, str]) -> tuple:
+    """Each host's ``NodeAddr`` from ``scontrol show node`` inside a Slurm job; the names themselves
+    outside one (``--hosts``, no ``SLURM_JOB_ID`` or no ``scontrol``)."""
+    scontrol = shutil.which("scontrol", path=env.get("PATH"))
+    if not env.get("SLURM_JOB_ID") or not scontrol:
+        return tuple(hosts)
+    proc = subprocess.run([scontrol, "-o", "show", "node", ",".join(hosts)], capture_output=True, text=True,
+                          timeout=60, env=dict(env))
+    if proc.returncode:
+        raise ValueError(f"scontrol show node {','.join(hosts)} failed: {proc.stderr.strip() or proc.returncode}")
+    found = dict(re.findall(r"NodeName=(\S+)\s.*?\bNodeAddr=(\S+)", proc.stdout))
+    return tuple(found.get(h) or h for h in hosts)
+
+
+def check_rendezvous(job: Job, this_host: str, timeout: float = CONNECT_TIMEOUT_S, source: str = "NodeAddr") -> None:
+    """``ValueError`` (one line naming it) when the rendezvous address cannot work from ``this_host``.
+
+    Every node: it must resolve. The master (first training node): it must be one of its own
+    addresses (torchrun's store listens there). The others: a TCP connection to it must be answered
+    within ``timeout`` seconds; a refusal counts as an answer (the master's store may not listen yet:
+    torchrun then waits for it), a timeout or an unreachable network does not.
+    """
+    addr, port, master = job.master_addr, job.master_port, job.train_hosts[0]
+    what = f"rendezvous address {addr} of {master} ({source})"
+    try:
+        infos = socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as err:
+        raise ValueError(f"the {what} does not resolve on {this_host}: {err.strerror}") from None
+    if this_host == master:
+        for family, _, _, _, sockaddr in infos:
+            with socket.socket(family, socket.SOCK_STREAM) as sock:
+                try:
+                    sock.bind((sockaddr[0], 0))
+                    return
+                except OSError:
+                    continue
+        raise ValueError(f"the {what} is not an address of {this_host} itself, where torchrun's store listens")
+    deadline, last = time.monotonic() + timeout, None
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            socket.create_connection((addr, port), timeout=max(1.0, min(5.0, left))).close()
+            return
+        except ConnectionRefusedError:
+            return  # the host answered; its store starts with torchrun there
+        except OSError as err:
+            last = err
+        if left <= 0:
+            raise ValueError(f"the {what} cannot be reached from {this_host} within {timeout:.0f}s: "
+                             f"{last.strerror or last!r}")
+        time.sleep(min(1.0, max(left, 0)))
+
+
 def task_index(env: Mapping[str, str]) -> int:
     """This task's index in its step (one task per node): ``SLURM_PROCID``, 0 outside Slurm."""
     return int(env.get("SLURM_PROCID", "0"))
@@ -206,9 +315,13 @@ def task_index(env: Mapping[str, str]) -> int:
 
 def job_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> Job:
     hosts = tuple(args.hosts.replace(",", " ").split()) if args.hosts else hosts_from_env(env)
+    addresses = hosts if args.hosts else node_addresses(hosts, env)
+    if env.get("FIPO_MASTER_ADDR"):
+        addresses = (env["FIPO_MASTER_ADDR"], *addresses[1:])
     return Job(config=args.config, overrides=tuple(args.overrides), hosts=hosts, gpus_per_node=args.gpus_per_node,
-               rollout_nodes=args.rollout_nodes, master_port=args.master_port, sglang_port=args.sglang_port,
-               restart=int(env.get("SLURM_RESTART_COUNT", "0") or 0))
+               procs_per_node=args.procs_per_node, rollout_nodes=args.rollout_nodes, master_port=args.master_port,
+               sglang_port=args.sglang_port, restart=int(env.get("SLURM_RESTART_COUNT", "0") or 0),
+               addresses=addresses)
 
 
 def torchrun_command(env: Mapping[str, str]) -> list[str]:
@@ -225,16 +338,117 @@ def run_train(args: argparse.Namespace) -> int:
     _print_plan(job, config)
     rank = task_index(env)
     argv = torchrun_argv(job, config, rank)
-    env = node_env(job, env, job.train_hosts[rank])
+    host = job.train_hosts[rank]
+    env = node_env(job, env, host)
     if args.print:
         print(shlex.join(argv))
         for key in ("MASTER_ADDR", "MASTER_PORT", "NCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME"):
             print(f"{key}={env.get(key, '')}")
         return 0
-    argv = torchrun_command(env) + argv[1:]
-    print(f"[fipo_job] {socket.gethostname()}: {shlex.join(argv)}", flush=True)
-    os.execvpe(argv[0], argv, env)
-    return 1  # not reached
+    if len(job.train_hosts) > 1:
+        check_rendezvous(job, host, float(env.get("FIPO_CONNECT_TIMEOUT_S") or CONNECT_TIMEOUT_S),
+                         "FIPO_MASTER_ADDR" if env.get("FIPO_MASTER_ADDR") else "NodeAddr")
+    if env.get("FIPO_TORCHRUN") or not _torch_launcher_importable():
+        argv = (shlex.split(env["FIPO_TORCHRUN"]) if env.get("FIPO_TORCHRUN") else torchrun_command(env)) + argv[1:]
+        print(f"[fipo_job] {host}: {shlex.join(argv)}", flush=True)
+        os.execvpe(argv[0], argv, env)
+    print(f"[fipo_job] {host}: {shlex.join(argv)}", flush=True)
+    return run_torchrun(argv[1:], env, lambda signum: stopped_line(job, config, env, host, signum))
+
+
+def _torch_launcher_importable() -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("torch.distributed.run") is not None
+    except ImportError:
+        return False
+
+
+class _ShutdownNoise:
+    """Drops torch elastic's per-signal warnings ("Received ... death signal", "Sending process ...
+    closing signal ...", "Got termination signal"): the node's own line replaces them."""
+
+    MESSAGES = ("Received %s death signal, shutting down workers", "Sending process %s closing signal %s",
+                "Got termination signal: %s")
+
+    def filter(self, record) -> bool:
+        return record.msg not in self.MESSAGES
+
+
+def run_torchrun(args: Sequence[str], env: Mapping[str, str], on_signal) -> int:
+    """``torchrun ARGS`` in this process (``torch.distributed.run.main``), with ``env`` as the environment.
+
+    Failures behave as torchrun's (its exception and summary, exit 1). A signal that ends the agent
+    (SIGTERM from Slurm: requeue, preemption, cancellation, time limit) ends it with the line
+    ``on_signal(signum)`` returns, ``(line, exit code)``, and no traceback.
+    """
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.run import main as torchrun_main
+
+    os.environ.clear()
+    os.environ.update(env)
+    for name in ("torch.distributed.elastic.agent.server.api", "torch.distributed.elastic.multiprocessing.api"):
+        logging.getLogger(name).addFilter(_ShutdownNoise())
+    sys.argv = ["torchrun", *args]
+    try:
+        torchrun_main(list(args))
+    except SignalException as err:
+        line, code = on_signal(int(err.sigval))
+        print(line, file=sys.stderr, flush=True)
+        return code
+    return 0
+
+
+def slurm_job_state(env: Mapping[str, str]) -> dict:
+    """``JobState`` / ``Restarts`` / ``Reason`` of this Slurm job (``scontrol show job``); {} outside Slurm or on error."""
+    scontrol = shutil.which("scontrol", path=env.get("PATH"))
+    if not env.get("SLURM_JOB_ID") or not scontrol:
+        return {}
+    try:
+        proc = subprocess.run([scontrol, "-o", "show", "job", env["SLURM_JOB_ID"]], capture_output=True, text=True,
+                              timeout=10, env=dict(env))
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    return dict(re.findall(r"\b(JobState|Restarts|Reason)=(\S+)", proc.stdout)) if proc.returncode == 0 else {}
+
+
+def resume_point(config: Config) -> str:
+    """Where the next start of this run continues: the latest complete checkpoint of ``train.run_dir``."""
+    resume = config.checkpoint.resume
+    if resume == "never":
+        return "checkpoint.resume=never: the next start begins again at step 1"
+    if resume != "auto":
+        return f"the next start loads {resume} (checkpoint.resume)"
+    from megatron_fipo.mcore.checkpoint_integrity import latest_checkpoint
+
+    latest = latest_checkpoint(os.path.join(config.train.run_dir, "checkpoints"))
+    if latest is None:
+        return f"no checkpoint in {config.train.run_dir} yet: the next start begins at step 1"
+    step = re.search(r"iter_0*(\d+)$", latest)
+    return f"the next start resumes from {latest}" + (f" (step {step.group(1)})" if step else "")
+
+
+def stopped_line(job: Job, config: Config, env: Mapping[str, str], host: str, signum: int) -> tuple[str, int]:
+    """The node's line when a signal ended its training step, and its exit code (0 when Slurm requeued
+    the job: the step did what was asked; 128 + signal otherwise)."""
+    import signal as signals
+
+    try:
+        name = signals.Signals(signum).name
+    except ValueError:
+        name = f"signal {signum}"
+    state = slurm_job_state(env)
+    job_id = env.get("SLURM_JOB_ID")
+    if state and int(state.get("Restarts", "0") or 0) > job.restart:
+        what, code = f"job {job_id} was requeued or preempted (restart {state['Restarts']} follows)", 0
+    elif state:
+        what, code = f"job {job_id} is {state.get('JobState', '?')}", 128 + signum
+    else:
+        what, code = "stopped", 128 + signum
+    return f"[fipo_job] {host}: training step ended by {name}: {what}; {resume_point(config)}", code
 
 
 def run_sglang(args: argparse.Namespace) -> int:
@@ -250,12 +464,13 @@ def run_sglang(args: argparse.Namespace) -> int:
     if not 0 <= index < job.rollout_nodes:
         raise ValueError(f"task {index} is not one of the {job.rollout_nodes} rollout node(s)")
     host = job.rollout_hosts[index]
+    address = job.address(host)
     launcher = shlex.split(env["FIPO_SGLANG_LAUNCHER"]) if env.get("FIPO_SGLANG_LAUNCHER") else default_launcher()
     argvs = sglang_argvs(job, config, launcher)
     if args.print:
         print("\n".join(shlex.join(a) for a in argvs))
         return 0
-    servers = [ServerProcess(a, f"http://{host}:{job.sglang_port + i}",
+    servers = [ServerProcess(a, f"http://{address}:{job.sglang_port + i}",
                              os.path.join(args.log_dir, f"sglang-{host}-{i}.log"), env=node_env(job, env, host))
                for i, a in enumerate(argvs)]
     for s in servers:
@@ -277,9 +492,9 @@ def _print_plan(job: Job, config: Config) -> None:
     from megatron_fipo.plan import format_plan, plan, read_hf_config
 
     try:
-        report = plan(config, job.world_size, read_hf_config(config.model.hf_path), gpus_per_node=job.gpus_per_node)
+        report = plan(config, job.world_size, read_hf_config(config.model.hf_path), gpus_per_node=job.procs)
     except (ValueError, KeyError) as err:
-        raise ValueError(f"the config does not fit {job.world_size} training GPUs: {err}") from None
+        raise ValueError(f"the config does not fit {job.world_size} training processes: {err}") from None
     print(format_plan(report), file=sys.stderr, flush=True)
 
 
@@ -290,7 +505,10 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(role)
         p.add_argument("--config", required=True, help="YAML config (see examples/)")
         p.add_argument("--rollout-nodes", type=int, default=0, help="last N nodes run SGLang (disaggregated)")
-        p.add_argument("--gpus-per-node", type=int, default=8)
+        p.add_argument("--gpus-per-node", type=int, default=8, help="0: nodes without GPUs (give --procs-per-node)")
+        p.add_argument("--procs-per-node", type=int, default=None,
+                       help="training processes per node (default: one per GPU); on nodes without GPUs also "
+                       "what rollout servers are laid out over")
         p.add_argument("--hosts", help="comma-separated hosts of the allocation (default: FIPO_NODES / scontrol)")
         p.add_argument("--master-port", type=int, default=DEFAULT_MASTER_PORT)
         p.add_argument("--sglang-port", type=int, default=DEFAULT_SGLANG_PORT, help="first SGLang port of a node")

@@ -7,18 +7,24 @@ Usage (from the repository root, on a machine that can ``sbatch``, or through SS
     python slurm/launch_nemo_run.py ... --nodes 20 --rollout-nodes 4          # disaggregated SGLang
     python slurm/launch_nemo_run.py ... --dry-run                             # print the generated sbatch
     python slurm/launch_nemo_run.py --executor local --config examples/qwen2.5-7b-fipo.yaml   # this node
+    python slurm/launch_nemo_run.py --config examples/demo_cpu.yaml --nodes 2 --partition cpu \
+        --venv /shared/megatron_fipo/.venv --gpus-per-node 0 --procs-per-node 1      # no container, no GPUs
 
 Owns the translation of the job into NeMo-Run objects: a ``SlurmExecutor`` with the container image
-(pyxis), one task per node running ``python3 slurm/fipo_job.py train ...`` on the training nodes
+(pyxis) or, with ``--venv``, none (the steps run the venv's interpreter in the shipped code's
+directory), one task per node running ``python slurm/fipo_job.py train ...`` on the training nodes
 and, when ``--rollout-nodes`` > 0, a second task group running ``fipo_job.py sglang ...`` on the
 last nodes (``srun --relative``), exactly the commands of ``fipo.sbatch``; or a ``LocalExecutor``
-running the trainer on this node's GPUs.
+running the trainer on this node's GPUs. ``--gpus-per-node 0`` asks Slurm for no GPUs (nodes of a
+CPU partition) and then needs ``--procs-per-node``; ``--account`` is left out of the sbatch script
+when none is given.
 
 Departs from ``fipo.sbatch`` only where NeMo-Run's sbatch template decides: code is shipped with
 its ``GitArchivePackager`` (the committed files of this checkout, run from ``/nemo_run/code`` in the
-container), srun logs go to the experiment directory, and requeueing is NeMo-Run's: ``--signal USR1@300`` ends the
-steps 300 s before the time limit and the template requeues any failed run while
-``SLURM_RESTART_COUNT < --retries`` (the restarted trainer resumes, as with the sbatch script).
+container, or from the experiment's ``code`` directory without one), srun logs go to the
+experiment directory, and requeueing is NeMo-Run's: ``--signal USR1@300`` ends the steps 300 s
+before the time limit and the template requeues any failed run while ``SLURM_RESTART_COUNT <
+--retries`` (the restarted trainer resumes from its latest checkpoint, as with the sbatch script).
 ``nemo_run`` is imported lazily, so ``--help`` works without it.
 """
 from __future__ import annotations
@@ -44,12 +50,23 @@ def job_config_path(path: str) -> str:
     return os.path.relpath(full, REPO) if full.startswith(REPO + os.sep) else full
 
 
+def job_python(args: argparse.Namespace, *, local: bool = False) -> str:
+    """The interpreter of the steps: ``--python``; else the venv's (``--venv``); else this one (local) or
+    the image's ``python3``."""
+    if args.python:
+        return args.python
+    if args.venv:
+        return os.path.join(os.path.abspath(args.venv), "bin", "python")
+    return sys.executable if local else "python3"
+
+
 def role_command(args: argparse.Namespace, role: str, *, local: bool = False) -> str:
-    """The shell command one task runs: ``python3 slurm/fipo_job.py ROLE ...`` (arguments quoted)."""
-    python = sys.executable if local else "python3"  # local: this environment; Slurm: the image's
-    words = [shlex.quote(w) for w in (python, "slurm/fipo_job.py", role, "--config", job_config_path(args.config),
-                                      "--rollout-nodes", str(args.rollout_nodes),
-                                      "--gpus-per-node", str(args.gpus_per_node))]
+    """The shell command one task runs: ``PYTHON slurm/fipo_job.py ROLE ...`` (arguments quoted)."""
+    words = [shlex.quote(w) for w in (job_python(args, local=local), "slurm/fipo_job.py", role,
+                                      "--config", job_config_path(args.config), "--rollout-nodes",
+                                      str(args.rollout_nodes), "--gpus-per-node", str(args.gpus_per_node))]
+    if args.procs_per_node is not None:
+        words += ["--procs-per-node", str(args.procs_per_node)]
     if local:
         words += ["--hosts", "localhost"]
     else:
@@ -65,8 +82,14 @@ def _script(command: str):
     return run.Script(inline=command)
 
 
+ENV_PASSED = ("FIPO_IFNAME", "FIPO_SGLANG_LAUNCHER", "FIPO_SGLANG_PORT", "FIPO_MASTER_ADDR", "FIPO_CONNECT_TIMEOUT_S",
+              "FIPO_LOG_DIR", "MASTER_PORT", "OMP_NUM_THREADS")
+"""This environment's variables that the job gets (``export`` lines of the sbatch script) when set."""
+
+
 def slurm_executor(args: argparse.Namespace, nodes: int, srun_args: Sequence[str], *, dry_run: bool = False):
-    """A pyxis ``SlurmExecutor`` for ``nodes`` nodes whose srun gets ``srun_args``.
+    """A ``SlurmExecutor`` for ``nodes`` nodes whose srun gets ``srun_args``: pyxis with ``--image``,
+    no container with ``--venv``; no ``--account`` line without one, no GPU request for 0 GPUs.
 
     A dry run packages nothing (the rendered sbatch does not depend on the packager).
     """
@@ -77,11 +100,12 @@ def slurm_executor(args: argparse.Namespace, nodes: int, srun_args: Sequence[str
                                job_dir=args.job_dir)
     else:
         tunnel = run.LocalTunnel(job_dir=args.job_dir or os.path.join(run.config.get_nemorun_home(), "experiments"))
-    env = {k: os.environ[k] for k in ("FIPO_IFNAME", "FIPO_SGLANG_LAUNCHER") if os.environ.get(k)}
+    env = {k: shlex.quote(os.environ[k]) for k in ENV_PASSED if os.environ.get(k)}
     return run.SlurmExecutor(
-        account=args.account, partition=args.partition, nodes=nodes, ntasks_per_node=1,
-        gpus_per_node=args.gpus_per_node, exclusive=True, time=args.time, signal="USR1@300",
-        container_image=args.image, container_mounts=list(args.mounts), env_vars=env, setup_lines=SETUP,
+        account=args.account or None, partition=args.partition, nodes=nodes, ntasks_per_node=1,
+        gpus_per_node=args.gpus_per_node or None, exclusive=True, time=args.time, signal="USR1@300",
+        container_image=None if args.venv else args.image, container_mounts=list(args.mounts), env_vars=env,
+        setup_lines=SETUP,
         srun_args=list(srun_args), tunnel=tunnel, packager=run.Packager() if dry_run else run.GitArchivePackager(), retries=args.retries,
         job_name_prefix=f"{args.job_name}-")
 
@@ -90,8 +114,16 @@ def check_args(args: argparse.Namespace) -> None:
     """``ValueError`` for launcher arguments that cannot make a job."""
     if args.executor == "local" and args.rollout_nodes:
         raise ValueError("--executor local runs one node: colocated only (no --rollout-nodes)")
-    if args.executor == "slurm" and not args.image:
-        raise ValueError("--image (or FIPO_CONTAINER_IMAGE) is required for the Slurm executor")
+    if args.executor == "slurm" and not (args.image or args.venv):
+        raise ValueError("the Slurm executor needs --image (a container image, or FIPO_CONTAINER_IMAGE) or --venv "
+                         "(a virtual environment every node sees)")
+    if args.venv and not os.path.isfile(os.path.join(args.venv, "bin", "python")) and not args.dry_run:
+        raise ValueError(f"--venv {args.venv}: no bin/python there")
+    if args.gpus_per_node < 0 or (args.procs_per_node is not None and args.procs_per_node < 1):
+        raise ValueError("--gpus-per-node must be >= 0 and --procs-per-node >= 1")
+    if not args.gpus_per_node and args.procs_per_node is None:
+        raise ValueError("--gpus-per-node 0 (nodes without GPUs) needs --procs-per-node N, the training processes "
+                         "per node")
     if not 0 <= args.rollout_nodes < args.nodes:
         raise ValueError(f"--rollout-nodes={args.rollout_nodes} must leave training nodes among --nodes={args.nodes}")
 
@@ -153,10 +185,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--executor", choices=["slurm", "local"], default="slurm")
     p.add_argument("--nodes", type=int, default=1, help="nodes of the allocation (training + rollout)")
     p.add_argument("--rollout-nodes", type=int, default=0, help="last N nodes run SGLang (disaggregated)")
-    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--gpus-per-node", type=int, default=8, help="0: nodes without GPUs (needs --procs-per-node)")
+    p.add_argument("--procs-per-node", type=int, help="training processes per node (default: one per GPU)")
     p.add_argument("--image", default=os.environ.get("FIPO_CONTAINER_IMAGE"), help="container image (pyxis)")
     p.add_argument("--mounts", nargs="*", default=[], help="container mounts, e.g. /shared:/shared")
-    p.add_argument("--account", default=os.environ.get("SLURM_ACCOUNT", ""))
+    p.add_argument("--venv", help="run without a container, with this virtual environment (on a filesystem "
+                   "every node sees)")
+    p.add_argument("--python", help="interpreter of the steps (default: the venv's, else the image's python3)")
+    p.add_argument("--account", default=os.environ.get("SLURM_ACCOUNT"), help="Slurm account (default: none)")
     p.add_argument("--partition", default=os.environ.get("SLURM_PARTITION"))
     p.add_argument("--time", default="04:00:00")
     p.add_argument("--retries", type=int, default=20, help="requeues after a failure or the time limit")

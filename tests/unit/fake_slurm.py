@@ -1,10 +1,18 @@
 """A fake Slurm on PATH for the launcher tests: ``srun``, ``scontrol``, ``hostname``, ``sleep``, ``torchrun``.
 
+What it stands for that the real two-node cluster of ``tests/slurm_cluster.py`` cannot show: nodes of
+8 GPUs and three-node layouts, with the exact commands and environment each node gets. The real
+cluster runs the CPU demo through the same scripts (``tests/e2e/test_slurm.py``).
+
 ``install(bin_dir, log)`` writes the executables; every call is recorded as one JSON line in ``log``
 (``read(log)`` returns them). ``srun`` runs its command once per task like a one-task-per-node step
 (``--nodes/--ntasks/--relative`` or ``-w`` over ``FAKE_SLURM_NODES``; ``SLURM_PROCID``,
 ``SLURM_NODEID``, ``SLURMD_NODENAME`` set; ``--output`` patterns ``%N %j %t`` honoured; container
-flags recorded and ignored) and forwards SIGTERM / SIGINT to its tasks. ``torchrun`` records its
+flags recorded and ignored) and forwards SIGTERM / SIGINT to its tasks. ``scontrol show node``
+answers each node's ``NodeAddr`` (``FAKE_SLURM_ADDRS``, default 127.0.1.1, 127.0.1.2, ...: local
+addresses, so the rendezvous checks pass), ``scontrol show job`` a running job with
+``FAKE_SLURM_RESTARTS`` restarts. ``torchrun`` (``FIPO_TORCHRUN``, the launcher ``fipo_job.py``
+execs instead of running torch's in-process) records its
 argv and the launch environment, waits for ``FAKE_WAIT_FOR_SGLANG`` server records (a trainer waits
 for its servers), then sleeps ``FAKE_TORCHRUN_SLEEP`` and exits ``FAKE_TORCHRUN_RC``.
 ``sglang`` stands for ``python -m sglang.launch_server`` (``FIPO_SGLANG_LAUNCHER``): it records, waits
@@ -72,8 +80,20 @@ sys.exit(next((c for c in codes if c), 0) if all(c >= 0 for c in codes) else 143
 
 _SCONTROL = _RECORD + r'''
 record("scontrol", argv=sys.argv[1:])
-if sys.argv[1:3] == ["show", "hostnames"]:
-    print("\n".join(os.environ["FAKE_SLURM_NODES"].split(",")))
+args = [a for a in sys.argv[1:] if a != "-o"]
+nodes = os.environ["FAKE_SLURM_NODES"].split(",")
+if args[:2] == ["show", "hostnames"]:
+    print("\n".join(nodes))
+elif args[:2] == ["show", "node"]:
+    addrs = os.environ.get("FAKE_SLURM_ADDRS", "").split(",") if os.environ.get("FAKE_SLURM_ADDRS") else [
+        f"127.0.1.{i + 1}" for i in range(len(nodes))]
+    wanted = args[2].split(",") if len(args) > 2 else nodes
+    for name, addr in zip(nodes, addrs):
+        if name in wanted:
+            print(f"NodeName={name} Arch=x86_64 CoresPerSocket=8 NodeAddr={addr} NodeHostName={name} Version=22.05")
+elif args[:2] == ["show", "job"]:
+    print(f"JobId={args[2]} JobName=fipo JobState=RUNNING Reason=None Requeue=1 "
+          f"Restarts={os.environ.get('FAKE_SLURM_RESTARTS', os.environ.get('SLURM_RESTART_COUNT', '0'))}")
 '''
 
 _TORCHRUN = _RECORD + r'''
@@ -118,7 +138,7 @@ def install(bin_dir: str, log: str) -> dict:
             fh.write(f"#!{sys.executable}\n{body}")
         os.chmod(path, 0o755)
     return {"PATH": bin_dir + os.pathsep + os.environ["PATH"], "FAKE_SLURM_LOG": log,
-            "FIPO_SGLANG_LAUNCHER": os.path.join(bin_dir, "sglang")}
+            "FIPO_SGLANG_LAUNCHER": os.path.join(bin_dir, "sglang"), "FIPO_TORCHRUN": os.path.join(bin_dir, "torchrun")}
 
 
 def read(log: str) -> list[dict]:

@@ -1,9 +1,11 @@
 """The Slurm launchers: slurm/fipo.sbatch and slurm/launch_nemo_run.py run under a fake Slurm
-(tests/unit/fake_slurm.py) for 2-3 nodes, with the exact commands each node would run, and
-slurm/fipo_job.py's node logic directly."""
+(tests/unit/fake_slurm.py) for 2-3 nodes of 8 GPUs, with the exact commands each node would run, and
+slurm/fipo_job.py's node logic directly (node addresses, rendezvous checks, nodes without GPUs, the
+line a stopped step prints). The real two-node Slurm runs in tests/e2e/test_slurm.py."""
 import importlib.util
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -80,7 +82,7 @@ class FakeCluster:
 
 
 def _torchrun_expected(cluster, train_nodes, extra=(), resume=False):
-    return [[f"--nnodes={train_nodes}", "--nproc-per-node=8", f"--node-rank={rank}", "--master-addr=gpu01",
+    return [[f"--nnodes={train_nodes}", "--nproc-per-node=8", f"--node-rank={rank}", "--master-addr=127.0.1.1",
              "--master-port=29742", "-m", "megatron_fipo", "train", *(["--resume"] if resume else []),
              "--config", RECIPE, *cluster.overrides, *extra] for rank in range(train_nodes)]
 
@@ -99,7 +101,7 @@ def test_colocated_two_nodes_run_torchrun_on_each_node(tmp_path):
     assert [r["argv"] for r in runs] == _torchrun_expected(cluster, 2)
     for r in runs:
         assert r["env"] | {"SLURM_PROCID": None} == {
-            "MASTER_ADDR": "gpu01", "MASTER_PORT": "29742", "NCCL_SOCKET_IFNAME": "ib0", "GLOO_SOCKET_IFNAME": "ib0",
+            "MASTER_ADDR": "127.0.1.1", "MASTER_PORT": "29742", "NCCL_SOCKET_IFNAME": "ib0", "GLOO_SOCKET_IFNAME": "ib0",
             "CUDA_DEVICE_MAX_CONNECTIONS": "1", "SLURM_PROCID": None, "SLURMD_NODENAME": r["host"],
             "FIPO_NODES": "gpu01,gpu02", "SLURM_RESTART_COUNT": None,
             "FIPO_STOP_FILE": str(tmp_path / "logs" / "stop-r0")}
@@ -111,7 +113,8 @@ def test_colocated_two_nodes_run_torchrun_on_each_node(tmp_path):
     logs = sorted(os.listdir(tmp_path / "logs"))
     assert logs == ["train-r0-gpu01.log", "train-r0-gpu02.log"]  # one log per node
     assert "tp=4 pp=1 cp=2 dp=2" in (tmp_path / "logs" / "train-r0-gpu01.log").read_text()  # the plan, node 0
-    assert [r["argv"] for r in cluster.records("scontrol")] == [["show", "hostnames", "gpu[01-02]"]]
+    calls = [r["argv"] for r in cluster.records("scontrol")]
+    assert calls == [["show", "hostnames", "gpu[01-02]"]] + [["-o", "show", "node", "gpu01,gpu02"]] * 2  # per node
 
 
 def test_disaggregated_starts_sglang_servers_and_hands_their_urls(tmp_path):
@@ -120,7 +123,7 @@ def test_disaggregated_starts_sglang_servers_and_hands_their_urls(tmp_path):
     rc = cluster.run(cluster.sbatch("--mode", "disaggregated", "--rollout-nodes", "1", "--config", RECIPE,
                                     *cluster.overrides), FAKE_WAIT_FOR_SGLANG="2")
     assert rc == 0, cluster.output()
-    urls = "rollout.urls=[http://gpu03:30000,http://gpu03:30001]"
+    urls = "rollout.urls=[http://127.0.1.3:30000,http://127.0.1.3:30001]"  # gpu03's NodeAddr
     extra = ["rollout.engine=sglang", "rollout.mode=disaggregated", urls]
     assert sorted(r["argv"] for r in cluster.records("torchrun")) == _torchrun_expected(cluster, 2, extra)
     servers = sorted(cluster.records("sglang"), key=lambda r: r["argv"])
@@ -143,7 +146,7 @@ def test_a_dead_sglang_server_ends_the_job_with_its_log(tmp_path):
                      FAKE_SGLANG_SECONDS="0.5", FAKE_TORCHRUN_SLEEP="60")
     assert rc == 1 and "the SGLang step exited" in cluster.output()
     log = (tmp_path / "logs" / "sglang-r0-gpu02.log").read_text()
-    assert "SGLang server http://gpu02:30000 exited" in log and "CUDA out of memory" in log  # the server's log tail
+    assert "SGLang server http://127.0.1.2:30000 exited" in log and "CUDA out of memory" in log  # the server's log tail
     assert all(not fake_slurm.alive(r["pid"], cluster.bin) for r in cluster.records("torchrun"))  # trainer stopped
 
 
@@ -260,7 +263,7 @@ def test_nemo_run_dry_run_prints_the_sbatch(monkeypatch, capsys):
     assert launcher.main(["--executor", "local", "--config", RECIPE_PATH, "--dry-run"]) == 0
     assert capsys.readouterr().out.strip().endswith("--gpus-per-node 8 --hosts localhost --")
     assert launcher.main(["--config", RECIPE_PATH, "--dry-run"]) == 2
-    assert "--image" in capsys.readouterr().err
+    assert "--image" in capsys.readouterr().err and "#SBATCH --account" not in out.replace("--account=a", "")
     assert launcher.main(["--executor", "local", "--rollout-nodes", "1", "--nodes", "2", "--config", RECIPE_PATH,
                           "--dry-run"]) == 2
 
@@ -313,3 +316,178 @@ def test_print_mode_shows_the_command_without_running(tmp_path, capsys):
     assert first.startswith("torchrun --nnodes=1 --nproc-per-node=8 --node-rank=0 --master-addr=h1")
     assert fipo_job.main(["sglang", "--print", "--hosts", "h1", "--config", RECIPE_PATH, "--", *overrides]) == 2
     assert "needs --rollout-nodes" in capsys.readouterr().err
+
+
+def test_nemo_run_venv_cpu_job_without_account(monkeypatch, capsys, tmp_path):
+    """No image: the venv's interpreter in the shipped code's directory; 0 GPUs: no GPU request and the
+    processes per node on the command line; no --account line when none is given."""
+    launcher, _ = _nemo(monkeypatch, "--config", RECIPE_PATH, "--image", "x")
+    monkeypatch.delenv("SLURM_ACCOUNT", raising=False)
+    venv = tmp_path / "venv"
+    assert launcher.main(["--config", RECIPE_PATH, "--nodes", "2", "--venv", str(venv), "--gpus-per-node", "0",
+                          "--procs-per-node", "2", "--partition", "cpu", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "--account" not in out and "--gpus-per-node=" not in out and "--container-image" not in out, out
+    assert "#SBATCH --partition=cpu" in out and "--chdir" in out
+    assert (f"{venv}/bin/python slurm/fipo_job.py train --config examples/qwen2.5-7b-fipo.yaml --rollout-nodes 0 "
+            "--gpus-per-node 0 --procs-per-node 2 --master-port") in out
+    assert launcher.main(["--config", RECIPE_PATH, "--venv", str(venv), "--gpus-per-node", "0", "--dry-run"]) == 2
+    assert "needs --procs-per-node" in capsys.readouterr().err
+    assert launcher.main(["--config", RECIPE_PATH, "--venv", str(venv), "--python", "/opt/py/bin/python3",
+                          "--dry-run"]) == 0
+    assert "/opt/py/bin/python3 slurm/fipo_job.py train" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------- nodes without GPUs
+def test_cpu_nodes_train_with_processes_per_node_and_cpu_rollout_servers(tmp_path, capsys):
+    job = fipo_job.Job(config=RECIPE_PATH, hosts=("a", "b", "c"), gpus_per_node=0, procs_per_node=2, rollout_nodes=1)
+    assert (job.procs, job.world_size, job.slots) == (2, 4, 2)
+    config = fipo_job.load_config(RECIPE_PATH, ["rollout.sglang.tp_size=1"])
+    assert fipo_job.torchrun_argv(job, config, 1)[1:5] == ["--nnodes=2", "--nproc-per-node=2", "--node-rank=1",
+                                                           "--master-addr=a"]
+    argvs = fipo_job.sglang_argvs(job, config, ["cpu-server"])
+    assert [a[a.index("--port") + 1] for a in argvs] == ["30000", "30001"]
+    assert all("--base-gpu-id" not in a for a in argvs)  # no GPUs to place the servers on
+    assert fipo_job.rollout_urls(job, config) == ["http://c:30000", "http://c:30001"]
+    with pytest.raises(ValueError, match="positive divisor of the 2 processes"):
+        fipo_job.rollout_urls(job, fipo_job.load_config(RECIPE_PATH, ["rollout.sglang.tp_size=4"]))
+    with pytest.raises(ValueError, match="need the training processes per node"):
+        fipo_job.Job(config=RECIPE_PATH, gpus_per_node=0)
+    with pytest.raises(ValueError, match="one training process per GPU"):
+        fipo_job.Job(config=RECIPE_PATH, gpus_per_node=8, procs_per_node=2)
+    hf = tmp_path / "m"
+    hf.mkdir()
+    assert fipo_job.main(["train", "--print", "--hosts", "h1,h2", "--gpus-per-node", "0", "--procs-per-node", "4",
+                          "--config", RECIPE_PATH, "--", f"model.hf_path={hf}", "data.train_files=[d.parquet]",
+                          "parallel.tp=1", "parallel.cp=1"]) == 0
+    assert capsys.readouterr().out.startswith("torchrun --nnodes=2 --nproc-per-node=4 --node-rank=0 --master-addr=h1")
+
+
+def test_sbatch_on_cpu_nodes_passes_the_processes_per_node(tmp_path):
+    cluster = FakeCluster(tmp_path, 2)
+    rc = cluster.run(cluster.sbatch("--config", "examples/demo_cpu.yaml", *cluster.overrides),
+                     SLURM_GPUS_PER_NODE="0", FIPO_PROCS_PER_NODE="2")
+    assert rc == 0, cluster.output()
+    assert "0 GPU(s) and 2 training process(es) per node" in cluster.output()
+    runs = cluster.records("torchrun")
+    assert sorted(r["argv"][1] for r in runs) == ["--nproc-per-node=2"] * 2
+    (step,) = cluster.records("srun")
+    words = step["command"]
+    assert words[words.index("--gpus-per-node") + 1] == "0" and words[words.index("--procs-per-node") + 1] == "2"
+    assert cluster.run(cluster.sbatch("--config", RECIPE), SLURM_GPUS_PER_NODE="0", FIPO_PROCS_PER_NODE="x") == 2
+    assert "FIPO_PROCS_PER_NODE must be a number" in cluster.output()
+
+
+def test_sbatch_header_lists_every_variable_it_and_fipo_job_read():
+    text = open(SBATCH).read()
+    header = text[:text.index("#SBATCH")]
+    used = set(re.findall(r"\b(FIPO_[A-Z_]+)", text + open(os.path.join(ROOT, "slurm", "fipo_job.py")).read()))
+    used -= {"FIPO_NODES", "FIPO_STOP_FILE", "FIPO_TORCHRUN"}  # set by the script itself / the tests' stand-in
+    assert {"FIPO_POLL_S", "FIPO_PROCS_PER_NODE", "FIPO_MASTER_ADDR"} <= used
+    assert not [v for v in sorted(used) if f"#   {v}" not in header]
+
+
+# ---------------------------------------------------------------------------------------------- node addresses
+def test_node_addresses_come_from_slurm(tmp_path):
+    env = {**os.environ, **fake_slurm.install(str(tmp_path / "bin"), str(tmp_path / "log.jsonl")),
+           "SLURM_JOB_ID": "7", "FAKE_SLURM_NODES": "n1,n2,n3", "FAKE_SLURM_ADDRS": "10.0.0.11,10.0.0.12,10.0.0.13"}
+    assert fipo_job.node_addresses(("n1", "n3"), env) == ("10.0.0.11", "10.0.0.13")
+    assert fipo_job.node_addresses(("n1", "zz"), env) == ("10.0.0.11", "zz")  # unknown to Slurm: the name
+    assert fipo_job.node_addresses(("n1",), {"PATH": env["PATH"]}) == ("n1",)  # outside a job: the names
+    parser = fipo_job.build_parser()
+    args = parser.parse_args(["train", "--config", RECIPE_PATH, "--rollout-nodes", "1"])
+    job = fipo_job.job_from_args(args, {**env, "FIPO_NODES": "n1,n2,n3"})
+    assert (job.master_addr, job.address("n3")) == ("10.0.0.11", "10.0.0.13")
+    job = fipo_job.job_from_args(args, {**env, "FIPO_NODES": "n1,n2,n3", "FIPO_MASTER_ADDR": "ib-n1"})
+    assert (job.master_addr, job.address("n2")) == ("ib-n1", "10.0.0.12")
+    config = fipo_job.load_config(RECIPE_PATH, ["rollout.sglang.tp_size=8"])
+    assert fipo_job.rollout_urls(job, config) == ["http://10.0.0.13:30000"]
+    assert fipo_job.node_env(job, {}, "n2")["MASTER_ADDR"] == "ib-n1"
+
+
+def test_rendezvous_address_problems_end_the_node_with_one_line(monkeypatch):
+    job = fipo_job.Job(config=RECIPE_PATH, hosts=("n1", "n2"), addresses=("no-such-node.invalid", "127.0.0.3"))
+    with pytest.raises(ValueError, match=r"rendezvous address no-such-node.invalid of n1 \(NodeAddr\) does not "
+                                         r"resolve on n2"):
+        fipo_job.check_rendezvous(job, "n2")
+    job = fipo_job.Job(config=RECIPE_PATH, hosts=("n1", "n2"), addresses=("192.0.2.1", "127.0.0.3"))
+    with pytest.raises(ValueError, match=r"192.0.2.1 of n1 \(NodeAddr\) is not an address of n1 itself"):
+        fipo_job.check_rendezvous(job, "n1")  # TEST-NET-1: never this host's
+    job = fipo_job.Job(config=RECIPE_PATH, hosts=("n1", "n2"), addresses=("127.0.0.2", "127.0.0.3"),
+                       master_port=fake_port())
+    fipo_job.check_rendezvous(job, "n1")  # a loopback address is the host's own
+    fipo_job.check_rendezvous(job, "n2", timeout=5)  # refused (nothing listens yet): the host answers
+
+    def unreachable(address, timeout=None):
+        raise TimeoutError("timed out")
+
+    monkeypatch.setattr(fipo_job.socket, "create_connection", unreachable)
+    start = time.monotonic()
+    with pytest.raises(ValueError, match=r"127.0.0.2 of n1 \(FIPO_MASTER_ADDR\) cannot be reached from n2 within 2s"):
+        fipo_job.check_rendezvous(job, "n2", timeout=2, source="FIPO_MASTER_ADDR")
+    assert time.monotonic() - start < 10
+
+
+def fake_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------------------------------------- a stopped step
+def test_the_stopped_line_names_the_checkpoint_the_run_resumes_from(tmp_path):
+    run = tmp_path / "run"
+    ckpt = run / "checkpoints" / "iter_0000002"
+    ckpt.mkdir(parents=True)
+    (ckpt / "fipo_checkpoint.json").write_text("{}")
+    (run / "checkpoints" / "latest").write_text("iter_0000002")
+    config = fipo_job.load_config(RECIPE_PATH, [f"train.run_dir={run}"])
+    job = fipo_job.Job(config=RECIPE_PATH, hosts=("n1", "n2"), restart=1)
+    env = {**os.environ, **fake_slurm.install(str(tmp_path / "bin"), str(tmp_path / "log.jsonl")),
+           "SLURM_JOB_ID": "12", "FAKE_SLURM_NODES": "n1,n2", "FAKE_SLURM_RESTARTS": "2"}
+    line, code = fipo_job.stopped_line(job, config, env, "n2", signal.SIGTERM)
+    assert code == 0 and line == (f"[fipo_job] n2: training step ended by SIGTERM: job 12 was requeued or preempted "
+                                  f"(restart 2 follows); the next start resumes from {ckpt} (step 2)")
+    line, code = fipo_job.stopped_line(job, config, {**env, "FAKE_SLURM_RESTARTS": "1"}, "n1", signal.SIGTERM)
+    assert code == 143 and "job 12 is RUNNING" in line
+    fresh = fipo_job.load_config(RECIPE_PATH, [f"train.run_dir={tmp_path / 'new'}"])
+    line, _ = fipo_job.stopped_line(job, fresh, {"PATH": ""}, "n1", signal.SIGINT)
+    assert line.endswith("ended by SIGINT: stopped; no checkpoint in " + str(tmp_path / "new") +
+                         " yet: the next start begins at step 1")
+
+
+_STUB = """
+import sys, time
+print("worker up", flush=True)
+time.sleep(120)
+"""
+
+
+def test_torchrun_in_process_ends_on_sigterm_with_one_line_and_no_traceback(tmp_path):
+    """Slurm signals every process of the step (proctrack): torchrun's agent, run in fipo_job's process,
+    and its worker. The node prints its own line, not torchrun's SignalException traceback."""
+    script = tmp_path / "worker.py"
+    script.write_text(_STUB)
+    code = ("import os, sys; sys.path.insert(0, {slurm!r}); import fipo_job; "
+            "sys.exit(fipo_job.run_torchrun(['--nnodes=1', '--nproc-per-node=1', '--master-port={port}', {script!r}], "
+            "dict(os.environ), lambda s: ('[fipo_job] stopped by %d' % s, 0)))").format(
+        slurm=os.path.join(ROOT, "slurm"), port=fake_port(), script=str(script))
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        lines = []
+        deadline = time.monotonic() + 120
+        while "worker up" not in "".join(lines):
+            assert time.monotonic() < deadline and proc.poll() is None, "".join(lines)
+            lines.append(proc.stdout.readline())
+        os.killpg(proc.pid, signal.SIGTERM)  # what proctrack does: every process of the step
+        out = "".join(lines) + proc.communicate(timeout=60)[0]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, out
+    assert "[fipo_job] stopped by 15" in out
+    assert "Traceback" not in out and "SignalException" not in out and "death signal" not in out, out
