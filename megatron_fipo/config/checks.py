@@ -137,6 +137,9 @@ def _check_long_tail(ro, found: _Found) -> None:
                    f"rollout.{key} needs the SGLang engine (rollout.engine=sglang; on CPU machines its protocol is "
                    "served by rollout.launcher=[python, -m, megatron_fipo.rollout.cpu_server]): the in-process CPU "
                    "engine generates a whole round at once and cannot pause, abort or continue a request")
+    found.need(isinstance(ro.deterministic, bool), f"rollout.deterministic must be true or false, got {ro.deterministic!r}")
+    found.need(not (ro.deterministic is True and ro.sglang.get("enable_deterministic_inference") is False),
+               "rollout.deterministic=true contradicts rollout.sglang.enable_deterministic_inference=false: set one")
     if ro.inflight_updates is True:
         found.need(ro.mode == "disaggregated", "rollout.inflight_updates needs rollout.mode=disaggregated: colocated "
                    "servers give their GPU memory to training, so generation cannot run through a weight update "

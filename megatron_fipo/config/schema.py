@@ -71,12 +71,18 @@ class RolloutConfig:
     # disaggregated: a weight update pauses the servers in place and continues them; generation never drains
     inflight_updates: bool = False
     oversample: float = 1.0  # >= 1; > 1 needs partial: ceil(x * prompts_per_step) prompts in flight per step
+    # SGLang servers with --enable-deterministic-inference: sampling_seed honoured, samples independent of routing
+    # and batching (reproducible runs and resumes), at a throughput cost; the CPU engines always are
+    deterministic: bool = False
     sglang: Mapping[str, Any] = field(default_factory=dict)  # SGLang server arguments, passed through
 
     def sglang_server_args(self) -> tuple:
-        """``(tp_size, the other server arguments)`` of ``sglang`` (``tp_size``, or ``tp``; default 1)."""
+        """``(tp_size, the other server arguments)`` of ``sglang`` (``tp_size``, or ``tp``; default 1), with
+        ``enable_deterministic_inference`` when ``deterministic``."""
         args = dict(self.sglang)
         tp = args.pop("tp_size", args.pop("tp", 1))
+        if self.deterministic is True:
+            args["enable_deterministic_inference"] = True
         return tp, args
 
 

@@ -266,3 +266,23 @@ def test_non_utf8_config_file_names_the_file(tmp_path):
     path.write_bytes(b"optim:\n  lr: \xff\n")
     with pytest.raises(ValueError, match=f"{path}: not UTF-8 text"):
         load_config(str(path))
+
+
+def test_deterministic_sglang_passes_its_server_flag():
+    """rollout.deterministic adds SGLang's --enable-deterministic-inference (off by default); a contradiction
+    with the pass-through argument and a non-boolean are refused."""
+    from megatron_fipo.rollout.sglang_server import server_argv
+
+    plain = load_config(None, OK + ["rollout.engine=sglang", "rollout.sglang.tp_size=2"])
+    assert plain.rollout.deterministic is False
+    assert "--enable-deterministic-inference" not in server_argv(plain.rollout.sglang_server_args()[1])
+    cfg = load_config(None, OK + ["rollout.engine=sglang", "rollout.sglang.tp_size=2", "rollout.deterministic=true"])
+    validate(cfg, world_size=1, hf_config=HF)
+    tp, args = cfg.rollout.sglang_server_args()
+    assert tp == 2 and server_argv(args) == ["--enable-deterministic-inference"]
+    with pytest.raises(ValueError, match="contradicts rollout.sglang.enable_deterministic_inference=false"):
+        validate(load_config(None, OK + ["rollout.deterministic=true",
+                                         "rollout.sglang.enable_deterministic_inference=false"]),
+                 world_size=1, hf_config=HF)
+    with pytest.raises(ValueError, match="rollout.deterministic must be true or false"):
+        validate(load_config(None, OK + ["rollout.deterministic=3"]), world_size=1, hf_config=HF)
