@@ -26,6 +26,9 @@ has exited, an attached server's ``/health`` does not answer):
 * When no server is live, an owned server is brought back in place (restarted if need be, its
   weights re-synced through ``resync`` when the engine holds an update, else an ``EngineError``);
   with no owned server the run ends: "every rollout server is down".
+* Not covered: a server that dies during a weight sync fails that sync (and the run); the by-stage
+  sync (disaggregated, pp > 1) rebuilds only the driver's group, so a restarted server there fails
+  the next sync of the other stages.
 
 Counters (``failover_counts``, cumulative; ``stream_stats`` carries them): ``server_deaths``,
 ``rerouted_requests``, ``server_restarts`` (by this engine), ``server_rejoins``, ``servers_live``.
@@ -189,8 +192,9 @@ class Failover:
         excluded ones that answer again (their launcher restarted them)."""
         targets = []
         for i in range(len(self.urls)):
-            if self.servers[i] is not None and not self.servers[i].alive():
-                self._exclude(i, f"exit {self.servers[i].proc.returncode if self.servers[i].proc else None}")
+            if i not in self._excluded and self._is_dead(i):  # died since the last call to it
+                server = self.servers[i]
+                self._exclude(i, f"exit {server.proc.returncode if server.proc else None}" if server else "no answer")
             if i not in self._excluded:
                 targets.append(i)
             elif self._restart(i, wait=True) or not self._is_dead(i):
@@ -222,7 +226,10 @@ class Failover:
 
     def _push(self, stream, version: int, only) -> None:
         self._members = tuple(only)
-        super()._push(stream, version, only)
+        try:
+            super()._push(stream, version, only)
+        finally:
+            self._members = None
 
     def _ensure_group(self) -> None:
         """The disaggregated weight-update group over the servers this sync reaches (all, outside ``_push``),
