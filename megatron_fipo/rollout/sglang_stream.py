@@ -28,7 +28,8 @@ the trainer takes per-step differences): output tokens per server, prompt and ca
 tokens, aborted answers, and the time integral of requests running per server, each server's count
 capped at its capacity (``slots_per_server``: SGLang's ``max_running_requests`` when given, else
 ``max_in_flight`` / servers; requests beyond it wait in the server's queue): integral / (wall time x
-capacity) is the engine-side stand-in for decode-slot use.
+capacity) is the engine-side stand-in for decode-slot use; and the dead-server counters
+(``sglang_failover.Failover.failover_counts``).
 """
 from __future__ import annotations
 
