@@ -27,7 +27,12 @@ node unless the nodes have none) before anything starts.
 torchrun runs in this process (``torch.distributed.run``): when Slurm ends the step (requeue,
 preemption, cancellation, time limit) each node prints one line saying so and from which
 checkpoint the run resumes, instead of torchrun's ``SignalException`` traceback, and a requeued
-node exits 0. ``FIPO_TORCHRUN`` names another launcher to exec instead (the tests' stand-in).
+node exits 0. SIGUSR1 to the step (NeMo-Run's ``--signal USR1@300`` before the time limit; the
+sbatch script signals only its batch shell) reaches this process alone (torchrun's workers inherit
+it blocked): the first node creates the trainer's stop file, the trainer stops after its current
+step with a checkpoint, and each node exits 1 (unless that was the last step) so that NeMo-Run's
+template requeues the job. ``FIPO_TORCHRUN`` names another launcher to exec instead (the tests'
+stand-in).
 
 Imports only ``megatron_fipo.config.schema`` / ``plan`` at module level (the SGLang role also uses the
 rollout package's server process); not part of the installed package, it runs from a checkout or
@@ -353,7 +358,9 @@ def run_train(args: argparse.Namespace) -> int:
         print(f"[fipo_job] {host}: {shlex.join(argv)}", flush=True)
         os.execvpe(argv[0], argv, env)
     print(f"[fipo_job] {host}: {shlex.join(argv)}", flush=True)
-    return run_torchrun(argv[1:], env, lambda signum: stopped_line(job, config, env, host, signum))
+    stop_file = env.get("FIPO_STOP_FILE") or os.path.join(config.train.run_dir, "STOP")
+    usr1 = TimeLimitStop(host, stop_file if rank == 0 else None, lambda: time_limit_line(config, host))
+    return run_torchrun(argv[1:], env, lambda signum: stopped_line(job, config, env, host, signum), usr1)
 
 
 def _torch_launcher_importable() -> bool:
@@ -376,12 +383,55 @@ class _ShutdownNoise:
         return record.msg not in self.MESSAGES
 
 
-def run_torchrun(args: Sequence[str], env: Mapping[str, str], on_signal) -> int:
+class TimeLimitStop:
+    """SIGUSR1 for this process only. ``install()`` (before torchrun starts its workers) gives it a
+    handler and blocks it in the main thread, whose mask the workers inherit: the signal Slurm sends
+    to every process of the step cannot kill them; a helper thread keeps it deliverable here. The
+    handler creates ``stop_file`` (the first node's; None on the others). ``result()`` after
+    torchrun returned 0: ``(line, exit code)`` from ``finished()`` when the signal came, else None."""
+
+    def __init__(self, host: str, stop_file: Optional[str], finished):
+        self.host, self.stop_file, self.finished, self.received = host, stop_file, finished, False
+
+    def install(self) -> None:
+        import signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return
+        signal.signal(signal.SIGUSR1, self._handle)
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+
+        def receiver():  # a thread that takes the signal (the main thread's is blocked) for the handler
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})
+            threading.Event().wait()
+
+        threading.Thread(target=receiver, name="fipo-usr1", daemon=True).start()
+
+    def _handle(self, signum, frame) -> None:
+        if self.received:
+            return
+        self.received = True
+        if self.stop_file:
+            os.makedirs(os.path.dirname(os.path.abspath(self.stop_file)), exist_ok=True)
+            open(self.stop_file, "a").close()
+            what = f"created the trainer's stop file {self.stop_file}"
+        else:
+            what = "the first node asks the trainer to stop"
+        print(f"[fipo_job] {self.host}: SIGUSR1 (time limit near): {what}; training stops after its current "
+              "step with a checkpoint", file=sys.stderr, flush=True)
+
+    def result(self):
+        return self.finished() if self.received else None
+
+
+def run_torchrun(args: Sequence[str], env: Mapping[str, str], on_signal, usr1: Optional[TimeLimitStop] = None) -> int:
     """``torchrun ARGS`` in this process (``torch.distributed.run.main``), with ``env`` as the environment.
 
     Failures behave as torchrun's (its exception and summary, exit 1). A signal that ends the agent
     (SIGTERM from Slurm: requeue, preemption, cancellation, time limit) ends it with the line
-    ``on_signal(signum)`` returns, ``(line, exit code)``, and no traceback.
+    ``on_signal(signum)`` returns, ``(line, exit code)``, and no traceback. ``usr1``: SIGUSR1 stops
+    the trainer after its step (``TimeLimitStop``); the exit code is then its ``result()``'s.
     """
     import logging
 
@@ -393,13 +443,32 @@ def run_torchrun(args: Sequence[str], env: Mapping[str, str], on_signal) -> int:
     for name in ("torch.distributed.elastic.agent.server.api", "torch.distributed.elastic.multiprocessing.api"):
         logging.getLogger(name).addFilter(_ShutdownNoise())
     sys.argv = ["torchrun", *args]
+    if usr1 is not None:
+        usr1.install()
     try:
         torchrun_main(list(args))
     except SignalException as err:
         line, code = on_signal(int(err.sigval))
         print(line, file=sys.stderr, flush=True)
         return code
+    stopped = usr1.result() if usr1 is not None else None
+    if stopped:
+        print(stopped[0], file=sys.stderr, flush=True)
+        return stopped[1]
     return 0
+
+
+def time_limit_line(config: Config, host: str) -> tuple[str, int]:
+    """After a SIGUSR1 stop: the node's line and exit code (1 so that a launcher that requeues failed
+    runs requeues this one; 0 when the run has reached ``train.steps`` anyway)."""
+    from megatron_fipo.mcore.checkpoint_integrity import latest_checkpoint
+
+    latest = latest_checkpoint(os.path.join(config.train.run_dir, "checkpoints"))
+    step = re.search(r"iter_0*(\d+)$", latest or "")
+    if step and int(step.group(1)) >= config.train.steps:
+        return f"[fipo_job] {host}: the run reached its last step ({step.group(1)}) as the time limit neared", 0
+    return (f"[fipo_job] {host}: training stopped for the time limit; {resume_point(config)}; exit 1 so that the "
+            "job is requeued", 1)
 
 
 def slurm_job_state(env: Mapping[str, str]) -> dict:

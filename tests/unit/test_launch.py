@@ -491,3 +491,42 @@ def test_torchrun_in_process_ends_on_sigterm_with_one_line_and_no_traceback(tmp_
     assert proc.returncode == 0, out
     assert "[fipo_job] stopped by 15" in out
     assert "Traceback" not in out and "SignalException" not in out and "death signal" not in out, out
+
+
+_STOPPING_STUB = """
+import os, sys, time
+print("worker up", flush=True)
+deadline = time.time() + 120
+while not os.path.exists(sys.argv[1]) and time.time() < deadline:
+    time.sleep(0.05)
+print("worker saw the stop file", flush=True)
+"""
+
+
+def test_sigusr1_to_the_step_stops_the_trainer_through_its_stop_file(tmp_path):
+    """NeMo-Run's --signal USR1@300 reaches every process of the step: the workers survive it (blocked),
+    the first node's fipo_job creates the stop file, the worker ends after it, and the node exits 1 (requeue)."""
+    script, stop = tmp_path / "worker.py", tmp_path / "run" / "STOP"
+    script.write_text(_STOPPING_STUB)
+    code = ("import os, sys; sys.path.insert(0, {slurm!r}); import fipo_job; "
+            "usr1 = fipo_job.TimeLimitStop('n1', {stop!r}, lambda: ('[fipo_job] n1: stopped for the time limit', 1)); "
+            "sys.exit(fipo_job.run_torchrun(['--nnodes=1', '--nproc-per-node=1', '--master-port={port}', {script!r}, "
+            "{stop!r}], dict(os.environ), lambda s: ('killed by %d' % s, 9), usr1))").format(
+        slurm=os.path.join(ROOT, "slurm"), port=fake_port(), script=str(script), stop=str(stop))
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        lines = []
+        deadline = time.monotonic() + 120
+        while "worker up" not in "".join(lines):
+            assert time.monotonic() < deadline and proc.poll() is None, "".join(lines)
+            lines.append(proc.stdout.readline())
+        os.killpg(proc.pid, signal.SIGUSR1)
+        out = "".join(lines) + proc.communicate(timeout=60)[0]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 1, out
+    assert "worker saw the stop file" in out and f"created the trainer's stop file {stop}" in out, out
+    assert "[fipo_job] n1: stopped for the time limit" in out and "Traceback" not in out, out
