@@ -77,6 +77,7 @@ class Failover:
         self._fail_lock = threading.Lock()
         self._excluded: set[int] = set()
         self._lives = [0] * len(self.urls)  # bumped at every death: the weight-update group's members' identity
+        self._started = [0] * len(self.urls)  # the life each owned server's process was started for
         self._fail_counts = {"server_deaths": 0, "rerouted_requests": 0, "server_restarts": 0, "server_rejoins": 0}
         self._members: Optional[tuple] = None  # the servers the current sync reaches
         self._group_key: Optional[tuple] = None
@@ -100,9 +101,11 @@ class Failover:
             self._fail_counts[key] += k
 
     def _is_dead(self, replica: int) -> bool:
+        """Its process is gone (an owned server), or it does not answer ``/health`` (its watchdog may not
+        have seen the server's exit yet)."""
         server = self.servers[replica]
-        if server is not None:
-            return not server.alive()
+        if server is not None and not server.alive():
+            return True
         try:
             request(self.urls[replica] + "/health", timeout=10)
             return False
@@ -142,13 +145,17 @@ class Failover:
         self._revive(replica, err)
 
     def _restart(self, replica: int, wait: bool) -> bool:
-        """Start owned ``replica`` again if its process is gone (``max_restarts`` per server; ``EngineError``
-        past it); with ``wait``, until it is healthy. False for a server this engine does not own."""
+        """Start owned ``replica`` again unless its process was started after its last recorded death
+        (``max_restarts`` per server; ``EngineError`` past it); with ``wait``, until it is healthy. False for
+        a server this engine does not own."""
         server = self.servers[replica]
         if server is None:
             return False
         with self._fail_lock:
-            if not server.alive():
+            if self._started[replica] == self._lives[replica] and not server.alive():
+                self._lives[replica] += 1  # a restarted process died too
+                self._fail_counts["server_deaths"] += 1
+            if self._started[replica] != self._lives[replica]:  # the process we know of died (or is dying)
                 if server.restarts >= self.max_restarts:
                     code = server.proc.returncode if server.proc is not None else None
                     raise EngineError(f"SGLang server {server.url} died (exit {code}) and rollout.max_restarts="
@@ -159,6 +166,7 @@ class Failover:
                 _say(f"restarting server {server.url} (restart {server.restarts} of {self.max_restarts})")
                 server.kill()
                 server.start()
+                self._started[replica] = self._lives[replica]
         if wait:
             server.wait_healthy(self.startup_timeout)
         return True
