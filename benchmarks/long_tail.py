@@ -48,7 +48,7 @@ def long_tail_summary(records: list[dict], n: int, first: int = 3, last: int | N
     """``staleness.summarize`` over steps ``first``..``last`` (default: every step), the long tail's own
     figures over the same steps, and the held-out Avg@4 of the whole run (start and end)."""
     last = max(r["step"] for r in records) if last is None else last
-    window = [r for r in records if first - 1 <= r["step"] <= last]  # summarize skips its first step
+    window = [r for r in records if first <= r["step"] <= last]  # (summarize counts steps > 1 only)
     steps = [r for r in window if r["step"] >= first and "train/kept_groups" in r]
     out = summarize(window, n)
     avg = [r["eval/avg@4"] for r in records if "eval/avg@4" in r]
@@ -81,6 +81,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--max-running", type=int, default=64, help="the server's decode slots")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="more overrides for every run")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--keep", default=None, help="keep every run's directory (metrics.jsonl, logs) under this one")
     ap.add_argument("--quick", action="store_true", help="4 steps on 16 held-out problems (a smoke test)")
     args = ap.parse_args(argv)
     if not os.path.isdir(os.path.join(args.demo, "base")):
@@ -99,9 +100,11 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.settings:
             k, more = SETTINGS[name]
-            records = train(args.demo, os.path.join(tmp, name), k, steps, extra + more, pinned=True,
+            load = os.getloadavg()[0]  # other work on the machine skews the comparison: reported
+            records = train(args.demo, os.path.join(args.keep or tmp, name), k, steps, extra + more, pinned=True,
                             config=args.config, label=name)
-            results[name] = long_tail_summary(records, n, last=args.timed_last)
+            results[name] = {**long_tail_summary(records, n, last=args.timed_last),
+                             "load_before": load, "load_after": os.getloadavg()[0]}
     base = results[args.settings[0]]["samples_per_s"]
     print(f"\nSummary (long-tailed demo, trainer on core 0 / server on core 1 at {args.decode_step_ms:g} ms per "
           f"decode step; throughput over steps 3..{args.timed_last or steps}, Avg@4 at steps 0 and {steps})")

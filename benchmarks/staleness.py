@@ -63,11 +63,13 @@ def summarize(records: list[dict], n: int) -> dict:
         values = [r.get(key, 0.0) for r in steps]
         return sum(values) / max(len(values), 1)
 
-    return {"samples_per_s": samples / seconds, "timed_steps": len(steps), "step_s": mean("time/step_s"),
-            "generate_s": mean("time/generate_s"), "wait_rollout_s": mean("time/wait_rollout_s"),
-            "old_logp_s": mean("time/old_logp_s"), "train_s": mean("time/train_s"),
-            "avg4_start": avg[0], "avg4_end": avg[-1], "avg4_rise": avg[-1] - avg[0],
-            "staleness_mean": mean("rollout/staleness_mean")}
+    out = {"samples_per_s": samples / seconds, "timed_steps": len(steps), "step_s": mean("time/step_s"),
+           "generate_s": mean("time/generate_s"), "wait_rollout_s": mean("time/wait_rollout_s"),
+           "old_logp_s": mean("time/old_logp_s"), "train_s": mean("time/train_s"),
+           "staleness_mean": mean("rollout/staleness_mean")}
+    if avg:  # the held-out evaluations among the records
+        out.update({"avg4_start": avg[0], "avg4_end": avg[-1], "avg4_rise": avg[-1] - avg[0]})
+    return out
 
 
 def main(argv=None) -> dict:
