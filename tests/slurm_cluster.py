@@ -3,7 +3,10 @@
 ``SlurmCluster(root).start()`` writes a ``slurm.conf``, a munge key and the daemons' state and logs
 under ``root`` and starts ``munged``, ``slurmctld`` and two ``slurmd`` (``slurmd -N n1`` and
 ``-N n2``) on loopback addresses (``NodeAddr=127.0.0.2`` / ``127.0.0.3``, node names that are not
-host names) and free ports; ``stop()`` cancels every job and ends them all. ``env`` is the
+host names) and free ports; ``stop()`` cancels every job and ends them all. Slurm's defaults
+otherwise, except the credential lifetime (``cred_expire``, 10 s instead of 120: a requeued job
+waits that long before it starts again) and the scheduler's period (2 s instead of 60: when the
+requeued job may start, the next pass starts it). ``env`` is the
 environment a client needs (``SLURM_CONF``; ``sbatch``, ``srun``, ``scontrol``, ``scancel`` are
 Debian's). No cgroups (``proctrack/linuxproc``, ``task/none``), no accounting, root runs
 everything: what a CI container allows.
@@ -68,9 +71,9 @@ class SlurmCluster:
         env: ``os.environ`` plus ``SLURM_CONF``: run the Slurm clients with it.
     """
 
-    def __init__(self, root: str, cpus: int = 2, kill_wait: int = 10):
+    def __init__(self, root: str, cpus: int = 2, kill_wait: int = 30, cred_expire: int = 10):
         self.root = os.path.abspath(root)
-        self.cpus, self.kill_wait = cpus, kill_wait
+        self.cpus, self.kill_wait, self.cred_expire = cpus, kill_wait, cred_expire
         self.conf = os.path.join(self.root, "slurm.conf")
         self.log_dir = os.path.join(self.root, "log")
         self.supervisor: Optional[subprocess.Popen] = None
@@ -89,7 +92,7 @@ class SlurmCluster:
                 fh.write(os.urandom(1024))
         ports = [free_port()] + [free_port(addr) for _, addr in NODES]
         host = socket.gethostname().split(".")[0]
-        nodes = "\n".join(f"NodeName={name} NodeAddr={addr} NodeHostname={host} Port={port} CPUs={self.cpus} "
+        nodes = "\n".join(f"NodeName={name} NodeAddr={addr} Port={port} CPUs={self.cpus} "
                           f"RealMemory=2000 State=UNKNOWN" for (name, addr), port in zip(NODES, ports[1:]))
         r = self.root
         text = f"""# written by tests/slurm_cluster.py
@@ -98,7 +101,7 @@ SlurmctldHost={host}(127.0.0.1)
 SlurmctldPort={ports[0]}
 SlurmdPort={ports[1]}
 AuthType=auth/munge
-AuthInfo=socket={r}/munge/munge.socket
+AuthInfo=socket={r}/munge/munge.socket,cred_expire={self.cred_expire}
 CredType=cred/munge
 SlurmUser=root
 SlurmdUser=root
@@ -114,6 +117,7 @@ TaskPlugin=task/none
 SwitchType=switch/none
 MpiDefault=none
 SchedulerType=sched/builtin
+SchedulerParameters=sched_interval=2
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 SlurmdParameters=config_overrides
