@@ -168,3 +168,44 @@ def test_generation_ahead_through_sglang_in_both_modes(demo, tmp_path, mode, ahe
     updates = _updates(log)
     assert [u["weight_version"] for u in updates] == ["1", "2", "3"]
     assert all(u["writes_under_requests"] == 0 for u in updates)
+
+
+def test_sigkilled_trainer_on_the_sglang_path_leaves_no_process(demo, tmp_path):
+    """``python -m megatron_fipo train`` through the CPU server (colocated), SIGKILLed once its first checkpoint
+    is complete: every descendant read from /proc until the kill (the server and its watchdog, in their own
+    session; reward workers; multiprocessing's resource tracker; whatever megatron-core's checkpoint save
+    started) is gone within 20 s."""
+    import importlib.util
+    import time
+
+    spec = importlib.util.spec_from_file_location("kill_stress", os.path.join(REPO, "tools", "kill_stress.py"))
+    procs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(procs)
+    run, log = str(tmp_path / "run"), tmp_path / "trainer.log"
+    cmd = [sys.executable, "-m", "megatron_fipo", "train", "--config", DEMO_CONFIG,
+           *demo_overrides(demo, run, *SMALL_RUN, "train.reward_workers=2", "train.steps=500",
+                           "checkpoint.every_steps=1", "checkpoint.export_hf=false", "rollout.engine=sglang", SERVER)]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    seen = {}
+    try:
+        marker = os.path.join(run, "checkpoints", "iter_0000001", "fipo_checkpoint.json")
+        deadline = time.time() + 600
+        while not os.path.exists(marker):
+            assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+            seen.update(procs.descendants(proc.pid))
+            time.sleep(0.2)
+        seen.update(procs.descendants(proc.pid))
+        alive = procs.running(seen).values()
+        assert any("megatron_fipo.rollout.cpu_server" in c for c in alive), seen
+        assert any("resource_tracker" in c for c in alive), seen
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+        seen.update(procs.descendants(proc.pid))  # its session and group outlive it
+        left = procs.wait_gone(seen, 20)
+        assert not left, left
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        procs.kill_all(seen)
+        proc.wait()

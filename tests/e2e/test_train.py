@@ -18,7 +18,6 @@ import torch
 from tests.dist.launcher import DistributedTestError, launch
 from tests.helpers import DEMO_CONFIG as CONFIG
 from tests.helpers import SMALL_RUN as SMALL
-from tests.helpers import alive_processes
 from tests.helpers import demo_overrides as _overrides
 from tests.helpers import read_records as _records
 from tests.helpers import train_in_process as _train
@@ -287,36 +286,46 @@ def test_overflowing_update_is_rolled_back_never_published_then_stops(demo, tmp_
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
 def test_killed_trainer_leaves_no_child_process(demo, tmp_path, sig):
-    """SIGTERM: exit 143 with one line and no traceback, children reaped; SIGKILL: the children (reward
-    workers, then multiprocessing's resource tracker) die by themselves. Either way none outlives it."""
-    import psutil
+    """Killed once its first checkpoint is complete (so megatron-core's checkpoint writer has run). SIGTERM:
+    exit 143 with one line and no traceback, children reaped; SIGKILL: every descendant (reward workers,
+    multiprocessing's resource tracker, whatever the save started) dies by itself. Descendants are read from
+    /proc (session, process group, parent chain) until the kill; none outlives the trainer."""
+    import importlib.util
 
-    run = str(tmp_path / "run")
+    spec = importlib.util.spec_from_file_location("kill_stress", os.path.join(REPO, "tools", "kill_stress.py"))
+    procs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(procs)
+    run, log = str(tmp_path / "run"), tmp_path / "trainer.log"
     cmd = [sys.executable, "-m", "megatron_fipo", "train", "--config", CONFIG,
-           *_overrides(demo, run, *SMALL, "train.reward_workers=2", "train.steps=500", "checkpoint.export_hf=false")]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    kids = []
+           *_overrides(demo, run, *SMALL, "train.reward_workers=2", "train.steps=500", "checkpoint.every_steps=1",
+                       "checkpoint.export_hf=false")]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    seen = {}
     try:
+        marker = os.path.join(run, "checkpoints", "iter_0000001", "fipo_checkpoint.json")
         deadline = time.time() + 600
-        while len([k for k in kids if "--multiprocessing-fork" in k.cmdline()]) < 2:  # the reward workers run
-            assert proc.poll() is None and time.time() < deadline, proc.stdout.read().decode()[-3000:]
+        while not os.path.exists(marker):
+            assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+            seen.update(procs.descendants(proc.pid))
             time.sleep(0.2)
-            kids = psutil.Process(proc.pid).children(recursive=True)
+        seen.update(procs.descendants(proc.pid))
+        alive = procs.running(seen).values()
+        assert len([c for c in alive if "--multiprocessing-fork" in c]) >= 2, seen  # the reward workers
+        assert any("resource_tracker" in c for c in alive), seen
         os.kill(proc.pid, sig)
-        out = proc.communicate(timeout=120)[0].decode()
+        proc.wait(timeout=120)
+        out = log.read_text()
         if sig == signal.SIGTERM:
             assert proc.returncode == 143, out[-3000:]
             assert "terminated by SIGTERM" in out and "Traceback" not in out, out[-3000:]
-        deadline = time.time() + 20
-        while alive_processes(kids) and time.time() < deadline:
-            time.sleep(0.2)
-        assert not alive_processes(kids), [(p.pid, p.cmdline()) for p in alive_processes(kids)]
+        seen.update(procs.descendants(proc.pid))  # its session and group outlive it
+        left = procs.wait_gone(seen, 20)
+        assert not left, left
     finally:
-        for pid in [proc.pid] + [k.pid for k in kids]:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+        if proc.poll() is None:
+            proc.kill()
+        procs.kill_all(seen)
         proc.wait()
 
 
