@@ -521,7 +521,9 @@ def stopped_line(job: Job, config: Config, env: Mapping[str, str], host: str, si
 
 
 def run_sglang(args: argparse.Namespace) -> int:
-    """Start this rollout node's servers; exit non-zero (killing the rest) as soon as one of them dies."""
+    """Start this rollout node's servers and restart one that dies, ``rollout.max_restarts`` times per server
+    (the trainer routes around it meanwhile and feeds it at its next weight sync: rollout/sglang_failover.py);
+    past that, exit non-zero (killing the rest) with its log tail."""
     from megatron_fipo.rollout.sglang_server import ServerProcess, default_launcher
 
     env = dict(os.environ)
@@ -545,10 +547,20 @@ def run_sglang(args: argparse.Namespace) -> int:
     for s in servers:
         print(f"[fipo_job] {host}: {shlex.join(s.argv)} > {s.log_path}", flush=True)
         s.start()
-    while all(s.alive() for s in servers):
-        time.sleep(args.poll_s)
-    dead = next(s for s in servers if not s.alive())
-    print(f"[fipo_job] SGLang server {dead.url} exited; log tail ({dead.log_path}):\n{dead.tail()}", flush=True)
+    while True:
+        while all(s.alive() for s in servers):
+            time.sleep(args.poll_s)
+        dead = next(s for s in servers if not s.alive())
+        if dead.restarts >= config.rollout.max_restarts:
+            break
+        dead.restarts += 1
+        print(f"[fipo_job] SGLang server {dead.url} exited; restarting it (restart {dead.restarts} of "
+              f"rollout.max_restarts={config.rollout.max_restarts}); log tail ({dead.log_path}):\n{dead.tail()}",
+              flush=True)
+        dead.kill()
+        dead.start()
+    print(f"[fipo_job] SGLang server {dead.url} exited and rollout.max_restarts={config.rollout.max_restarts} "
+          f"restart(s) are used up; log tail ({dead.log_path}):\n{dead.tail()}", flush=True)
     for s in servers:
         s.kill()
     return 1
