@@ -172,3 +172,21 @@ def test_every_server_dead_is_a_clear_error(tmp_path):
         rank0.shutdown()
     assert not _children()
     assert not [p for p in psutil.Process().children(recursive=True) if "fake_sglang" in " ".join(p.cmdline())]
+
+
+# --------------------------------------------------------------------------- the Slurm launcher's rollout node
+
+
+def test_the_rollout_node_restarts_a_dead_server_then_gives_up_with_its_log(tmp_path):
+    """Disaggregated under slurm/fipo.sbatch: the rollout node's step restarts a server that died
+    (rollout.max_restarts times, here once) before the job ends with its log tail (fake Slurm, fake servers dying at 0.5 s)."""
+    from tests.unit.test_launch import RECIPE, FakeCluster
+
+    cluster = FakeCluster(tmp_path, 2)
+    rc = cluster.run(cluster.sbatch("--mode", "disaggregated", "--rollout-nodes", "1", "--config", RECIPE,
+                                    *cluster.overrides, "rollout.sglang={tp_size: 8}", "rollout.max_restarts=1"),
+                     FAKE_SGLANG_SECONDS="0.5", FAKE_TORCHRUN_SLEEP="60")
+    log = (tmp_path / "logs" / "sglang-r0-gpu02.log").read_text()
+    assert rc == 1, cluster.output()
+    assert log.count("restarting it (restart 1 of rollout.max_restarts=1)") == 1
+    assert "exited and rollout.max_restarts=1 restart(s) are used up" in log and "CUDA out of memory" in log
