@@ -14,7 +14,7 @@ import torch
 from megatron_fipo.rollout.engine import EngineError, GenerationRequest, SamplingParams
 from megatron_fipo.rollout.routing import PromptRouter
 from megatron_fipo.rollout.sglang_engine import SGLangEngine
-from megatron_fipo.rollout.sglang_weights import serialize_named_tensors
+from megatron_fipo.rollout.sglang_weights import serialize_named_tensors, tcp_gloo_group
 from megatron_fipo.train.pool import engine_metrics
 from tests.unit.test_sglang_engine import _children, _engine, _sha, _state
 
@@ -145,6 +145,34 @@ def test_a_server_restarted_with_old_weights_does_not_rejoin(tmp_path):
         rank0.adopt_version(3)
         assert rank0.live_servers() == [0]
         rank0.shutdown()
+    assert not _children()
+
+
+def test_a_launcher_restarted_server_is_fed_at_the_next_sync_over_a_rebuilt_group(tmp_path, want):
+    """Disaggregated with servers given by url (a rollout node's launcher owns them): a dead one is routed around,
+    and once its launcher has started it again the next sync rebuilds the weight-update group over both servers
+    (a fresh group name) and feeds it; only then does it rejoin."""
+    with _engine(tmp_path, replicas=2, mode="disaggregated") as launcher:
+        trainer = SGLangEngine("tiny-model", urls=launcher.urls, mode="disaggregated", group_factory=tcp_gloo_group,
+                               startup_timeout=30)
+        trainer.update_weights(iter([[("w", torch.ones(3))]]), version=1)
+        _kill(launcher.servers[1])
+        first = _samples(trainer.generate(_reqs()))
+        launcher.servers[1].start()  # the launcher's restart: the base weights
+        launcher.servers[1].wait_healthy(60)
+        assert _samples(trainer.generate(_reqs())) == first and trainer.live_servers() == [0]  # stale: not routed to
+        tensors = [("w", torch.randn(3))]
+        trainer.update_weights(iter([tensors]), version=2)
+        assert trainer.live_servers() == [0, 1] and trainer.weight_group == "fipo_weights_1"
+        for i in range(2):
+            state = _state(launcher, i)
+            assert state["weight_version"] == "2" and state["checksums"]["0"] == {"w": _sha(tensors[0][1])}
+        served = _state(launcher, 1)["requests"]
+        assert all(s.weight_version == 2 for g in trainer.generate(_reqs()) for s in g)
+        assert _state(launcher, 1)["requests"] > served
+        counts = trainer.failover_counts()
+        assert (counts["server_deaths"], counts["server_rejoins"], counts["server_restarts"]) == (1, 1, 0)
+        trainer.shutdown()
     assert not _children()
 
 
