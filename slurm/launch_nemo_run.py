@@ -99,7 +99,9 @@ def slurm_executor(args: argparse.Namespace, nodes: int, srun_args: Sequence[str
         tunnel = run.SSHTunnel(host=args.ssh_host, user=args.ssh_user or os.environ.get("USER", ""),
                                job_dir=args.job_dir)
     else:
-        tunnel = run.LocalTunnel(job_dir=args.job_dir or os.path.join(run.config.get_nemorun_home(), "experiments"))
+        # NeMo-Run writes the job files under <base>/experiments and submits them from the tunnel's job_dir:
+        # locally both must be the same directory
+        tunnel = run.LocalTunnel(job_dir=os.path.join(args.job_dir or run.config.get_nemorun_home(), "experiments"))
     env = {k: shlex.quote(os.environ[k]) for k in ENV_PASSED if os.environ.get(k)}
     return run.SlurmExecutor(
         account=args.account or None, partition=args.partition, nodes=nodes, ntasks_per_node=1,
@@ -199,7 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--job-name", default="fipo")
     p.add_argument("--ssh-host", help="submit through SSH to this login node")
     p.add_argument("--ssh-user")
-    p.add_argument("--job-dir", help="experiment directory on the cluster")
+    p.add_argument("--job-dir", help="with --ssh-host: the experiment directory on the cluster; without: where "
+                   "the experiments are written, <job-dir>/experiments (default: NeMo-Run's home, NEMORUN_HOME)")
     p.add_argument("--dry-run", action="store_true", help="print the generated sbatch (or command), submit nothing")
     p.add_argument("overrides", nargs="*", help="dotted config overrides after --, e.g. -- train.steps=10")
     return p
@@ -218,7 +221,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(render(args))
             return 0
         os.chdir(REPO)  # the GitArchivePackager ships this repository
-        with experiment(args) as exp:
+        with experiment(args, base_dir=None if args.ssh_host else args.job_dir) as exp:
             add_tasks(exp, args)
             exp.run(detach=args.executor == "slurm", tail_logs=args.executor == "local")
     except ValueError as err:

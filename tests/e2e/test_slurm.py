@@ -202,25 +202,82 @@ def test_disaggregated_rollout_node_runs_cpu_servers(cluster, demo, tmp_path):
             assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), (got["step"], key)
 
 
-def test_nemo_run_slurm_executor_without_a_container(cluster, demo, tmp_path, reference, monkeypatch):
+def test_nemo_run_slurm_executor_without_a_container(cluster, demo, tmp_path, reference):
     """``slurm/launch_nemo_run.py --venv``: NeMo-Run's own sbatch template, submitted through its local tunnel,
-    runs the committed code (its GitArchivePackager) with this venv's interpreter on both nodes."""
+    runs the committed code (its GitArchivePackager) with this venv's interpreter on both nodes. Its time-limit
+    path: USR1 to the job steps (``--signal USR1@300``; here ``scancel --signal=USR1``) stops the trainer after
+    its step with a checkpoint, the template requeues the job, and the run resumes exactly."""
     pytest.importorskip("nemo_run")
     run = str(tmp_path / "run")
     env = {**cluster.env, **_job_env(tmp_path), "NEMORUN_HOME": str(tmp_path / "nemo_home")}
     cmd = [sys.executable, os.path.join(REPO, "slurm", "launch_nemo_run.py"), "--config", DEMO_CONFIG, "--nodes", "2",
            "--venv", os.path.dirname(os.path.dirname(sys.executable)), "--gpus-per-node", "0", "--procs-per-node", "1",
-           "--partition", "cpu", "--time", "00:30:00", "--retries", "0", "--job-name", "fipo-nemo",
+           "--partition", "cpu", "--time", "00:30:00", "--retries", "1", "--job-name", "fipo-nemo",
            "--job-dir", str(tmp_path / "nemo_jobs"), "--", *demo_overrides(demo, run, *SMALL_RUN, *STEPS)]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    ids = [int(m) for m in re.findall(r"JobId=(\d+) JobName=fipo-nemo-train\b",
-                                      cluster.run(["scontrol", "-o", "show", "job"]).stdout)]
-    assert len(ids) == 1, cluster.run(["scontrol", "-o", "show", "job"]).stdout
+    jobs = cluster.run(["scontrol", "-o", "show", "job"]).stdout
+    ids = [int(m) for m in re.findall(r"JobId=(\d+) JobName=fipo-nemo-train\b", jobs)]
+    assert len(ids) == 1, jobs
+    sbatch = "".join(open(p).read() for p in glob.glob(str(tmp_path / "nemo_jobs" / "**" / "*_sbatch.sh"),
+                                                       recursive=True))
+    assert "--account" not in sbatch and "--gpus-per-node" not in sbatch and "--container-image" not in sbatch, sbatch
+    _wait_for_file(os.path.join(run, "checkpoints", "iter_0000001", "fipo_checkpoint.json"), cluster, ids[0])
+    cluster.run(["scancel", "--signal=USR1", str(ids[0])])  # to the steps, as Slurm does 300 s before the limit
     info = cluster.wait_job(ids[0], DONE, timeout=600)
-    outs = "".join(open(p, errors="replace").read()[-3000:]
-                   for p in glob.glob(str(tmp_path / "nemo_jobs" / "**" / "*.out"), recursive=True))
-    assert info["JobState"] == "COMPLETED", outs
-    assert "#SBATCH --account" not in "".join(
-        open(p).read() for p in glob.glob(str(tmp_path / "nemo_jobs" / "**" / "*_sbatch.sh"), recursive=True))
+    logs = {p: open(p, errors="replace").read()
+            for p in sorted(glob.glob(str(tmp_path / "nemo_jobs" / "**" / "*.out"), recursive=True))}
+    text = "".join(logs.values())
+    outs = "".join(f"\n--- {p}\n{t[-3000:]}" for p, t in logs.items())
+    assert (info["JobState"], info["Restarts"]) == ("COMPLETED", "1"), outs
+    assert "[fipo_job] n1: SIGUSR1 (time limit near): created the trainer's stop file" in text, outs
+    for node in ("n1", "n2"):
+        assert f"[fipo_job] {node}: training stopped for the time limit; the next start resumes from" in text, outs
+    assert "Traceback" not in text, outs
     assert _strip(read_records(run)) == _strip(reference), outs
+
+
+_ABANDONED = """
+import sys, time
+sys.path.insert(0, {repo!r})
+from tests.slurm_cluster import SlurmCluster
+c = SlurmCluster({root!r}).start()
+job = c.sbatch(["--nodes=2", "--output={root}/job.out", {script!r}])
+c.wait_job(job, ("RUNNING",), timeout=60)
+print(c.supervisor.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_dead_test_process_leaves_no_slurm_process_behind(tmp_path):
+    """The process that started a cluster dies (SIGKILL: no fixture teardown) while a job step runs whose
+    processes ignore SIGTERM: the daemons, the detached slurmstepd and every job process still end."""
+    import psutil
+
+    script = tmp_path / "job.sh"
+    script.write_text("#!/bin/bash\nsrun --ntasks-per-node=1 bash -c 'trap \"\" TERM; echo started; sleep 600'\n")
+    code = _ABANDONED.format(repo=REPO, root=str(tmp_path / "cluster"), script=str(script))
+    owner = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        supervisor = psutil.Process(int(owner.stdout.readline()))
+
+        def below():
+            out = []
+            for p in supervisor.children(recursive=True):
+                try:
+                    out.append((p, " ".join(p.cmdline())))
+                except psutil.Error:
+                    pass
+            return out
+
+        deadline = time.monotonic() + 60
+        while sum("sleep 600" in cmd for _, cmd in below()) < 2:  # one task per node
+            assert time.monotonic() < deadline, [cmd for _, cmd in below()]
+            time.sleep(0.5)
+        procs = below()
+        assert any(cmd.startswith("slurmstepd") for _, cmd in procs), [cmd for _, cmd in procs]
+    finally:
+        os.killpg(owner.pid, signal.SIGKILL)
+        owner.wait()
+    gone, alive = psutil.wait_procs([supervisor, *(p for p, _ in procs)], timeout=90)
+    assert not alive, [(p.pid, p.cmdline()) for p in alive]
