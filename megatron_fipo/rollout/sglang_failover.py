@@ -74,7 +74,8 @@ class Failover:
     """The dead-server routes of ``SGLangEngine`` (see the module docstring); a mix-in, not used alone."""
 
     def _failover_init(self) -> None:
-        self._fail_lock = threading.Lock()
+        self._fail_lock = threading.Lock()  # the sets and counters below
+        self._restart_lock = threading.Lock()  # one restart decision at a time (kill + start under it)
         self._excluded: set[int] = set()
         self._lives = [0] * len(self.urls)  # bumped at every death: the weight-update group's members' identity
         self._started = [0] * len(self.urls)  # the life each owned server's process was started for
@@ -151,10 +152,11 @@ class Failover:
         server = self.servers[replica]
         if server is None:
             return False
-        with self._fail_lock:
+        with self._restart_lock:
             if self._started[replica] == self._lives[replica] and not server.alive():
-                self._lives[replica] += 1  # a restarted process died too
-                self._fail_counts["server_deaths"] += 1
+                with self._fail_lock:
+                    self._lives[replica] += 1  # a restarted process died too
+                    self._fail_counts["server_deaths"] += 1
             if self._started[replica] != self._lives[replica]:  # the process we know of died (or is dying)
                 if server.restarts >= self.max_restarts:
                     code = server.proc.returncode if server.proc is not None else None
@@ -162,7 +164,7 @@ class Failover:
                                       f"{self.max_restarts} restart(s) are used up: it keeps dying; log tail "
                                       f"({server.log_path}):\n{server.tail()}")
                 server.restarts += 1
-                self._fail_counts["server_restarts"] += 1
+                self._count("server_restarts")
                 _say(f"restarting server {server.url} (restart {server.restarts} of {self.max_restarts})")
                 server.kill()
                 server.start()
