@@ -32,7 +32,7 @@ from tests.slurm_cluster import SlurmCluster, free_port, missing
 
 _MISSING = missing()
 pytestmark = [pytest.mark.skipif(_MISSING is not None, reason=f"needs a local Slurm: {_MISSING}"),
-              pytest.mark.timeout(900)]
+              pytest.mark.timeout(1200)]  # the first test builds the demo (session fixture) and the reference
 STEPS = ["train.steps=3", "checkpoint.every_steps=1", "checkpoint.keep_last=3"]
 DONE = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL")
 
