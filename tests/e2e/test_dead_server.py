@@ -103,6 +103,9 @@ def _check(run, reference, killer):
     assert first["rollout/server_rejoins"] == 1.0 and first["rollout/servers_live"] == 2.0
     assert second["rollout/server_deaths"] == 0.0 and second["rollout/rerouted_requests"] == 0.0
     assert second["rollout/server1_token_share"] > 0  # the restarted server samples again
+    print(f"\nkilled {killer.killed}; per step (deaths, rerouted, rejoins, live, server1 share):",
+          [(r["rollout/server_deaths"], r["rollout/rerouted_requests"], r["rollout/server_rejoins"],
+            r["rollout/servers_live"], round(r["rollout/server1_token_share"], 3)) for r in records])
     _assert_synced(records)
     for got, want in zip(records, reference, strict=True):
         for key in SAMPLE_KEYS:
