@@ -168,9 +168,9 @@ def test_an_unresolvable_rendezvous_address_fails_the_job_within_a_minute(cluste
     info, out = _wait_done(cluster, tmp_path, job, timeout=120)
     assert info["JobState"] == "FAILED" and time.monotonic() - start < 60, out
     log = _restart_log(tmp_path, 0)
-    for node in ("n1", "n2"):
-        assert (f"fipo_job train: error: the rendezvous address no-such-node.invalid of n1 (FIPO_MASTER_ADDR) does "
-                f"not resolve on {node}") in log, out
+    # the first node to find it says so; srun --kill-on-bad-exit may end the other before it does
+    assert re.search(r"^fipo_job train: error: the rendezvous address no-such-node.invalid of n1 \(FIPO_MASTER_ADDR\) "
+                     r"does not resolve on n[12]: ", log, re.M), out
     assert "Traceback" not in log, out
 
 
