@@ -140,9 +140,10 @@ def test_oversampling_forms_batches_without_waiting_for_the_tail(engine, seed):
     cfg = _cfg("rollout.oversample=1.5")
     services = Services(engine, seed)
     pool = RolloutPool(services, cfg, dp_size=2)
-    trained = 0
+    trained, tail_carried = 0, 0
     for step in range(1, 6):
         exp = pool.collect(step)
+        tail_carried += any(g.item.prompt_ids[0] % 10 == 0 for g in pool.groups.values())
         assert exp.num_groups == 8 and len(exp.prompts) == 32
         assert len(pool.groups) + len(pool.complete) <= 12  # ceil(1.5 * 8) in flight or waiting, no more
         for prompt, response in zip(exp.prompts, exp.responses):
@@ -160,7 +161,7 @@ def test_oversampling_forms_batches_without_waiting_for_the_tail(engine, seed):
     assert trained + pool.counts["filtered_groups"] + len(pool.groups) + len(pool.complete) == len(services.drawn)
     assert engine.aborts == 0 and engine.max_running <= 12 * 4
     long_ones = [it for it in services.drawn if it.prompt_ids[0] % 10 == 0]
-    assert any(g.item in long_ones for g in pool.groups.values()) or not long_ones  # the tail was not waited for
+    assert tail_carried or not long_ones  # at some step boundary a long group was still running: not waited for
 
 
 @pytest.mark.parametrize("seed", fresh_seeds(2, base=83))
