@@ -425,6 +425,49 @@ class TimeLimitStop:
         return self.finished() if self.received else None
 
 
+_AGENT_STORES: list = []  # (TCPStore, node rank, nodes) of this process's torchrun rendezvous
+_DEPARTED = "fipo_job/agents_departed"
+
+
+def _keep_agent_stores() -> None:
+    """Keep a reference to the static rendezvous' TCPStore after torchrun returns (see ``_depart``)."""
+    try:
+        from torch.distributed.elastic.rendezvous import static_tcp_rendezvous as static
+    except ImportError:
+        return
+    cls = static.StaticTCPRendezvous
+    if getattr(cls.next_rendezvous, "_fipo_kept", False):
+        return
+    original = cls.next_rendezvous
+
+    def next_rendezvous(self):
+        info = original(self)
+        if getattr(self, "_store", None) is not None:
+            _AGENT_STORES.append((self._store, self.rank, self.world_size))
+        return info
+
+    next_rendezvous._fipo_kept = True
+    cls.next_rendezvous = next_rendezvous
+
+
+def _depart(timeout: float = 10.0) -> None:
+    """The first node keeps its rendezvous store up until every node's torchrun has finished its exit
+    barrier: otherwise a node still reading the barrier's answer finds the store gone and torchrun
+    logs a ``DistNetworkError`` traceback although every worker succeeded."""
+    import datetime
+
+    for store, rank, nodes in _AGENT_STORES:
+        try:
+            store.set_timeout(datetime.timedelta(seconds=timeout))
+            store.add(_DEPARTED, 1)
+            deadline = time.monotonic() + timeout
+            while rank == 0 and store.add(_DEPARTED, 0) < nodes and time.monotonic() < deadline:
+                time.sleep(0.1)
+        except Exception:  # noqa: BLE001 - the store is gone: nothing left to wait for
+            pass
+    _AGENT_STORES.clear()
+
+
 def run_torchrun(args: Sequence[str], env: Mapping[str, str], on_signal, usr1: Optional[TimeLimitStop] = None) -> int:
     """``torchrun ARGS`` in this process (``torch.distributed.run.main``), with ``env`` as the environment.
 
@@ -445,12 +488,18 @@ def run_torchrun(args: Sequence[str], env: Mapping[str, str], on_signal, usr1: O
     sys.argv = ["torchrun", *args]
     if usr1 is not None:
         usr1.install()
+    _keep_agent_stores()
     try:
         torchrun_main(list(args))
     except SignalException as err:
+        _AGENT_STORES.clear()  # the other nodes are being stopped too: nobody to wait for
         line, code = on_signal(int(err.sigval))
         print(line, file=sys.stderr, flush=True)
         return code
+    except BaseException:
+        _depart()
+        raise
+    _depart()
     stopped = usr1.result() if usr1 is not None else None
     if stopped:
         print(stopped[0], file=sys.stderr, flush=True)

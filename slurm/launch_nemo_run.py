@@ -61,7 +61,9 @@ def job_python(args: argparse.Namespace, *, local: bool = False) -> str:
 
 
 def role_command(args: argparse.Namespace, role: str, *, local: bool = False) -> str:
-    """The shell command one task runs: ``PYTHON slurm/fipo_job.py ROLE ...`` (arguments quoted)."""
+    """The shell command one task runs: ``PYTHON slurm/fipo_job.py ROLE ...`` (arguments quoted); on Slurm
+    ``exec``-ed by NeMo-Run's task script, so that the signals Slurm sends to the step (USR1 before the time
+    limit, TERM on a requeue) reach ``fipo_job.py``, not a shell that USR1 would kill."""
     words = [shlex.quote(w) for w in (job_python(args, local=local), "slurm/fipo_job.py", role,
                                       "--config", job_config_path(args.config), "--rollout-nodes",
                                       str(args.rollout_nodes), "--gpus-per-node", str(args.gpus_per_node))]
@@ -73,7 +75,7 @@ def role_command(args: argparse.Namespace, role: str, *, local: bool = False) ->
         words += ["--master-port", MASTER_PORT]
     if role == "sglang":
         words += ["--log-dir", LOG_DIR]
-    return " ".join(words + ["--"] + [shlex.quote(o) for o in args.overrides])
+    return " ".join((["exec"] if not local else []) + words + ["--"] + [shlex.quote(o) for o in args.overrides])
 
 
 def _script(command: str):

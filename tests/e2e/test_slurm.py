@@ -222,8 +222,15 @@ def test_nemo_run_slurm_executor_without_a_container(cluster, demo, tmp_path, re
     sbatch = "".join(open(p).read() for p in glob.glob(str(tmp_path / "nemo_jobs" / "**" / "*_sbatch.sh"),
                                                        recursive=True))
     assert "--account" not in sbatch and "--gpus-per-node" not in sbatch and "--container-image" not in sbatch, sbatch
-    _wait_for_file(os.path.join(run, "checkpoints", "iter_0000001", "fipo_checkpoint.json"), cluster, ids[0])
-    cluster.run(["scancel", "--signal=USR1", str(ids[0])])  # to the steps, as Slurm does 300 s before the limit
+    # USR1 to the steps, as Slurm does 300 s before the limit, once the workers load the model (fipo_job.py takes
+    # the signal from then on): the trainer stops after step 1 with its checkpoint
+    deadline = time.monotonic() + 300
+    while "Loading weights" not in "".join(open(p, errors="replace").read() for p in glob.glob(
+            str(tmp_path / "nemo_jobs" / "**" / f"log-*_{ids[0]}_0.out"), recursive=True)):
+        assert time.monotonic() < deadline and cluster.job(ids[0])["JobState"] in ("PENDING", "RUNNING"), \
+            cluster.job(ids[0])
+        time.sleep(0.2)
+    cluster.run(["scancel", "--signal=USR1", str(ids[0])])
     info = cluster.wait_job(ids[0], DONE, timeout=600)
     logs = {p: open(p, errors="replace").read()
             for p in sorted(glob.glob(str(tmp_path / "nemo_jobs" / "**" / "*.out"), recursive=True))}
@@ -232,7 +239,8 @@ def test_nemo_run_slurm_executor_without_a_container(cluster, demo, tmp_path, re
     assert (info["JobState"], info["Restarts"]) == ("COMPLETED", "1"), outs
     assert "[fipo_job] n1: SIGUSR1 (time limit near): created the trainer's stop file" in text, outs
     for node in ("n1", "n2"):
-        assert f"[fipo_job] {node}: training stopped for the time limit; the next start resumes from" in text, outs
+        assert re.search(rf"^\[fipo_job\] {node}: training stopped for the time limit; the next start resumes from "
+                         rf"\S+/iter_0000001 \(step 1\); exit 1 so that the job is requeued$", text, re.M), outs
     assert "Traceback" not in text, outs
     assert _strip(read_records(run)) == _strip(reference), outs
 

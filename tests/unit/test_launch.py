@@ -258,7 +258,7 @@ def test_nemo_run_dry_run_prints_the_sbatch(monkeypatch, capsys):
     out = capsys.readouterr().out
     for expected in ("#SBATCH --nodes=2", "#SBATCH --signal=USR1@300", "--container-image img.sqsh",
                      "export TORCHX_MAX_RETRIES=20", 'scontrol requeue "$SLURM_JOB_ID"',
-                     "python3 slurm/fipo_job.py train --config examples/qwen2.5-7b-fipo.yaml"):
+                     "exec python3 slurm/fipo_job.py train --config examples/qwen2.5-7b-fipo.yaml"):
         assert expected in out
     assert launcher.main(["--executor", "local", "--config", RECIPE_PATH, "--dry-run"]) == 0
     assert capsys.readouterr().out.strip().endswith("--gpus-per-node 8 --hosts localhost --")
@@ -530,3 +530,28 @@ def test_sigusr1_to_the_step_stops_the_trainer_through_its_stop_file(tmp_path):
     assert proc.returncode == 1, out
     assert "worker saw the stop file" in out and f"created the trainer's stop file {stop}" in out, out
     assert "[fipo_job] n1: stopped for the time limit" in out and "Traceback" not in out, out
+
+
+def test_two_nodes_end_without_exit_barrier_noise(tmp_path):
+    """Two torchrun agents (static rendezvous, as on two nodes) whose workers succeed: the first node keeps its
+    store up until the other has left torchrun's exit barrier, so neither logs a DistNetworkError traceback."""
+    script = tmp_path / "worker.py"
+    script.write_text("print('worker done', flush=True)\n")
+    port = fake_port()
+    code = ("import os, sys; sys.path.insert(0, {slurm!r}); import fipo_job; "
+            "sys.exit(fipo_job.run_torchrun(['--nnodes=2', '--nproc-per-node=1', '--node-rank=' + sys.argv[1], "
+            "'--master-addr=127.0.0.1', '--master-port={port}', {script!r}], dict(os.environ), "
+            "lambda s: ('killed by %d' % s, 9)))").format(slurm=os.path.join(ROOT, "slurm"), port=port,
+                                                          script=str(script))
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(rank)], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, start_new_session=True) for rank in (0, 1)]
+    try:
+        outs = [p.communicate(timeout=120)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0 and "worker done" in out, out
+        assert "Traceback" not in out and "exit barrier" not in out and "recvValue" not in out, out
