@@ -44,6 +44,12 @@ def cluster(tmp_path_factory):
         yield c
 
 
+def _summary(what, job, info, records=None):
+    """One line per job for the test log (``pytest -rA``): its id, final state, requeues and what was compared."""
+    steps = f"; {len(records)} steps equal key by key (time/, perf/ aside)" if records is not None else ""
+    print(f"[slurm] {what}: job {job} {info['JobState']} Restarts={info['Restarts']} ExitCode={info['ExitCode']}{steps}")
+
+
 def _strip(records):
     return [{k: v for k, v in r.items() if not k.startswith(("time/", "perf/"))} for r in records]
 
@@ -125,6 +131,7 @@ def test_sbatch_on_two_cpu_nodes_equals_torchrun(cluster, demo, tmp_path, refere
     records = read_records(run)
     assert all(r["train/dp_cost_max_over_mean"] >= 1.0 for r in records)  # dp=2: a rank on each node
     assert _strip(records) == _strip(reference)
+    _summary("sbatch on n1+n2 vs torchrun --nproc-per-node=2", job, info, records)
     assert os.path.isdir(os.path.join(run, "hf")) and os.path.isdir(os.path.join(run, "checkpoints", "iter_0000003"))
 
 
@@ -136,6 +143,7 @@ def test_requeue_mid_run_reads_clean_and_resumes_exactly(cluster, demo, tmp_path
     info, out = _wait_done(cluster, tmp_path, job)
     assert (info["JobState"], info["Restarts"]) == ("COMPLETED", "1"), out
     assert _strip(read_records(run)) == _strip(reference), out
+    _summary("scontrol requeue after checkpoint 1", job, info, reference)
     stopped, resumed = _restart_log(tmp_path, 0), _restart_log(tmp_path, 1)
     for node in ("n1", "n2"):  # the stopped restart: one line per node, the checkpoint it resumes from
         lines = [line for line in stopped.splitlines() if line.startswith(f"[fipo_job] {node}: training step ended")]
@@ -158,6 +166,7 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes_exactly(cluster, dem
     assert (info["JobState"], info["Restarts"]) == ("COMPLETED", "1"), out
     assert "the trainer stopped with a checkpoint" in out and f"requeueing job {job}" in out, out
     assert _strip(read_records(run)) == _strip(reference), out
+    _summary("scancel --batch --signal=USR1 after checkpoint 1", job, info, reference)
     assert "Traceback" not in _restart_log(tmp_path, 0) + _restart_log(tmp_path, 1), out
 
 
@@ -167,6 +176,7 @@ def test_an_unresolvable_rendezvous_address_fails_the_job_within_a_minute(cluste
                   env={"FIPO_MASTER_ADDR": "no-such-node.invalid"})
     info, out = _wait_done(cluster, tmp_path, job, timeout=120)
     assert info["JobState"] == "FAILED" and time.monotonic() - start < 60, out
+    _summary(f"FIPO_MASTER_ADDR=no-such-node.invalid, failed after {time.monotonic() - start:.0f}s", job, info)
     log = _restart_log(tmp_path, 0)
     # the first node to find it says so; srun --kill-on-bad-exit may end the other before it does
     assert re.search(r"^fipo_job train: error: the rendezvous address no-such-node.invalid of n1 \(FIPO_MASTER_ADDR\) "
@@ -186,6 +196,7 @@ def test_disaggregated_rollout_node_runs_cpu_servers(cluster, demo, tmp_path):
                        "FIPO_SGLANG_PORT": str(port)})
     info, out = _wait_done(cluster, tmp_path, job)
     assert info["JobState"] == "COMPLETED", out
+    _summary("disaggregated (n1 trains, n2 serves)", job, info)
     assert f"rollout.urls=[http://127.0.0.3:{port}]" in _restart_log(tmp_path, 0), out
     assert "fipo-cpu-server" in _logs(tmp_path, "sglang-n2-0.log").get("sglang-n2-0.log", ""), out  # its server
     records = read_records(run)
@@ -243,6 +254,7 @@ def test_nemo_run_slurm_executor_without_a_container(cluster, demo, tmp_path, re
                          rf"\S+/iter_0000001 \(step 1\); exit 1 so that the job is requeued$", text, re.M), outs
     assert "Traceback" not in text, outs
     assert _strip(read_records(run)) == _strip(reference), outs
+    _summary("NeMo-Run --venv, USR1 to the steps while step 1 ran", ids[0], info, reference)
 
 
 _ABANDONED = """
