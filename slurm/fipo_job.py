@@ -418,8 +418,8 @@ class TimeLimitStop:
             what = f"created the trainer's stop file {self.stop_file}"
         else:
             what = "the first node asks the trainer to stop"
-        print(f"[fipo_job] {self.host}: SIGUSR1 (time limit near): {what}; training stops after its current "
-              "step with a checkpoint", file=sys.stderr, flush=True)
+        _say(f"[fipo_job] {self.host}: SIGUSR1 (time limit near): {what}; training stops after its current "
+             "step with a checkpoint")
 
     def result(self):
         return self.finished() if self.received else None
@@ -468,6 +468,12 @@ def _depart(timeout: float = 10.0) -> None:
     _AGENT_STORES.clear()
 
 
+def _say(line: str) -> None:
+    """One line to stderr in one write (nodes that share a log file interleave whole writes)."""
+    sys.stderr.flush()
+    os.write(sys.stderr.fileno(), (line + "\n").encode())
+
+
 def run_torchrun(args: Sequence[str], env: Mapping[str, str], on_signal, usr1: Optional[TimeLimitStop] = None) -> int:
     """``torchrun ARGS`` in this process (``torch.distributed.run.main``), with ``env`` as the environment.
 
@@ -494,7 +500,7 @@ def run_torchrun(args: Sequence[str], env: Mapping[str, str], on_signal, usr1: O
     except SignalException as err:
         _AGENT_STORES.clear()  # the other nodes are being stopped too: nobody to wait for
         line, code = on_signal(int(err.sigval))
-        print(line, file=sys.stderr, flush=True)
+        _say(line)
         return code
     except BaseException:
         _depart()
@@ -502,7 +508,7 @@ def run_torchrun(args: Sequence[str], env: Mapping[str, str], on_signal, usr1: O
     _depart()
     stopped = usr1.result() if usr1 is not None else None
     if stopped:
-        print(stopped[0], file=sys.stderr, flush=True)
+        _say(stopped[0])
         return stopped[1]
     return 0
 
