@@ -180,7 +180,8 @@ def _add_train_eval_plan(sub) -> None:
     pl = sub.add_parser("plan", help="rank layout and per-GPU memory estimate of a config (no GPUs needed)")
     pl.add_argument("--config", required=True)
     pl.add_argument("--world-size", type=int, required=True, help="number of training GPUs (processes)")
-    pl.add_argument("--hf-config", help="the model's config.json or directory (default: model.hf_path)")
+    pl.add_argument("--hf-config", help="the model's config.json or directory, or a known shape "
+                    "such as qwen2.5-32b (default: model.hf_path)")
     pl.add_argument("--gpus-per-node", type=int, default=8)
     pl.add_argument("--gpu-gib", type=float, default=80.0, help="memory per GPU to check the estimate against")
     pl.add_argument("--json", action="store_true")
