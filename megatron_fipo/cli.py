@@ -103,7 +103,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     """A FIPO training run (``megatron_fipo.train.loop``)."""
     from megatron_fipo.train.loop import train
 
-    last = train(_config(args))
+    allowed = [k for k in args.allow_changed if "=" not in k]  # --allow-changed KEY... then overrides
+    args.overrides = [k for k in args.allow_changed if "=" in k] + list(args.overrides)
+    last = train(_config(args), allow_changed=allowed)
     if last:
         keys = [k for k in last if k.startswith(("train/reward", "train/acc", "eval/"))]
         print(json.dumps({k: last[k] for k in keys}, indent=2))
@@ -154,6 +156,9 @@ def _add_train_eval_plan(sub) -> None:
     train.add_argument("--resume", nargs="?", const="auto", default=None, metavar="PATH",
                        help="resume from the latest complete checkpoint of the run (or from PATH); "
                        "same as checkpoint.resume=auto, which is the default")
+    train.add_argument("--allow-changed", nargs="+", default=[], metavar="KEY",
+                       help="resume although these defining settings (e.g. algo.use_influence) differ from the ones "
+                       "the run directory's checkpoints were made with; the change is recorded in config_history.jsonl")
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.tp=2 algo.use_influence=false")
     train.set_defaults(func=cmd_train)
     ev = sub.add_parser("eval", help="Avg@k / Cons@k / Pass@k of an HF model or Megatron checkpoint")

@@ -34,6 +34,7 @@ import sys
 import threading
 import time
 import warnings
+from typing import Sequence
 
 import torch
 
@@ -46,17 +47,20 @@ from megatron_fipo.train.ahead import staleness_metrics
 from megatron_fipo.train.pool import age_metrics, count_metrics, engine_metrics
 from megatron_fipo.train.services import evaluate
 from megatron_fipo.train.run import Run, Skip, build_run, check_inputs
+from megatron_fipo.train.rundir import CONFIG_FILE, check_run_dir, eval_line_figures
 
 
 STOP_FILE = "STOP"
 """Create ``<train.run_dir>/STOP`` to stop a run after its current step, with a checkpoint."""
 
 
-def train(config: Config) -> dict:
-    """Run (or resume) a FIPO training run; returns the last step's metrics on rank 0 ({} elsewhere)."""
+def train(config: Config, allow_changed: Sequence[str] = ()) -> dict:
+    """Run (or resume) a FIPO training run; returns the last step's metrics on rank 0 ({} elsewhere).
+
+    ``allow_changed``: defining settings a resume may change (``train.rundir``); a complete run returns {}."""
     _SIGTERM.install()
     try:
-        return _train(config)
+        return _train(config, allow_changed)
     except Terminated:
         if os.environ.get("RANK", "0") == "0":
             print("megatron-fipo train: terminated by SIGTERM; reward workers and engine stopped, nothing half-"
@@ -66,11 +70,17 @@ def train(config: Config) -> dict:
         _SIGTERM.uninstall()
 
 
-def _train(config: Config) -> dict:
+def _train(config: Config, allow_changed: Sequence[str] = ()) -> dict:
     from megatron_fipo.mcore import groups as G
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     messages = validate(config, world_size=world)  # the config alone first: errors before any file is read
+    rank = int(os.environ.get("RANK", "0"))
+    complete = check_run_dir(config, allow_changed, rank=rank)  # refuses changed defining settings (exit 2)
+    if complete is not None:
+        if rank == 0:
+            print(complete, flush=True)
+        return {}
     hf_config = read_hf_config(config.model.hf_path, hint=" (model.hf_path must be an HF Qwen2 checkpoint directory)")
     validate(config, world_size=world, hf_config=hf_config)  # heads / layers against tp / pp
     check_inputs(config)  # data rows, prompts per step, safetensors headers: before any process group
@@ -140,15 +150,18 @@ class Trainer:
         self.s: Run = build_run(config, groups, hf_config)  # its config: this one with resolved stop tokens
         services = self.s.services
         self._mark = self._counters() if services is not None and hasattr(services.engine, "stream_stats") else None
-        if groups.rank == 0:
-            save_config(self.s.config, os.path.join(config.train.run_dir, "config.yaml"))
+        path = os.path.join(config.train.run_dir, CONFIG_FILE)
+        if groups.rank == 0 and (self.s.counters.step == 0 or not os.path.isfile(path)):
+            save_config(self.s.config, path)  # once: a resume never rewrites what the checkpoints were made with
 
     def run(self) -> dict:
         cfg, s, counters = self.s.config, self.s, self.s.counters
         last: dict = {}
         last_save_s = None
         if counters.step == 0 and cfg.eval.at_start:
-            self._log(0, evaluate(s.services, cfg))
+            start_eval = evaluate(s.services, cfg)
+            self._print_eval(0, start_eval)
+            self._log(0, start_eval)
         s.advance_engine(counters.step)  # generation ahead of training (rollout.max_staleness >= 1) may start
         bar = s.progress_bar(initial=counters.step, total=cfg.train.steps)
         while counters.step < cfg.train.steps:
@@ -158,6 +171,7 @@ class Trainer:
             if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 or step == cfg.train.steps and cfg.eval.at_end:
                 s.hold_engine()
                 metrics.update(evaluate(s.services, cfg))
+                self._print_eval(step, metrics)
             counters.step = step
             metrics["time/step_s"] = time.perf_counter() - start
             metrics["perf/tokens_per_s"] = metrics.pop("train/_tokens", 0.0) / metrics["time/step_s"]
@@ -291,6 +305,12 @@ class Trainer:
         with _SIGTERM.deferred():
             self.s.save(step)
         return time.perf_counter() - t
+
+    def _print_eval(self, step: int, metrics: dict) -> None:
+        """One console line per held-out evaluation (rank 0), as it happens: the trajectory metrics.jsonl records."""
+        figures = eval_line_figures(metrics)
+        if self.groups.rank == 0 and figures:
+            print(f"held-out step {step}: {figures}", flush=True)
 
     def _log(self, step: int, metrics: dict) -> None:
         if self.s.services is not None:
