@@ -71,6 +71,17 @@ class ParallelGroups:
         )
 
 
+
+def world_size_error(world: int, model_parallel: int) -> str:
+    """The one line for a world size that ``tp*pp*cp`` does not divide; names torchrun when run without it."""
+    line = f"world size {world} is not divisible by tp*pp*cp = {model_parallel}"
+    if world == 1:
+        line += (f": launch with torchrun --nproc-per-node {model_parallel} -m megatron_fipo ... "
+                 f"(or a multiple of {model_parallel} processes in all)")
+    else:
+        line += f": run a multiple of {model_parallel} processes (torchrun --nproc-per-node / --nnodes)"
+    return line
+
 def single_process_env() -> None:
     """The torchrun environment of a one-process world, when not launched by torchrun."""
     import os
@@ -125,7 +136,7 @@ def init_distributed(
     _init_process_group(backend, timeout_minutes)
     world = dist.get_world_size()
     if world % (tp * pp * cp):
-        raise ValueError(f"world size {world} is not divisible by tp*pp*cp = {tp * pp * cp}")
+        raise ValueError(world_size_error(world, tp * pp * cp))
     if vpp is not None and pp < 2:
         raise ValueError("virtual pipeline parallelism (vpp) needs pp >= 2")
 

@@ -242,3 +242,24 @@ def test_numeric_options_are_checked_by_the_parser(capsys, argv, message):
     with pytest.raises(SystemExit) as exit_:
         main(argv)
     assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_world_size_error_names_torchrun():
+    from megatron_fipo.mcore.groups import world_size_error
+
+    alone = world_size_error(1, 2)
+    assert alone.startswith("world size 1 is not divisible by tp*pp*cp = 2")
+    assert "torchrun --nproc-per-node 2" in alone and "\n" not in alone
+    assert "torchrun" in world_size_error(6, 4) and "multiple of 4" in world_size_error(6, 4)
+
+
+def test_initialize_without_torchrun_names_it(monkeypatch):
+    """The check runs before Megatron is touched: a single process asking for tp=2 gets the torchrun line."""
+    import torch.distributed as dist
+
+    from megatron_fipo.mcore import groups
+
+    monkeypatch.setattr(groups, "_init_process_group", lambda backend, timeout: None)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 1)
+    with pytest.raises(ValueError, match=r"launch with torchrun --nproc-per-node 2 "):
+        groups.init_distributed(tp=2, pp=1, cp=1)
