@@ -151,7 +151,8 @@ def check_run_dir(config: Config, allow_changed: Sequence[str] = (), *, rank: in
     new = _flat(to_dict(config))
     if not new.get("rollout.stop_token_ids"):  # default resolved at the first start: not a change
         new["rollout.stop_token_ids"] = old.get("rollout.stop_token_ids", [])
-    changed = {k: (old.get(k), v) for k, v in new.items() if k != "train.run_dir" and old.get(k) != v}
+    # a key the recorded config lacks (added to the schema since) is not a change
+    changed = {k: (old[k], v) for k, v in new.items() if k != "train.run_dir" and k in old and old[k] != v}
     refused = [k for k in changed if k in DEFINING and k not in allow_changed]
     if refused:
         diffs = ", ".join(f"{k}: {_show(changed[k][0])} -> {_show(changed[k][1])}" for k in refused)

@@ -127,3 +127,23 @@ def test_cli_refusal_exits_2_with_one_line(tmp_path, capsys):
     parsed = build_parser().parse_args(["train", "--config", CONFIG, "--allow-changed", "algo.use_influence",
                                         "algo.use_influence=false"])
     assert parsed.allow_changed == ["algo.use_influence", "algo.use_influence=false"]
+
+
+def test_a_key_missing_from_an_older_config_is_not_a_change(tmp_path):
+    run = _run(tmp_path, step=10)
+    path = os.path.join(run, "config.yaml")
+    with open(path) as fh:
+        data = yaml.safe_load(fh)
+    del data["algo"]["correction_cap"]  # as if written before the key existed
+    with open(path, "w") as fh:
+        yaml.safe_dump(data, fh)
+    assert R.check_run_dir(load_config(CONFIG, [f"train.run_dir={run}", "algo.correction_cap=3.0"])) is None
+    with pytest.raises(R.RunDirRefused, match="algo.clip_high: 0.28 -> 0.3"):
+        R.check_run_dir(load_config(CONFIG, [f"train.run_dir={run}", "algo.clip_high=0.3"]))
+
+
+def test_eval_line_figures_names_the_at_k_metrics_only():
+    line = R.eval_line_figures({"eval/avg@4": 0.5, "eval/cons@4": 0.75, "eval/pass@4": 1,
+                                "eval/response_length_mean": 9.0, "train/acc_mean": 0.1})
+    assert line == "avg@4 0.5000  cons@4 0.7500  pass@4 1.0000"
+    assert R.eval_line_figures({"train/acc_mean": 0.1}) == ""
