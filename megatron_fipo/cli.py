@@ -163,15 +163,20 @@ def _add_train_eval_plan(sub) -> None:
     train.set_defaults(func=cmd_train)
     ev = sub.add_parser("eval", help="Avg@k / Cons@k / Pass@k of an HF model or Megatron checkpoint")
     ev.add_argument("--model", help="HF model directory")
-    ev.add_argument("--checkpoint", help="Megatron checkpoint (root or iter_* directory; exported to HF first)")
+    ev.add_argument("--checkpoint", help="Megatron checkpoint (run directory, checkpoints root or iter_* directory; "
+                    "exported to HF first)")
+    ev.add_argument("--config", help="a training config: the sampling options default to its evaluation settings "
+                    "(eval.n / temperature / top_p / max_response_length, rollout.max_prompt_length, train.seed)")
     ev.add_argument("--tokenizer", help="tokenizer directory (default: the model's)")
     ev.add_argument("--data", nargs="+", required=True, help="parquet or jsonl problem files (DAPO / AIME layout)")
-    ev.add_argument("--n", type=_AT_LEAST_1, default=32, help="samples per problem (the k of the metrics)")
-    ev.add_argument("--temperature", type=_POSITIVE, default=1.0)
-    ev.add_argument("--top-p", type=_UNIT, default=0.7)
+    ev.add_argument("--n", type=_AT_LEAST_1, default=None, help="samples per problem (the k of the metrics; default: "
+                    "the config's eval.n, else 32)")
+    ev.add_argument("--temperature", type=_POSITIVE, default=None, help="default: the config's, else 1.0")
+    ev.add_argument("--top-p", type=_UNIT, default=None, help="default: the config's, else 0.7")
     ev.add_argument("--max-new-tokens", type=_AT_LEAST_1, default=None,
-                    help="default: 20480, or what the model's positions leave after the longest prompt if fewer")
-    ev.add_argument("--max-prompt-tokens", type=_AT_LEAST_1, default=2048)
+                    help="default: the config's eval length (eval.max_response_length or rollout.max_response_length), "
+                    "else 20480; capped by what the model's positions leave after the longest prompt")
+    ev.add_argument("--max-prompt-tokens", type=_AT_LEAST_1, default=None, help="default: the config's, else 2048")
     ev.add_argument("--max-problems", type=_AT_LEAST_1, default=None)
     ev.add_argument("--stop-token-ids", type=_AT_LEAST_0, nargs="*", default=None, help="default: the tokenizer's eos")
     ev.add_argument("--engine", choices=["cpu", "sglang"], default="cpu")
@@ -179,7 +184,7 @@ def _add_train_eval_plan(sub) -> None:
     ev.add_argument("--workers", type=_AT_LEAST_0, default=2, help="reward worker processes")
     ev.add_argument("--timeout", type=_POSITIVE, default=10.0, help="seconds per response before it scores -1")
     ev.add_argument("--on-bad-row", choices=["error", "skip"], default="error")
-    ev.add_argument("--seed", type=int, default=1234)
+    ev.add_argument("--seed", type=int, default=None, help="default: the config's train.seed, else 1234")
     ev.add_argument("--output", help="write per-problem responses, preds and acc (jsonl)")
     ev.set_defaults(func=cmd_eval)
     pl = sub.add_parser("plan", help="rank layout and per-GPU memory estimate of a config (no GPUs needed)")

@@ -119,15 +119,22 @@ def _engine(config, urls: Optional[list]):
                                     **extra)
 
 
+def eval_settings(cfg) -> dict:
+    """The trainer's held-out sampling settings (``evaluate_items`` keywords); ``megatron-fipo eval --config``
+    takes its defaults from here too."""
+    ev = cfg.eval
+    return {"n": ev.n, "temperature": ev.temperature, "top_p": ev.top_p,
+            "max_new_tokens": ev.max_response_length or cfg.rollout.max_response_length,
+            "stop_token_ids": cfg.rollout.stop_token_ids, "seed": cfg.train.seed}
+
+
 def evaluate(services: Optional[RolloutServices], cfg) -> dict:
     """Avg@k / Cons@k / Pass@k (k = ``eval.n``) of the engine's current weights on the eval set ({} off rank 0)."""
     if services is None or not services.eval_items:
         return {}
-    ev, start = cfg.eval, time.perf_counter()
-    out, _ = evaluate_items(services.engine, services.eval_items, services.score, services.decode, n=ev.n,
-                            temperature=ev.temperature, top_p=ev.top_p,
-                            max_new_tokens=ev.max_response_length or cfg.rollout.max_response_length,
-                            stop_token_ids=cfg.rollout.stop_token_ids, seed=cfg.train.seed, progress=cfg.log.progress)
+    start = time.perf_counter()
+    out, _ = evaluate_items(services.engine, services.eval_items, services.score, services.decode,
+                            **eval_settings(cfg), progress=cfg.log.progress)
     out["time/eval_s"] = time.perf_counter() - start
     return out
 
