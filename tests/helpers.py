@@ -190,3 +190,40 @@ def read_records(run_dir) -> list:
     from megatron_fipo.train.tracking import read_metrics
 
     return read_metrics(run_dir)
+
+
+def communicate_all(procs: list, timeout: float) -> list:
+    """Every process's output (each started in its own session); the groups of any still running when
+    this returns or raises are SIGKILLed, so nothing is left behind."""
+    import signal
+
+    try:
+        return [p.communicate(timeout=timeout)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+
+
+def train_on_nodes(overrides, *, nproc_per_node: int, nnodes: int = 2, timeout: float = 900) -> list:
+    """``torchrun --nnodes N --node-rank k --nproc-per-node P`` of the demo config for every k on this
+    host (simulated nodes, one free port); requires every node to exit 0; returns their outputs."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nnodes),
+                               "--node-rank", str(k), "--nproc-per-node", str(nproc_per_node),
+                               "--master-addr", "127.0.0.1", "--master-port", str(port),
+                               "-m", "megatron_fipo", "train", "--config", DEMO_CONFIG, *overrides],
+                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              start_new_session=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+             for k in range(nnodes)]
+    outs = communicate_all(procs, timeout)
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-4000:]
+    return outs

@@ -20,8 +20,6 @@ import json
 import os
 import re
 import signal
-import socket
-import subprocess
 import sys
 import threading
 import time
@@ -30,7 +28,7 @@ import pytest
 
 from tests.dist.launcher import launch
 from tests.e2e.test_sglang_path import STEP1_KEYS, _assert_synced, _updates
-from tests.helpers import DEMO_CONFIG, REPO, SMALL_RUN, demo_overrides, read_records, train_in_process
+from tests.helpers import DEMO_CONFIG, REPO, SMALL_RUN, demo_overrides, read_records, train_in_process, train_on_nodes
 
 pytestmark = pytest.mark.timeout(1200)
 SERVER = (f"rollout.launcher=[{sys.executable},-m,megatron_fipo.rollout.cpu_server,--decode-step-ms,'40']")
@@ -64,26 +62,8 @@ class Killer(threading.Thread):
 
 
 def _two_nodes(overrides, timeout=900):
-    """``torchrun --nnodes 2 --node-rank k --nproc-per-node 1`` for k = 0, 1 on this host; waits; returns the output."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(k),
-                               "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", str(port),
-                               "-m", "megatron_fipo", "train", "--config", DEMO_CONFIG, *overrides],
-                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              start_new_session=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
-             for k in range(2)]
-    try:
-        outs = [p.communicate(timeout=timeout)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
-    for p, out in zip(procs, outs):
-        assert p.returncode == 0, out[-4000:]
-    return outs
+    """Two simulated nodes of one rank each (``tests.helpers.train_on_nodes``); their outputs."""
+    return train_on_nodes(overrides, nproc_per_node=1, timeout=timeout)
 
 
 @pytest.fixture(scope="module")

@@ -14,14 +14,13 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 
 import pytest
 
 from tests.dist.launcher import launch
-from tests.helpers import DEMO_CONFIG, REPO, SMALL_RUN, demo_overrides, read_records, train_in_process
+from tests.helpers import DEMO_CONFIG, REPO, SMALL_RUN, demo_overrides, read_records, train_in_process, train_on_nodes
 
 pytestmark = pytest.mark.timeout(1200)
 SERVER = f"rollout.launcher=[{sys.executable},-m,megatron_fipo.rollout.cpu_server]"
@@ -29,30 +28,9 @@ STEP1_KEYS = ["train/loss", "train/ppo_kl", "train/pg_clipfrac", "train/entropy"
               "train/reward_mean", "train/acc_mean", "train/kept_tokens", "train/response_length_mean"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _two_nodes(overrides, timeout=900):
-    """``python -m torch.distributed.run --nnodes 2 --node-rank k --nproc-per-node 2`` for k = 0, 1; waits."""
-    port = _free_port()
-    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(k),
-                               "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(port),
-                               "-m", "megatron_fipo", "train", "--config", DEMO_CONFIG, *overrides],
-                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              start_new_session=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
-             for k in range(2)]
-    try:
-        outs = [p.communicate(timeout=timeout)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
-    for p, out in zip(procs, outs):
-        assert p.returncode == 0, out[-4000:]
+    """Two simulated nodes of two ranks each (``tests.helpers.train_on_nodes``)."""
+    train_on_nodes(overrides, nproc_per_node=2, timeout=timeout)
 
 
 def _updates(log_path):

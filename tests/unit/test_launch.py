@@ -545,13 +545,9 @@ def test_two_nodes_end_without_exit_barrier_noise(tmp_path):
                                                           script=str(script))
     procs = [subprocess.Popen([sys.executable, "-c", code, str(rank)], stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True, start_new_session=True) for rank in (0, 1)]
-    try:
-        outs = [p.communicate(timeout=120)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
+    from tests.helpers import communicate_all
+
+    outs = communicate_all(procs, timeout=120)
     for p, out in zip(procs, outs):
         assert p.returncode == 0 and "worker done" in out, out
         assert "Traceback" not in out and "exit barrier" not in out and "recvValue" not in out, out
