@@ -28,6 +28,7 @@ from collections.abc import Sequence
 
 import torch
 
+from megatron_fipo import quiet_warnings
 from megatron_fipo.rollout.engine import (
     EngineError,
     GenerationRequest,
@@ -55,6 +56,7 @@ class CPUEngine(RolloutEngine):
             raise ValueError("pass exactly one of model_dir or model")
         if max_batch_rows < 1:
             raise ValueError(f"max_batch_rows must be >= 1, got {max_batch_rows}")
+        quiet_warnings.install()  # transformers' notice of its cache argument's rename, once per generation
         if model is None:
             from transformers import AutoModelForCausalLM
 
