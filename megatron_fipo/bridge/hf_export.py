@@ -214,7 +214,11 @@ def save_hf_checkpoint(
     max_shard_bytes: int = 5 << 30,
     dtype_name: str | None = None,
 ) -> dict:
-    """Write an HF checkpoint directory from export buckets (call on one rank only).
+    """Write an HF checkpoint directory from export buckets (call on one rank only), streamed.
+
+    Each tensor is written to its shard as it arrives (``SafetensorsShard``), so memory holds one
+    bucket, never a shard; every file is created like any other file (its mode follows the umask;
+    tokenizer files are copied by content, not mode).
 
     Args:
         buckets: from ``export_hf_state`` (consumed; tensors are moved to CPU).
@@ -228,27 +232,29 @@ def save_hf_checkpoint(
     Returns:
         the ``weight_map`` (hf name -> shard file).
     """
-    from safetensors.torch import save_file
-
     os.makedirs(out_dir, exist_ok=True)
-    shards, current, size, total, seen_dtype = [], {}, 0, 0, None
+    shards, current, total, seen_dtype, seen = [], None, 0, None, set()
     for bucket in buckets:
         for name, tensor in bucket:
             t = tensor.detach().to("cpu").contiguous()
             nbytes = t.numel() * t.element_size()
-            if current and size + nbytes > max_shard_bytes:
-                shards.append(current)
-                current, size = {}, 0
-            if name in current or any(name in s for s in shards):
+            if name in seen:
                 raise ValueError(f"tensor {name!r} exported twice")
-            current[name], size, total, seen_dtype = t, size + nbytes, total + nbytes, t.dtype
-    if current:
-        shards.append(current)
+            if current is None or (current.names and current.nbytes + nbytes > max_shard_bytes):
+                if current is not None:
+                    current.close()
+                current = SafetensorsShard(os.path.join(out_dir, f".shard-{len(shards) + 1:05d}.safetensors.tmp"))
+                shards.append(current)
+            current.add(name, t)
+            seen.add(name)
+            total, seen_dtype = total + nbytes, t.dtype
+    if current is not None:
+        current.close()
     weight_map = {}
     for i, shard in enumerate(shards):
         fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, os.path.join(out_dir, fname), metadata={"format": "pt"})
-        weight_map.update({k: fname for k in shard})
+        os.replace(shard.path, os.path.join(out_dir, fname))
+        weight_map.update({k: fname for k in shard.names})
     with open(os.path.join(out_dir, "model.safetensors.index.json"), "w", encoding="utf-8") as fh:
         json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, fh, indent=2)
     _write_config(out_dir, config_json, dtype_name or (str(seen_dtype).replace("torch.", "") if seen_dtype else None))
@@ -256,8 +262,59 @@ def save_hf_checkpoint(
         for f in TOKENIZER_FILES:
             src = os.path.join(tokenizer_src_dir, f)
             if os.path.exists(src):
-                shutil.copy2(src, os.path.join(out_dir, f))
+                shutil.copyfile(src, os.path.join(out_dir, f))
     return weight_map
+
+
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
+                       torch.int64: "I64", torch.int32: "I32", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+class SafetensorsShard:
+    """One safetensors file written tensor by tensor: ``add(name, tensor)`` appends the tensor's bytes
+    to a data file beside ``path``; ``close()`` writes ``path`` as the header (names, dtypes, shapes,
+    offsets in the order added) followed by those bytes (a kernel-side copy), then removes the data
+    file. Little-endian, as the format requires (and as x86 / ARM hosts store tensors)."""
+
+    def __init__(self, path: str):
+        self.path, self.names, self.nbytes, self._header = path, [], 0, {"__metadata__": {"format": "pt"}}
+        self._data = open(f"{path}.data", "wb")  # noqa: SIM115 (closed by close())
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if tensor.dtype not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"{name}: dtype {tensor.dtype} cannot be written to safetensors here")
+        raw = tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
+        self._header[name] = {"dtype": _SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
+                              "data_offsets": [self.nbytes, self.nbytes + raw.nbytes]}
+        self._data.write(memoryview(raw))
+        self.names.append(name)
+        self.nbytes += raw.nbytes
+
+    def close(self) -> None:
+        self._data.close()
+        header = json.dumps(self._header, separators=(",", ":")).encode("utf-8")
+        header += b" " * (-len(header) % 8)  # the data starts 8-byte aligned
+        with open(self.path, "wb") as out, open(f"{self.path}.data", "rb") as data:
+            out.write(len(header).to_bytes(8, "little") + header)
+            out.flush()
+            _copy_rest(data, out, self.nbytes)
+        os.remove(f"{self.path}.data")
+
+
+def _copy_rest(src, dst, nbytes: int) -> None:
+    """Append ``nbytes`` of ``src`` to ``dst`` (``copy_file_range`` where the OS has it)."""
+    copy = getattr(os, "copy_file_range", None)
+    left = nbytes
+    while left and copy is not None:
+        try:
+            n = copy(src.fileno(), dst.fileno(), min(left, 1 << 30))
+        except OSError:
+            break
+        if n == 0:
+            break
+        left -= n
+    if left:
+        shutil.copyfileobj(src, dst, 16 << 20)
 
 
 def _write_config(out_dir: str, config_json, dtype_name: str | None) -> None:

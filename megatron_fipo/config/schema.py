@@ -27,6 +27,9 @@ from megatron_fipo.config.conventions import OptimConfig  # noqa: F401 (the opti
 @dataclass(frozen=True)
 class ModelConfig:
     hf_path: str = ""  # HF Qwen2 checkpoint: the initial weights, architecture and tokenizer
+    # A Megatron checkpoint (e.g. the model-only one of convert --to-mcore) whose weights a fresh run
+    # starts from instead of hf_path's (optimizer, lr schedule and step start fresh); a resume ignores it.
+    init_checkpoint: str = ""
     tokenizer: Optional[str] = None  # default: hf_path
     params_dtype: str = "float32"  # "bfloat16" on GPU
     use_te: Optional[bool] = None  # Transformer Engine spec; default: when importable with CUDA

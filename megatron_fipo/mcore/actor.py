@@ -44,7 +44,7 @@ import torch.distributed as dist
 
 from megatron_fipo.algo.losses import (CORRECTION_MAX_KEYS, CORRECTION_SUM_KEYS, MAX_KEYS, MIN_KEYS, SUM_KEYS,
                                        fipo_policy_loss, summarize_policy_metrics)
-from megatron_fipo.config.conventions import PARAMS_DTYPES, OptimConfig, torch_dtype
+from megatron_fipo.config.conventions import DTYPE_NAMES, PARAMS_DTYPES, OptimConfig, torch_dtype
 from megatron_fipo.data.batches import MiniBatch
 from megatron_fipo.mcore import model as qwen2
 from megatron_fipo.mcore.context_parallel import CPMicroBatch
@@ -56,6 +56,11 @@ from megatron_fipo.parallel.metrics import reduce_metrics
 from megatron_fipo.parallel.vocab_parallel import chunked_token_logprobs
 
 EXTRA_SUM_KEYS = ("entropy", "loss_sum")
+
+
+def _unwrap(chunk):
+    """The ``GPTModel`` of a chunk (DDP-wrapped when the actor is trainable)."""
+    return getattr(chunk, "module", chunk)
 
 
 @dataclass(frozen=True)
@@ -87,29 +92,41 @@ class Actor:
         groups: ``ParallelGroups`` of this process (from ``groups.init_distributed``).
         settings: ``ActorSettings``.
         use_te: force the Transformer Engine (True) or local (False) spec; default: TE if usable.
+        trainable: False builds the model chunks only, for weights that are loaded next (a
+            conversion, a verification): no DDP wrapper, gradient buffers, optimizer or scheduler
+            (``optimizer`` / ``scheduler`` are None, ``train_step`` is unusable), no random
+            initialisation, and ``params_dtype`` may be any of ``DTYPE_NAMES``.
     """
 
     def __init__(self, arch: qwen2.Qwen2Arch, groups, settings: ActorSettings = ActorSettings(),
-                 *, use_te: Optional[bool] = None):
+                 *, use_te: Optional[bool] = None, trainable: bool = True):
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
         from megatron.core.distributed import finalize_model_grads
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
         self.arch, self.groups, self.settings = arch, groups, settings
-        if settings.params_dtype not in PARAMS_DTYPES:
+        if settings.params_dtype not in (PARAMS_DTYPES if trainable else DTYPE_NAMES):
             raise ValueError(f"params_dtype must be one of {PARAMS_DTYPES}, got {settings.params_dtype!r}")
         dtype = torch_dtype(settings.params_dtype)
+        # Weights that are loaded next need no random initialisation (on CPU it builds every full
+        # weight in float32 first: 4 bytes per parameter of the whole layer, whatever the tp).
+        init = {} if trainable else {"perform_initialization": False}
         self.config = qwen2.transformer_config(
             arch, tp=groups.tp_size, pp=groups.pp_size, vpp=groups.vpp_size, cp=groups.cp_size,
             sequence_parallel=settings.sequence_parallel, params_dtype=dtype, recompute=settings.recompute,
-            overrides={"calculate_per_token_loss": True, **settings.transformer_overrides})
+            overrides={"calculate_per_token_loss": True, **init, **settings.transformer_overrides})
         self.config.finalize_model_grads_func = finalize_model_grads
         self.use_te = qwen2.use_transformer_engine() if use_te is None else use_te
         chunks = qwen2.build_model_chunks(self.config, arch, groups, use_te=self.use_te)
         for chunk in chunks:
             if chunk.post_process:
                 chunk.output_layer.forward = types.MethodType(qwen2.hidden_passthrough, chunk.output_layer)
+        self.padded_vocab = qwen2.padded_vocab_size(arch.vocab_size, groups.tp_size)
+        self.steps = 0
+        if not trainable:
+            self.chunks, self.optimizer, self.scheduler = chunks, None, None
+            return
         distributed = torch.cuda.is_available() if settings.use_distributed_optimizer is None \
             else settings.use_distributed_optimizer
         ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=distributed)
@@ -128,8 +145,6 @@ class Actor:
             lr_warmup_steps=settings.warmup_steps, lr_decay_steps=settings.warmup_steps + 1,
             lr_decay_style="constant", start_wd=settings.weight_decay, end_wd=settings.weight_decay,
             wd_incr_steps=1, wd_incr_style="constant")
-        self.padded_vocab = qwen2.padded_vocab_size(arch.vocab_size, groups.tp_size)
-        self.steps = 0
 
     # ------------------------------------------------------------------ public API
     def compute_logprobs(self, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]],
@@ -251,7 +266,8 @@ class Actor:
     def save(self, root: str, *, extra: Optional[Mapping[str, Any]] = None, keep_last: Optional[int] = None,
              rank0_files: Optional[Mapping[str, Any]] = None) -> str:
         """Atomic distributed checkpoint of model, optimizer, lr schedule, step and RNG (``mcore.checkpoint``),
-        with rank 0's ``rank0_files`` (name -> writer) in the same directory."""
+        with rank 0's ``rank0_files`` (name -> writer) in the same directory; a model-only checkpoint
+        (weights in ``params_dtype``, no optimizer state) when the actor is not ``trainable``."""
         from megatron_fipo.mcore.checkpoint import save_checkpoint
 
         return save_checkpoint(root, self.steps, self.chunks, self.optimizer, self.scheduler, self.groups,
@@ -263,6 +279,17 @@ class Actor:
 
         self.steps, extra = load_checkpoint(path, self.chunks, self.optimizer, self.scheduler, self.groups,
                                             load_optimizer=load_optimizer)
+        return extra
+
+    def load_weights(self, path: str) -> Dict[str, Any]:
+        """Only the weights of checkpoint directory ``path`` (model-only or training, any tp / pp, any
+        dtype: cast on load); optimizer state, lr schedule, ``steps`` and RNG stay as they are (a
+        fresh start from these weights). Returns the checkpoint's ``extra``."""
+        from megatron_fipo.mcore.checkpoint import load_checkpoint
+
+        _, extra = load_checkpoint(path, self.chunks, None, None, self.groups, load_optimizer=False, load_rng=False)
+        if self.optimizer is not None:
+            self.optimizer.reload_model_params()  # main (fp32) copies of bf16 parameters follow them
         return extra
 
     def load_latest(self, root: str, *, load_optimizer: bool = True) -> Optional[Tuple[str, Dict[str, Any]]]:
@@ -281,14 +308,14 @@ class Actor:
     def bridge_layout(self) -> Tuple[List[int], str]:
         """What the HF bridge needs to name this rank's parameters: the global index of each local
         chunk's first layer (``layer_offsets``) and the layer spec's naming (``"te"`` or ``"mcore"``)."""
-        offsets = [c.module.decoder.layers[0].layer_number - 1 for c in self.chunks]
+        offsets = [_unwrap(c).decoder.layers[0].layer_number - 1 for c in self.chunks]
         return offsets, "te" if self.use_te else "mcore"
 
     def named_local_parameters(self):
         """``(name, parameter)`` of this rank's model chunks (chunk index prefixed with vpp)."""
         for i, chunk in enumerate(self.chunks):
             prefix = f"chunk{i}." if len(self.chunks) > 1 else ""
-            for name, p in chunk.module.named_parameters():
+            for name, p in _unwrap(chunk).named_parameters():
                 yield prefix + name, p
 
     # ------------------------------------------------------------------ internals

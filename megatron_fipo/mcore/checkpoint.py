@@ -6,12 +6,20 @@ one writer per root); its reading side (``latest_checkpoint``, ``read_checkpoint
 integrity record) lives in ``mcore.checkpoint_integrity`` and is re-exported here::
 
     root/iter_0000042/                        a megatron dist_checkpointing (torch_dist) dir
-    root/iter_0000042/fipo_checkpoint.json    completion marker: step, extra, layout, optimizer,
-                                              integrity record (size, small files' adler32)
+    root/iter_0000042/fipo_checkpoint.json    completion marker: step, extra, layout, contents,
+                                              optimizer, params dtype, integrity record (size,
+                                              small files' adler32)
     root/latest                               name of the newest complete dir (atomic replace)
     root/iter_0000043.tmp-<nonce>/            a save in progress or crashed: never loaded
 
 Must not import: trainer, rollout, bridge (megatron.* is imported lazily, as in mcore/).
+
+Two kinds (``contents`` in the marker): a *training* checkpoint (``save_checkpoint`` with an
+optimizer: everything below) and a *model-only* one (no optimizer: the model chunks' tensors in
+their own dtype, ``iteration`` and ``extra``; no optimizer, scheduler or RNG state), which is what
+``convert --to-mcore`` writes. A model-only checkpoint loads as weights (``load_optimizer=False``:
+an export, an evaluation, the initial weights of a run); asked to resume a training state it
+fails with one line (``CheckpointMismatchError``) naming ``model.init_checkpoint``.
 
 Saved as Megatron-LM does: the chunks' ``sharded_state_dict()`` under ``model`` (or ``model0``,
 ``model1``... with virtual stages), the optimizer's model-space ``sharded_state_dict`` (so
@@ -74,6 +82,13 @@ from megatron_fipo.mcore.checkpoint_state import (
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
+TRAINING, MODEL_ONLY = "training", "model"  # the marker's ``contents``
+
+
+def checkpoint_contents(meta: dict) -> str:
+    """``"training"`` or ``"model"`` (model-only) of a checkpoint's marker; markers written before
+    ``contents`` existed are training checkpoints (they were written with their optimizer state)."""
+    return meta.get("contents", TRAINING)
 
 
 def checkpoint_dir_name(step: int) -> str:
@@ -86,7 +101,9 @@ def save_checkpoint(root: str, step: int, chunks: list, optimizer, scheduler, gr
                     extra: dict | None = None, keep_last: int | None = None, rank0_files=None) -> str:
     """Save model chunks, optimizer, scheduler, RNG states, ``step`` and ``extra`` atomically.
 
-    Collective: every rank passes the same ``root``, ``step``, ``extra`` and ``keep_last``.
+    Collective: every rank passes the same ``root``, ``step``, ``extra`` and ``keep_last``. Without
+    an ``optimizer`` the checkpoint is model-only (``contents: "model"``): the chunks' tensors in
+    their dtype, ``step`` and ``extra``, no scheduler or RNG state.
 
     Args:
         root: checkpoint root (created if missing).
@@ -121,17 +138,19 @@ def save_checkpoint(root: str, step: int, chunks: list, optimizer, scheduler, gr
         prime_optimizer_state(optimizer)  # a never-stepped distributed optimizer cannot save
     layout, adam_step = _layout(groups), global_adam_step(optimizer, groups)
     model_sd = model_sharded_state_dict(chunks)
-    state = {**model_sd, "iteration": step, "extra": extra or {}, "rng_state": rng_object(groups)}
+    state = {**model_sd, "iteration": step, "extra": extra or {}}
     if optimizer is not None:
+        state["rng_state"] = rng_object(groups)
         state["optimizer"] = optimizer_sharded_for_save(optimizer, model_sd)
-    if scheduler is not None:
-        state["opt_param_scheduler"] = scheduler.state_dict()
+        if scheduler is not None:
+            state["opt_param_scheduler"] = scheduler.state_dict()
     with bounded_save_processes():
         dist_checkpointing.save(state, tmp)
     _on_rank0(lambda: [write(os.path.join(tmp, name)) for name, write in (rank0_files or {}).items()], groups)
     written = time.perf_counter()
     dist.barrier(group=groups.world)
     meta = {"format_version": FORMAT_VERSION, "step": step, "extra": extra or {}, "layout": layout,
+            "contents": TRAINING if optimizer is not None else MODEL_ONLY, "params_dtype": _params_dtype(chunks),
             "optimizer": optimizer_kind(optimizer), "adam_step": adam_step,
             "megatron_core": mcore_version, "saved_unix_time": round(time.time(), 3)}
     _on_rank0(lambda: _publish(root, tmp, final, {**meta, "files": integrity_record(tmp, skip=(MARKER,))},
@@ -140,6 +159,14 @@ def save_checkpoint(root: str, step: int, chunks: list, optimizer, scheduler, gr
         logger.info("checkpoint step %d saved to %s in %.2f s (write %.2f s, layout %s)",
                     step, final, time.perf_counter() - start, written - start, layout)
     return final
+
+
+def _params_dtype(chunks: list) -> str | None:
+    """The dtype name of this rank's parameters (e.g. ``"bfloat16"``), or None without any."""
+    for chunk in chunks:
+        for p in chunk.parameters():
+            return str(p.dtype).replace("torch.", "")
+    return None
 
 
 def _check_save_args(step, extra, keep_last) -> None:
@@ -260,7 +287,8 @@ def load_checkpoint(path: str, chunks: list, optimizer, scheduler, groups, *,
 
     Raises:
         ValueError: ``path`` missing, incomplete or damaged (its integrity record does not match).
-        CheckpointMismatchError: its optimizer state is of another kind (nothing was loaded).
+        CheckpointMismatchError: its optimizer state is of another kind, or it is model-only and
+            ``load_optimizer`` asks for a training state (nothing was loaded).
         Exception: whatever dist_checkpointing raises for a damaged checkpoint (model or
             optimizer state may then be partly overwritten: load another checkpoint).
     """
@@ -273,11 +301,17 @@ def load_checkpoint(path: str, chunks: list, optimizer, scheduler, groups, *,
 
     start = time.perf_counter()
     load_optimizer = load_optimizer and optimizer is not None
+    model_only = checkpoint_contents(meta) == MODEL_ONLY
+    if load_optimizer and model_only:
+        raise CheckpointMismatchError(
+            f"{path} is a model-only checkpoint (weights, no optimizer state: what convert --to-mcore "
+            f"writes) and cannot be resumed; start a run from it with model.init_checkpoint={path}")
     model_sd = model_sharded_state_dict(chunks)
     state = dict(model_sd)
     if load_optimizer:
         _check_optimizer_kind(path, meta, optimizer)
         state["optimizer"] = optimizer_sharded_for_load(optimizer, model_sd)
+    load_rng = load_rng and not model_only  # a model-only checkpoint holds no RNG state
     if load_rng and meta.get("layout") == _layout(groups):
         state["rng_state"] = rng_object(groups)
     elif load_rng and groups.rank == 0:

@@ -239,7 +239,7 @@ def build_run(config, groups, hf_config: dict) -> Run:
                                                       urls=urls)
         if sync.by_stage:
             sync.stage_engine = _stage_sender(config, groups, sync, run.services)
-        if path is not None:
+        if path is not None or config.model.init_checkpoint:
             run.sync_weights(version=run.counters.step)  # the engine started from the HF weights
         if config.rollout.partial and run.services is not None:
             run.pool = RolloutPool(run.services, run.config, dp_size=groups.dp_size,
@@ -334,7 +334,17 @@ def _resume_path(resume: str, root: str) -> Optional[tuple[str, str]]:
 
 
 def _load_weights(config, actor, sync: WeightSync, path: Optional[tuple[str, str]]) -> dict:
-    """The initial weights (HF, or a checkpoint with its optimizer state); returns the checkpoint's trainer state."""
+    """The initial weights (HF, ``model.init_checkpoint``'s, or a checkpoint with its optimizer state);
+    returns the checkpoint's trainer state (none for a fresh start)."""
+    if path is None and config.model.init_checkpoint:
+        from megatron_fipo.mcore.checkpoint import latest_checkpoint, resolve_checkpoint
+
+        kind, where = resolve_checkpoint(config.model.init_checkpoint, hint=" as model.init_checkpoint")
+        where = latest_checkpoint(where) if kind == "root" else where
+        actor.load_weights(where)
+        if sync.groups.rank == 0:
+            print(f"started from the weights of {where}", flush=True)
+        return {}
     if path is None:
         from megatron_fipo.bridge.hf_import import load_hf_into_chunks
 

@@ -19,16 +19,17 @@ class SequenceParallelTorchNorm:
     Builds ``torch.nn.RMSNorm`` or ``torch.nn.LayerNorm`` (per ``config.normalization``) and,
     under sequence parallelism, marks the parameters ``sequence_parallel = True`` so that
     ``finalize_model_grads`` all-reduces their gradients over the TP group, as it does for
-    Transformer Engine's norms. Parameter names (``weight``, ``bias``) are upstream's.
+    Transformer Engine's norms. Parameter names (``weight``, ``bias``) are upstream's; their dtype
+    is ``config.params_dtype``, as TE's (upstream's torch norm is always float32).
     """
 
     def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **_unused):
         if config.layernorm_zero_centered_gamma or config.memory_efficient_layer_norm:
             raise ValueError("zero-centered gamma / memory-efficient norm need TE or apex")
         if config.normalization == "RMSNorm":
-            norm = torch.nn.RMSNorm(hidden_size, eps=eps)
+            norm = torch.nn.RMSNorm(hidden_size, eps=eps, dtype=config.params_dtype)
         elif config.normalization == "LayerNorm":
-            norm = torch.nn.LayerNorm(hidden_size, eps=eps)
+            norm = torch.nn.LayerNorm(hidden_size, eps=eps, dtype=config.params_dtype)
         else:
             raise ValueError(f"normalization {config.normalization!r}: use RMSNorm or LayerNorm")
         for param in norm.parameters():
