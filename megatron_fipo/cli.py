@@ -80,12 +80,12 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if bool(args.from_hf) == bool(args.from_mcore) or bool(args.to_mcore) != bool(args.from_hf) \
             or bool(args.to_hf) != bool(args.from_mcore):
         raise ValueError("use either --from-hf DIR --to-mcore DIR or --from-mcore DIR --to-hf DIR")
-    common = {"tp": args.tp, "pp": args.pp, "verify": args.verify, "verify_tol": args.verify_tol}
+    common = {"dtype": args.dtype, "tp": args.tp, "pp": args.pp, "verify": args.verify, "verify_tol": args.verify_tol}
     if args.from_hf:
         report = hf_to_mcore(args.from_hf, args.to_mcore, **common)
     else:
         report = mcore_to_hf(args.from_mcore, args.to_hf, hf_config=args.hf_config, tokenizer=args.tokenizer,
-                             dtype=args.dtype, **common)
+                             **common)
     print_report(report)
     return 0
 
@@ -220,7 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "Megatron checkpoint does not carry one")
     convert.add_argument("--tokenizer", metavar="DIR", help="copy tokenizer files from here (default: the HF source)")
     convert.add_argument("--dtype", choices=DTYPE_NAMES,
-                         help="HF tensor dtype (default: the config's torch_dtype, else float32)")
+                         help="dtype of the weights written: the model-only checkpoint's (--to-mcore) or the "
+                              "HF tensors' (--to-hf); default: the HF config's torch_dtype, else float32")
     convert.add_argument("--tp", type=_AT_LEAST_1, default=1, help="tensor parallel size (torchrun world must match)")
     convert.add_argument("--pp", type=_AT_LEAST_1, default=1, help="pipeline parallel size")
     convert.add_argument("--verify", action="store_true", help="after converting, compare the Megatron model's "

@@ -158,7 +158,7 @@ def test_convert_names_a_broken_hf_config(tmp_path, capsys, monkeypatch):
 
 @pytest.mark.parametrize("argv, call", [
     (["convert", "--from-hf", "h", "--to-mcore", "m", "--tp", "2", "--verify"],
-     ("hf_to_mcore", ("h", "m"), {"tp": 2, "pp": 1, "verify": True, "verify_tol": 1e-3})),
+     ("hf_to_mcore", ("h", "m"), {"dtype": None, "tp": 2, "pp": 1, "verify": True, "verify_tol": 1e-3})),
     (["convert", "--from-mcore", "m", "--to-hf", "h", "--pp", "2", "--dtype", "bfloat16", "--hf-config", "c",
       "--tokenizer", "t", "--verify-tol", "0.5"],
      ("mcore_to_hf", ("m", "h"), {"hf_config": "c", "tokenizer": "t", "dtype": "bfloat16", "tp": 1, "pp": 2,
