@@ -54,7 +54,7 @@ def all_keys(config: Optional[Config] = None) -> list[str]:
 
 
 DEFINING = frozenset({
-    "model.hf_path", "model.params_dtype", "model.transformer_overrides",
+    "model.hf_path", "model.init_checkpoint", "model.params_dtype", "model.transformer_overrides",
     "parallel.tp", "parallel.pp", "parallel.vpp", "parallel.cp",
     "rollout.n", "rollout.temperature", "rollout.top_p", "rollout.top_k", "rollout.max_prompt_length",
     "rollout.max_response_length", "rollout.stop_token_ids", "rollout.max_staleness", "rollout.stale_policy",
