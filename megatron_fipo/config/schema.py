@@ -370,3 +370,12 @@ def save_config(config: Config, path: str) -> None:
     with open(tmp, "w", encoding="utf-8") as fh:
         yaml.safe_dump(to_dict(config), fh, sort_keys=False)
     os.replace(tmp, path)
+
+
+def read_saved_config(path: str) -> dict:
+    """The plain nested data a ``save_config`` file holds (not validated: an older run's file may lack
+    keys added since)."""
+    import yaml
+
+    with open(path, encoding="utf-8") as fh:
+        return yaml.safe_load(fh) or {}

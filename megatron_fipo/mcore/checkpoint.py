@@ -14,13 +14,6 @@ integrity record) lives in ``mcore.checkpoint_integrity`` and is re-exported her
 
 Must not import: trainer, rollout, bridge (megatron.* is imported lazily, as in mcore/).
 
-Two kinds (``contents`` in the marker): a *training* checkpoint (``save_checkpoint`` with an
-optimizer: everything below) and a *model-only* one (no optimizer: the model chunks' tensors in
-their own dtype, ``iteration`` and ``extra``; no optimizer, scheduler or RNG state), which is what
-``convert --to-mcore`` writes. A model-only checkpoint loads as weights (``load_optimizer=False``:
-an export, an evaluation, the initial weights of a run); asked to resume a training state it
-fails with one line (``CheckpointMismatchError``) naming ``model.init_checkpoint``.
-
 Saved as Megatron-LM does: the chunks' ``sharded_state_dict()`` under ``model`` (or ``model0``,
 ``model1``... with virtual stages), the optimizer's model-space ``sharded_state_dict`` (so
 dist_checkpointing reshards TP / PP / DP), the scheduler's ``state_dict()``, ``iteration`` and
@@ -56,11 +49,15 @@ import torch.distributed as dist
 from megatron_fipo.mcore.checkpoint_integrity import (  # noqa: F401  (re-exported: the reading side)
     LATEST,
     MARKER,
+    MODEL_ONLY,
+    TRAINING,
     _complete_dirs,
+    checkpoint_contents,
     check_integrity,
     checkpoint_problem,
     integrity_record,
     latest_checkpoint,
+    params_dtype_name,
     read_checkpoint_meta,
     resolve_checkpoint,
     resume_candidates,
@@ -82,13 +79,6 @@ from megatron_fipo.mcore.checkpoint_state import (
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-TRAINING, MODEL_ONLY = "training", "model"  # the marker's ``contents``
-
-
-def checkpoint_contents(meta: dict) -> str:
-    """``"training"`` or ``"model"`` (model-only) of a checkpoint's marker; markers written before
-    ``contents`` existed are training checkpoints (they were written with their optimizer state)."""
-    return meta.get("contents", TRAINING)
 
 
 def checkpoint_dir_name(step: int) -> str:
@@ -150,7 +140,7 @@ def save_checkpoint(root: str, step: int, chunks: list, optimizer, scheduler, gr
     written = time.perf_counter()
     dist.barrier(group=groups.world)
     meta = {"format_version": FORMAT_VERSION, "step": step, "extra": extra or {}, "layout": layout,
-            "contents": TRAINING if optimizer is not None else MODEL_ONLY, "params_dtype": _params_dtype(chunks),
+            "contents": TRAINING if optimizer is not None else MODEL_ONLY, "params_dtype": params_dtype_name(chunks),
             "optimizer": optimizer_kind(optimizer), "adam_step": adam_step,
             "megatron_core": mcore_version, "saved_unix_time": round(time.time(), 3)}
     _on_rank0(lambda: _publish(root, tmp, final, {**meta, "files": integrity_record(tmp, skip=(MARKER,))},
@@ -159,14 +149,6 @@ def save_checkpoint(root: str, step: int, chunks: list, optimizer, scheduler, gr
         logger.info("checkpoint step %d saved to %s in %.2f s (write %.2f s, layout %s)",
                     step, final, time.perf_counter() - start, written - start, layout)
     return final
-
-
-def _params_dtype(chunks: list) -> str | None:
-    """The dtype name of this rank's parameters (e.g. ``"bfloat16"``), or None without any."""
-    for chunk in chunks:
-        for p in chunk.parameters():
-            return str(p.dtype).replace("torch.", "")
-    return None
 
 
 def _check_save_args(step, extra, keep_last) -> None:

@@ -5,6 +5,14 @@ Owns the reading side of the layout that ``mcore.checkpoint`` writes (``MARKER``
 user passed: a run directory, a checkpoint root or one checkpoint), ``resume_candidates`` (the
 order a resume tries), ``checkpoint_problem`` and the integrity record (``integrity_record``,
 taken by rank 0 at publication and stored under ``files`` in the marker; ``check_integrity``).
+
+Two kinds of checkpoint (``contents`` in the marker, ``checkpoint_contents``): a *training* one
+(saved with its optimizer: model, optimizer, scheduler and RNG state) and a *model-only* one (no
+optimizer: the model chunks' tensors in their own dtype, ``iteration`` and ``extra``), which is
+what ``convert --to-mcore`` writes. A model-only checkpoint loads as weights (an export, an
+evaluation, a run's initial weights); asked to resume a training state, ``mcore.checkpoint``
+refuses it with one line naming ``model.init_checkpoint``.
+
 Pure file system: must not import megatron, torch.distributed or the rest of megatron_fipo.
 
 The record maps every file's path (relative to the checkpoint directory, the marker excluded)
@@ -28,6 +36,21 @@ import zlib
 
 MARKER = "fipo_checkpoint.json"
 LATEST = "latest"
+TRAINING, MODEL_ONLY = "training", "model"  # the marker's ``contents``
+
+
+def checkpoint_contents(meta: dict) -> str:
+    """``"training"`` or ``"model"`` (model-only) of a checkpoint's marker; markers written before
+    ``contents`` existed are training checkpoints (they were written with their optimizer state)."""
+    return meta.get("contents", TRAINING)
+
+
+def params_dtype_name(chunks: list) -> str | None:
+    """The dtype name of this rank's parameters (e.g. ``"bfloat16"``), for the marker; None without any."""
+    for chunk in chunks:
+        for p in chunk.parameters():
+            return str(p.dtype).replace("torch.", "")
+    return None
 CHECKSUM_MAX_BYTES = 1 << 20
 _ITER = re.compile(r"^iter_(\d{7,})$")
 _WHAT_TO_PASS = ("pass a run directory RUN_DIR, its checkpoints directory RUN_DIR/checkpoints, or one of "

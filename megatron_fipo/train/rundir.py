@@ -27,7 +27,7 @@ import os
 import re
 from typing import Any, Optional, Sequence
 
-from megatron_fipo.config.schema import Config, to_dict
+from megatron_fipo.config.schema import Config, read_saved_config, to_dict
 
 CONFIG_FILE = "config.yaml"
 HISTORY_FILE = "config_history.jsonl"
@@ -93,13 +93,10 @@ def _last_step(run_dir: str) -> Optional[int]:
 
 def recorded_settings(run_dir: str) -> Optional[dict[str, Any]]:
     """The flat settings the run's checkpoints were made with (``config.yaml`` + history), or None."""
-    import yaml
-
     path = os.path.join(run_dir, CONFIG_FILE)
     if not os.path.isfile(path):
         return None
-    with open(path, encoding="utf-8") as fh:
-        flat = _flat(yaml.safe_load(fh) or {})
+    flat = _flat(read_saved_config(path))
     hist = os.path.join(run_dir, HISTORY_FILE)
     if os.path.isfile(hist):
         with open(hist, encoding="utf-8") as fh:

@@ -21,7 +21,7 @@ ALLOWED = {
     "parallel": {"config", "algo"},
     "mcore": {"config", "algo", "parallel", "data"},  # packing and micro-batch planning live in data/
     "bridge": {"config", "algo", "parallel"},
-    "rollout": {"algo", "bridge"},
+    "rollout": {"algo", "bridge", "quiet_warnings"},
     "data": {"algo"},
     "train": {"config", "algo", "parallel", "mcore", "bridge", "rollout", "data"},  # one training run
     # the commands: the only importers of train/
@@ -32,24 +32,27 @@ ALLOWED = {
             "evaluation"},
     "__main__": {"cli"},
     "__init__": set(),
+    "quiet_warnings": set(),  # precise filters for third-party notices that say nothing to a user; stdlib only
 }
 # inside a layer package: module -> sibling modules it may import (a package absent here is not ordered)
 INNER = {
     "config": {
         "conventions": set(),  # CP alignment, dtype names, optimizer settings
         "hf_model": set(),  # config.json reading
+        "hf_presets": set(),  # the published Qwen2 / Qwen2.5 shapes, by name
         "checks": {"conventions"},  # validation; reads the config by attribute
         "schema": {"checks", "conventions"},
     },
     "train": {
         "tracking": set(),
+        "rundir": {"tracking"},  # what a run directory records and refuses (reads config only)
         "experience": set(),  # the rollout phase of one step (rank 0); data: its typed hand-off
         "ahead": {"experience"},  # rank 0's producer thread (max_staleness >= 1)
         "pool": {"experience"},  # rank 0's groups in flight (rollout.partial)
         "services": {"experience", "tracking"},  # rank 0's rollout side
         "weight_sync": set(),  # actor -> engine / HF directory
         "run": {"experience", "services", "weight_sync", "ahead", "pool", "tracking"},
-        "loop": {"experience", "services", "weight_sync", "ahead", "pool", "run"},
+        "loop": {"experience", "services", "weight_sync", "ahead", "pool", "run", "rundir"},
     },
 }
 # third-party roots -> the only places that may import them
