@@ -465,6 +465,25 @@ time.sleep(120)
 """
 
 
+def _signal_once_worker_up(code: str, sig: int):
+    """Runs ``python -c code`` in its own session, sends ``sig`` to its process group once it prints
+    "worker up", and returns (the process, its whole output); the group is SIGKILLed if it outlives this."""
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        lines = []
+        deadline = time.monotonic() + 120
+        while "worker up" not in "".join(lines):
+            assert time.monotonic() < deadline and proc.poll() is None, "".join(lines)
+            lines.append(proc.stdout.readline())
+        os.killpg(proc.pid, sig)
+        return proc, "".join(lines) + proc.communicate(timeout=60)[0]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 def test_torchrun_in_process_ends_on_sigterm_with_one_line_and_no_traceback(tmp_path):
     """Slurm signals every process of the step (proctrack): torchrun's agent, run in fipo_job's process,
     and its worker. The node prints its own line, not torchrun's SignalException traceback."""
@@ -474,20 +493,7 @@ def test_torchrun_in_process_ends_on_sigterm_with_one_line_and_no_traceback(tmp_
             "sys.exit(fipo_job.run_torchrun(['--nnodes=1', '--nproc-per-node=1', '--master-port={port}', {script!r}], "
             "dict(os.environ), lambda s: ('[fipo_job] stopped by %d' % s, 0)))").format(
         slurm=os.path.join(ROOT, "slurm"), port=fake_port(), script=str(script))
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        lines = []
-        deadline = time.monotonic() + 120
-        while "worker up" not in "".join(lines):
-            assert time.monotonic() < deadline and proc.poll() is None, "".join(lines)
-            lines.append(proc.stdout.readline())
-        os.killpg(proc.pid, signal.SIGTERM)  # what proctrack does: every process of the step
-        out = "".join(lines) + proc.communicate(timeout=60)[0]
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    proc, out = _signal_once_worker_up(code, signal.SIGTERM)  # what proctrack does: every process of the step
     assert proc.returncode == 0, out
     assert "[fipo_job] stopped by 15" in out
     assert "Traceback" not in out and "SignalException" not in out and "death signal" not in out, out
@@ -513,20 +519,7 @@ def test_sigusr1_to_the_step_stops_the_trainer_through_its_stop_file(tmp_path):
             "sys.exit(fipo_job.run_torchrun(['--nnodes=1', '--nproc-per-node=1', '--master-port={port}', {script!r}, "
             "{stop!r}], dict(os.environ), lambda s: ('killed by %d' % s, 9), usr1))").format(
         slurm=os.path.join(ROOT, "slurm"), port=fake_port(), script=str(script), stop=str(stop))
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        lines = []
-        deadline = time.monotonic() + 120
-        while "worker up" not in "".join(lines):
-            assert time.monotonic() < deadline and proc.poll() is None, "".join(lines)
-            lines.append(proc.stdout.readline())
-        os.killpg(proc.pid, signal.SIGUSR1)
-        out = "".join(lines) + proc.communicate(timeout=60)[0]
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    proc, out = _signal_once_worker_up(code, signal.SIGUSR1)
     assert proc.returncode == 1, out
     assert "worker saw the stop file" in out and f"created the trainer's stop file {stop}" in out, out
     assert "[fipo_job] n1: stopped for the time limit" in out and "Traceback" not in out, out
