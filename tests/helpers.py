@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
@@ -227,3 +228,35 @@ def train_on_nodes(overrides, *, nproc_per_node: int, nnodes: int = 2, timeout: 
     for p, out in zip(procs, outs):
         assert p.returncode == 0, out[-4000:]
     return outs
+
+
+@contextlib.contextmanager
+def trainer_after_first_checkpoint(cmd, run_dir, log, timeout: float = 600):
+    """Starts ``cmd`` (a trainer; its own session, output to the file ``log``) and yields ``(proc, seen,
+    tools)`` once ``run_dir``'s first checkpoint is complete: ``seen`` holds every descendant read from
+    /proc until then (pid -> command line; update it with ``tools.descendants``), ``tools`` is
+    ``tools/kill_stress.py``. On exit the trainer and every process seen are killed."""
+    import importlib.util
+    import subprocess
+    import time
+
+    spec = importlib.util.spec_from_file_location("kill_stress", os.path.join(REPO, "tools", "kill_stress.py"))
+    tools = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tools)
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    seen = {}
+    try:
+        marker = os.path.join(run_dir, "checkpoints", "iter_0000001", "fipo_checkpoint.json")
+        deadline = time.time() + timeout
+        while not os.path.exists(marker):
+            assert proc.poll() is None and time.time() < deadline, open(log).read()[-3000:]
+            seen.update(tools.descendants(proc.pid))
+            time.sleep(0.2)
+        seen.update(tools.descendants(proc.pid))
+        yield proc, seen, tools
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        tools.kill_all(seen)
+        proc.wait()

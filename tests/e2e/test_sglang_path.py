@@ -14,13 +14,13 @@ import json
 import os
 import re
 import signal
-import subprocess
 import sys
 
 import pytest
 
 from tests.dist.launcher import launch
-from tests.helpers import DEMO_CONFIG, REPO, SMALL_RUN, demo_overrides, read_records, train_in_process, train_on_nodes
+from tests.helpers import (DEMO_CONFIG, SMALL_RUN, demo_overrides, read_records, train_in_process, train_on_nodes,
+                           trainer_after_first_checkpoint)
 
 pytestmark = pytest.mark.timeout(1200)
 SERVER = f"rollout.launcher=[{sys.executable},-m,megatron_fipo.rollout.cpu_server]"
@@ -153,27 +153,11 @@ def test_sigkilled_trainer_on_the_sglang_path_leaves_no_process(demo, tmp_path):
     is complete: every descendant read from /proc until the kill (the server and its watchdog, in their own
     session; reward workers; multiprocessing's resource tracker; whatever megatron-core's checkpoint save
     started) is gone within 20 s."""
-    import importlib.util
-    import time
-
-    spec = importlib.util.spec_from_file_location("kill_stress", os.path.join(REPO, "tools", "kill_stress.py"))
-    procs = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(procs)
     run, log = str(tmp_path / "run"), tmp_path / "trainer.log"
     cmd = [sys.executable, "-m", "megatron_fipo", "train", "--config", DEMO_CONFIG,
            *demo_overrides(demo, run, *SMALL_RUN, "train.reward_workers=2", "train.steps=500",
                            "checkpoint.every_steps=1", "checkpoint.export_hf=false", "rollout.engine=sglang", SERVER)]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    seen = {}
-    try:
-        marker = os.path.join(run, "checkpoints", "iter_0000001", "fipo_checkpoint.json")
-        deadline = time.time() + 600
-        while not os.path.exists(marker):
-            assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
-            seen.update(procs.descendants(proc.pid))
-            time.sleep(0.2)
-        seen.update(procs.descendants(proc.pid))
+    with trainer_after_first_checkpoint(cmd, run, log) as (proc, seen, procs):
         alive = procs.running(seen).values()
         assert any("megatron_fipo.rollout.cpu_server" in c for c in alive), seen
         assert any("resource_tracker" in c for c in alive), seen
@@ -182,8 +166,3 @@ def test_sigkilled_trainer_on_the_sglang_path_leaves_no_process(demo, tmp_path):
         seen.update(procs.descendants(proc.pid))  # its session and group outlive it
         left = procs.wait_gone(seen, 20)
         assert not left, left
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        procs.kill_all(seen)
-        proc.wait()

@@ -21,6 +21,7 @@ from tests.helpers import SMALL_RUN as SMALL
 from tests.helpers import demo_overrides as _overrides
 from tests.helpers import read_records as _records
 from tests.helpers import train_in_process as _train
+from tests.helpers import trainer_after_first_checkpoint
 
 pytestmark = pytest.mark.timeout(1800)  # the session fixture builds the demo; slow when the machine is shared
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -290,26 +291,11 @@ def test_killed_trainer_leaves_no_child_process(demo, tmp_path, sig):
     exit 143 with one line and no traceback, children reaped; SIGKILL: every descendant (reward workers,
     multiprocessing's resource tracker, whatever the save started) dies by itself. Descendants are read from
     /proc (session, process group, parent chain) until the kill; none outlives the trainer."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("kill_stress", os.path.join(REPO, "tools", "kill_stress.py"))
-    procs = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(procs)
     run, log = str(tmp_path / "run"), tmp_path / "trainer.log"
     cmd = [sys.executable, "-m", "megatron_fipo", "train", "--config", CONFIG,
            *_overrides(demo, run, *SMALL, "train.reward_workers=2", "train.steps=500", "checkpoint.every_steps=1",
                        "checkpoint.export_hf=false")]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    seen = {}
-    try:
-        marker = os.path.join(run, "checkpoints", "iter_0000001", "fipo_checkpoint.json")
-        deadline = time.time() + 600
-        while not os.path.exists(marker):
-            assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
-            seen.update(procs.descendants(proc.pid))
-            time.sleep(0.2)
-        seen.update(procs.descendants(proc.pid))
+    with trainer_after_first_checkpoint(cmd, run, log) as (proc, seen, procs):
         alive = procs.running(seen).values()
         assert len([c for c in alive if "--multiprocessing-fork" in c]) >= 2, seen  # the reward workers
         assert any("resource_tracker" in c for c in alive), seen
@@ -322,11 +308,6 @@ def test_killed_trainer_leaves_no_child_process(demo, tmp_path, sig):
         seen.update(procs.descendants(proc.pid))  # its session and group outlive it
         left = procs.wait_gone(seen, 20)
         assert not left, left
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        procs.kill_all(seen)
-        proc.wait()
 
 
 def test_bad_data_and_config_errors(demo, tmp_path, capsys):
