@@ -2,7 +2,7 @@
 
 Owns ``check_run_dir`` (called by ``train`` before any process group or heavy work), the
 classification of every config key into ``DEFINING`` (what the checkpoints and metrics mean:
-algorithm, model, data, sampling, optimizer, layout) and ``RESUMABLE`` (what may change on a
+algorithm, model, data, sampling, optimizer) and ``RESUMABLE`` (what may change on a
 resume: steps, evaluation, logging, checkpoint cadence, workers), and the history file.
 
 ``config.yaml`` in the run directory is written once, when the run starts without checkpoints,
@@ -42,9 +42,10 @@ RESUMABLE = frozenset({
     "rollout.sync_host", "rollout.max_restarts", "rollout.cpu_max_batch_rows", "rollout.engine", "rollout.mode",
     "rollout.sglang", "parallel.backend", "model.use_te", "model.recompute", "model.tokenizer",
     "data.on_bad_row", "data.on_too_long", "optim.max_tokens_per_micro_batch", "optim.logprob_chunk_tokens",
-    "parallel.sequence_parallel",
+    "parallel.sequence_parallel", "parallel.tp", "parallel.pp", "parallel.vpp", "parallel.cp",
 })
-"""Keys a resume may change: where and how the run is driven, evaluated, logged and checkpointed."""
+"""Keys a resume may change: where and how the run is driven, evaluated, logged and checkpointed, and the
+layout (``parallel.tp/pp/vpp/cp``): checkpoints reshard on load, so a run resumes exactly at another one."""
 
 
 def all_keys(config: Optional[Config] = None) -> list[str]:
@@ -55,7 +56,6 @@ def all_keys(config: Optional[Config] = None) -> list[str]:
 
 DEFINING = frozenset({
     "model.hf_path", "model.init_checkpoint", "model.params_dtype", "model.transformer_overrides",
-    "parallel.tp", "parallel.pp", "parallel.vpp", "parallel.cp",
     "rollout.n", "rollout.temperature", "rollout.top_p", "rollout.top_k", "rollout.max_prompt_length",
     "rollout.max_response_length", "rollout.stop_token_ids", "rollout.max_staleness", "rollout.stale_policy",
     "rollout.partial", "rollout.inflight_updates", "rollout.oversample", "rollout.deterministic",
@@ -70,7 +70,7 @@ DEFINING = frozenset({
     "train.prompts_per_step", "train.mini_batch_prompts", "train.seed",
 })
 """Everything else: algorithm (``algo.*``), model weights and dtype, data and its order, rollout sampling,
-optimizer, batch sizes and seeds, and the layout (``parallel.tp/pp/vpp/cp``) the checkpoints were saved at."""
+optimizer, batch sizes and seeds."""
 
 
 class RunDirRefused(ValueError):

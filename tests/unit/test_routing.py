@@ -147,7 +147,7 @@ def three_servers(tmp_path_factory):
     assert not _children()
 
 
-def test_a_prompt_stays_on_one_server_and_is_prefilled_once(three_servers, capsys):
+def test_a_prompt_stays_on_one_server_and_is_prefilled_once(three_servers):
     """n=8 on 3 servers: round-robin per sample (the old rule: sample k of the call on server k % 3)
     sends each prompt to 3 servers, and an ideal prefix cache prefills it 3 times; prompt-affine
     routing sends it to 1."""
@@ -176,9 +176,6 @@ def test_a_prompt_stays_on_one_server_and_is_prefilled_once(three_servers, capsy
     prefill_before = sum(prefill1) - sum(prefill0)
     prefill_after = sum(prefill2) - sum(prefill1)
     assert prefill_after == prompt_tokens and prefill_before == 3 * prompt_tokens
-    with capsys.disabled():
-        print(f"\nprefill tokens per round at n={n} on 3 servers: round-robin {prefill_before}, "
-              f"prompt-affine {prefill_after}, ratio {prefill_before / prefill_after:.2f}")
     assert all(len(g) == n and all(s.weight_version == 0 for s in g) for g in out)
 
 
