@@ -3,7 +3,8 @@
 Each filter names the category, the message (a regex anchored at its start, as ``warnings`` does)
 and the module the warning is attributed to, so anything else those libraries say, and every
 warning of ours, still shows. ``install()`` is idempotent (``warnings`` keeps one copy of a filter)
-and cheap; the code that drives the libraries concerned calls it (the CPU engine, when built).
+and cheap; the code that drives the libraries concerned calls it (the CPU engine and the CPU server's batcher,
+when built).
 """
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ FILTERS = (
     (FutureWarning, r"`past_key_values` is deprecated and will be removed", r"torch\.nn\.modules\.module",
      "transformers' rename of the cache argument, once per generation"),
 )
-
 
 
 def install() -> None:

@@ -50,6 +50,7 @@ from typing import Optional
 
 import torch
 
+from megatron_fipo import quiet_warnings
 from megatron_fipo.rollout.cpu_accounting import PrefixCache, version_spans, versions_meta
 from megatron_fipo.rollout.cpu_batch_kv import BatchKV, decode, prefill
 from megatron_fipo.rollout.cpu_engine import row_generator, sample_rows
@@ -98,6 +99,7 @@ class Batcher:
                  version: Callable[[], str], cache: PrefixCache, max_running: int = 64, decode_step_ms: float = 0.0):
         if max_running < 1:
             raise ValueError(f"max_running must be >= 1, got {max_running}")
+        quiet_warnings.install()  # the batch KV path passes the same renamed cache argument as CPUEngine
         if decode_step_ms < 0:
             raise ValueError(f"decode_step_ms must be >= 0, got {decode_step_ms}")
         self.model, self.cond, self.unusable, self.version, self.cache = model, cond, unusable, version, cache
