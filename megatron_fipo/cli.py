@@ -216,8 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--to-mcore", metavar="DIR", help="Megatron checkpoint root to write")
     convert.add_argument("--from-mcore", metavar="DIR", help="Megatron checkpoint root or iter_* directory")
     convert.add_argument("--to-hf", metavar="DIR", help="HF model directory to write")
-    convert.add_argument("--hf-config", metavar="PATH", help="HF config.json (or its directory) when the "
-                         "Megatron checkpoint does not carry one")
+    convert.add_argument("--hf-config", metavar="PATH", help="HF config.json (or its directory), or a known shape "
+                         "such as qwen2.5-7b, when the Megatron checkpoint does not carry one")
     convert.add_argument("--tokenizer", metavar="DIR", help="copy tokenizer files from here (default: the HF source)")
     convert.add_argument("--dtype", choices=DTYPE_NAMES,
                          help="dtype of the weights written: the model-only checkpoint's (--to-mcore) or the "

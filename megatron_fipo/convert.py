@@ -187,7 +187,7 @@ def _weights_only(hf_config: dict, groups, dtype: str):
 
 def _mcore_source(checkpoint: str, hf_config: str | None, tokenizer: str | None) -> tuple:
     """(HF config, tokenizer source, checkpoint directory, its saved layout) of ``mcore_to_hf``'s arguments."""
-    from megatron_fipo.config.hf_model import read_hf_config
+    from megatron_fipo.plan import read_hf_config  # a config.json, its directory, or a known shape's name
     from megatron_fipo.mcore.checkpoint import checkpoint_problem, read_checkpoint_meta, resolve_checkpoint, \
         resume_candidates
 
@@ -207,7 +207,8 @@ def _mcore_source(checkpoint: str, hf_config: str | None, tokenizer: str | None)
     extra = meta.get("extra", {})
     config = read_hf_config(hf_config) if hf_config else extra.get("hf_config")
     if config is None:
-        raise ValueError(f"{path}: no HF config in the checkpoint; pass --hf-config DIR")
+        raise ValueError(f"{path}: no HF config in the checkpoint; pass --hf-config with the model's config.json "
+                         "or a known shape such as qwen2.5-7b")
     return config, tokenizer or extra.get("hf_source"), path, meta.get("layout") or {}
 
 

@@ -63,3 +63,17 @@ def test_a_directory_of_that_name_wins(tmp_path, monkeypatch):
     (tmp_path / "Qwen2.5-7B" / "config.json").write_text(json.dumps({**PRESETS["qwen2.5-7b"], "num_hidden_layers": 2}))
     assert read_hf_config("Qwen2.5-7B")["num_hidden_layers"] == 2
     assert hf_presets.preset_name("QWEN2.5-7B") == "qwen2.5-7b"
+
+
+def test_convert_takes_a_shape_name_for_a_checkpoint_without_a_config(tmp_path, monkeypatch):
+    """``convert --from-mcore CKPT --hf-config qwen2.5-0.5b``: the name stands for the config the checkpoint lacks."""
+    from megatron_fipo import convert
+    from megatron_fipo.mcore import checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(checkpoint, "resolve_checkpoint", lambda path: ("iteration", path))
+    monkeypatch.setattr(checkpoint, "read_checkpoint_meta", lambda path: {"extra": {}, "layout": {"tp": 1}})
+    config, _tokenizer, path, layout = convert._mcore_source("iter_0000001", "Qwen2.5-0.5B", None)
+    assert config == PRESETS["qwen2.5-0.5b"] and path == "iter_0000001" and layout == {"tp": 1}
+    with pytest.raises(ValueError, match="pass --hf-config with the model's config.json or a known shape"):
+        convert._mcore_source("iter_0000001", None, None)
