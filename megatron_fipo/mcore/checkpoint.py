@@ -46,11 +46,9 @@ import warnings
 import torch
 import torch.distributed as dist
 
+from megatron_fipo import quiet_warnings
 from megatron_fipo.mcore.checkpoint_integrity import (  # noqa: F401  (re-exported: the reading side)
-    LATEST,
-    MARKER,
-    MODEL_ONLY,
-    TRAINING,
+    LATEST, MARKER, MODEL_ONLY, TRAINING,
     _complete_dirs,
     checkpoint_contents,
     check_integrity,
@@ -299,6 +297,7 @@ def load_checkpoint(path: str, chunks: list, optimizer, scheduler, groups, *,
     elif load_rng and groups.rank == 0:
         warnings.warn(f"checkpoint layout {meta.get('layout')} differs from {_layout(groups)}: "
                       "RNG states are not restored", stacklevel=2)
+    quiet_warnings.install()  # torch's deprecation notices of the load API that megatron-core calls
     with torch.no_grad():  # the distributed optimizer copies into views of leaf parameters
         loaded = dist_checkpointing.load(state, path)
         load_model_state(chunks, loaded)

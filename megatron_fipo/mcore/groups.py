@@ -5,7 +5,8 @@ the frozen ``ParallelGroups`` handed explicitly to everything downstream, and ``
 Must not import: megatron_fipo.algo internals, trainer, rollout.
 Departs from upstream: Megatron-LM's ``initialize_megatron`` also builds global args, timers and
 microbatch calculators; here only groups and seeds are set up. On CPU, gloo replaces NCCL and
-``cpu_compat.apply_cpu_patches()`` runs before any model-parallel state is created.
+``cpu_compat.apply_cpu_patches()`` runs before any model-parallel state is created. The precise
+filters of ``quiet_warnings`` (megatron-core's notices that tell a user nothing) go in first.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from megatron_fipo import quiet_warnings
 from megatron_fipo.mcore.cpu_compat import apply_cpu_patches
 
 ProcessGroup = dist.ProcessGroup
@@ -132,6 +134,7 @@ def init_distributed(
     Returns:
         the ``ParallelGroups`` of this process.
     """
+    quiet_warnings.install()  # before megatron is imported: some of its notices fire at import
     apply_cpu_patches()  # no-op with CUDA
     _init_process_group(backend, timeout_minutes)
     world = dist.get_world_size()

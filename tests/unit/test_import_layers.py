@@ -19,7 +19,7 @@ ALLOWED = {
     "config": set(),  # the rules every layer obeys: stdlib + PyYAML only, no project import
     "algo": set(),
     "parallel": {"config", "algo"},
-    "mcore": {"config", "algo", "parallel", "data"},  # packing and micro-batch planning live in data/
+    "mcore": {"config", "algo", "parallel", "data", "quiet_warnings"},  # packing and micro-batch planning live in data/
     "bridge": {"config", "algo", "parallel"},
     "rollout": {"algo", "bridge", "quiet_warnings"},
     "data": {"algo"},
