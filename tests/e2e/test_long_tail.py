@@ -104,7 +104,7 @@ def test_long_tail_benchmark_quick(demo, tmp_path):
     README's figures, from the same start, and report throughput, slots and length distributions."""
     out = tmp_path / "long_tail.json"
     cmd = [sys.executable, os.path.join(REPO, "benchmarks", "long_tail.py"), "--quick", "--demo", demo,
-           "--config", "demo_cpu.yaml", "--settings", "sync", "inflight", "--json", str(out)]
+           "--config", "demo_cpu.yaml", "--settings", "sync", "inflight", "--decode-step-ms", "20", "--json", str(out)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
                             start_new_session=True)
     try:
