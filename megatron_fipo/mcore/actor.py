@@ -71,7 +71,7 @@ class ActorSettings(OptimConfig):
 
     params_dtype: str = "float32"  # "bfloat16" on GPU
     sequence_parallel: bool = False
-    use_distributed_optimizer: Optional[bool] = None  # default: on with CUDA
+    use_distributed_optimizer: Optional[bool] = None  # default: on with CUDA or bf16 parameters
     recompute: Mapping[str, Any] = field(default_factory=dict)
     transformer_overrides: Mapping[str, Any] = field(default_factory=dict)
     track_update_norm: bool = False  # keeps a copy of the local parameters during the step
@@ -128,8 +128,10 @@ class Actor(CheckpointMethods):
         if not trainable:
             self.chunks, self.optimizer, self.scheduler = chunks, None, None
             return
-        distributed = torch.cuda.is_available() if settings.use_distributed_optimizer is None \
-            else settings.use_distributed_optimizer
+        # Default: on with CUDA, and for bf16 on CPU too (Megatron's non-distributed mixed-precision optimizer
+        # accepts only CUDA tensors; the distributed one runs there through cpu_compat, same update at any dp).
+        distributed = (torch.cuda.is_available() or dtype == torch.bfloat16) \
+            if settings.use_distributed_optimizer is None else settings.use_distributed_optimizer
         ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=distributed)
         # Upstream DDP / schedules read parallel_state (set up by groups.init_distributed) themselves:
         # their pg_collection argument wants expert-parallel groups a dense model does not have.

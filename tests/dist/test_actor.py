@@ -106,3 +106,33 @@ def test_activation_recomputation_changes_nothing():
         assert a == b
     for s, r in zip(ref["steps"], plain["steps"]):
         assert s["loss"] == r["loss"] and s["grad_norm"] == pytest.approx(r["grad_norm"], rel=1e-6)
+
+
+def run_one(weights, extra):
+    """The tiny actor at one process from ``weights`` (None: its own initialisation): log-probs, two FIPO steps."""
+    from megatron_fipo.mcore import groups as G
+
+    result, _, _ = _run(1, 1, None, False, 30, weights, False, extra)
+    G.destroy()
+    return result
+
+
+def check_bf16_follows_fp32() -> None:
+    """The actor in bf16 against fp32 from the same initial weights, on this machine's device (CPU or one GPU):
+    log-probs within bf16 rounding, two kept steps with close losses and grad norms."""
+    (fp32,) = launch(run_one, 1, None, None, timeout=300)
+    (bf16,) = launch(run_one, 1, fp32["initial"], {"params_dtype": "bfloat16"}, timeout=300)
+    for a, b in zip(bf16["logp"], fp32["logp"]):
+        torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=0, atol=5e-2)
+    assert max(abs(x - y) for a, b in zip(bf16["logp"], fp32["logp"]) for x, y in zip(a, b)) > 0  # bf16 did run
+    for s16, s32 in zip(bf16["steps"], fp32["steps"]):
+        assert s16["skipped"] == 0.0
+        assert s16["loss"] == pytest.approx(s32["loss"], rel=5e-2, abs=1e-2)
+        assert s16["grad_norm"] == pytest.approx(s32["grad_norm"], rel=1e-1)
+
+
+@pytest.mark.timeout(300)
+def test_bf16_actor_on_cpu_follows_fp32():
+    """bf16 parameters train on CPU (Megatron's distributed optimizer keeps the fp32 master weights there;
+    its plain mixed-precision optimizer accepts only CUDA tensors): the GPU check's CPU substitute."""
+    check_bf16_follows_fp32()
