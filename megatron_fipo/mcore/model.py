@@ -150,7 +150,8 @@ def transformer_config(
         params_dtype=params_dtype, pipeline_dtype=params_dtype, bf16=bf16,
         use_cpu_initialization=not cuda,
         # Fused kernels are CUDA (or torch.compile) paths; Megatron validates them off on CPU.
-        bias_activation_fusion=cuda, masked_softmax_fusion=cuda, bias_dropout_fusion=cuda,
+        # The local spec's fused softmax needs apex's compiled kernels, which a stock PyTorch image lacks.
+        bias_activation_fusion=cuda, masked_softmax_fusion=cuda and _fused_softmax_kernels(), bias_dropout_fusion=cuda,
         apply_rope_fusion=False, gradient_accumulation_fusion=False,
         # RL batches are packed with variable lengths; Megatron's config validation requires the
         # alltoall dispatcher for variable_seq_lengths even for dense models.
@@ -165,6 +166,13 @@ def transformer_config(
             f"{k!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for k, h in hints.items()))
     kwargs.update(overrides or {})
     return TransformerConfig(**kwargs)
+
+
+def _fused_softmax_kernels() -> bool:
+    """True when the compiled masked-softmax kernels Megatron's local spec imports (apex's) are installed."""
+    import importlib.util
+
+    return importlib.util.find_spec("scaled_masked_softmax_cuda") is not None
 
 
 def use_transformer_engine() -> bool:
