@@ -1,8 +1,9 @@
 """HF safetensors -> this rank's Megatron parameters, reading only the slices the rank holds.
 
 Owns ``HFCheckpoint`` (the tensor-name -> file index of an HF directory, single-file or sharded
-with ``model.safetensors.index.json``, read through ``safetensors.safe_open(...).get_slice``) and
-``load_hf_into_chunks``: every local parameter (by local name, chunk prefix and pipeline layer
+with ``model.safetensors.index.json``, read through ``safetensors.safe_open(...).get_slice``, each
+file mapped only for the read that needs it, so the pages read do not stay in the process's RSS)
+and ``load_hf_into_chunks``: every local parameter (by local name, chunk prefix and pipeline layer
 offset resolved through ``qwen2_mapping``) is filled from the HF slices of its TP shard and
 checked to be written exactly once; the checkpoint's tensor names are checked against the table.
 
@@ -43,18 +44,19 @@ class HFCheckpoint(contextlib.AbstractContextManager):
             weight_map = None
         if not files:
             raise ValueError(f"{hf_dir}: no *.safetensors files (only safetensors HF checkpoints are supported)")
-        self._stack = contextlib.ExitStack()
-        self._handles = {}
+        self._paths = {}
+        names = {}
         for f in files:
             path = os.path.join(hf_dir, f)
             try:  # safe_open checks the header against the file size: a truncated download fails here
-                self._handles[f] = self._stack.enter_context(safe_open(path, framework="pt"))
+                with safe_open(path, framework="pt") as handle:
+                    names[f] = list(handle.keys())
             except Exception as err:  # SafetensorError (not an OSError subclass), FileNotFoundError
-                self._stack.close()
                 raise ValueError(f"{path}: not a readable safetensors file ({err}); the file is damaged or "
                                  f"incomplete: re-download the model or re-export it") from None
+            self._paths[f] = path
         if weight_map is None:
-            weight_map = {k: f for f, h in self._handles.items() for k in h.keys()}
+            weight_map = {k: f for f, keys in names.items() for k in keys}
         self.weight_map = weight_map
 
     @property
@@ -65,14 +67,17 @@ class HFCheckpoint(contextlib.AbstractContextManager):
         """Tensor ``name``, or only ``[start, stop)`` along ``dim`` (a ``get_slice`` read)."""
         if name not in self.weight_map:
             raise KeyError(f"{self.hf_dir}: checkpoint has no tensor {name!r}")
-        handle = self._handles[self.weight_map[name]]
-        if dim is None:
-            return handle.get_tensor(name)
-        sl = handle.get_slice(name)
-        return sl[start:stop] if dim == 0 else sl[:, start:stop]
+        from safetensors import safe_open
+
+        # The file is mapped for this one read only: a mapping kept open for the whole load would
+        # count every page read so far in the process's RSS (RssFile: as much as the checkpoint)
+        with safe_open(self._paths[self.weight_map[name]], framework="pt") as handle:
+            if dim is None:
+                return handle.get_tensor(name)
+            sl = handle.get_slice(name)
+            return sl[start:stop] if dim == 0 else sl[:, start:stop]
 
     def __exit__(self, *exc):
-        self._stack.close()
         return False
 
 

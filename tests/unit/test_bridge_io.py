@@ -195,3 +195,35 @@ def test_broken_index_names_the_file(tmp_path):
         json.dump({"weight_map": {"model.norm.weight": "model-00002-of-00002.safetensors"}}, fh)
     with pytest.raises(ValueError, match="model-00002-of-00002.safetensors: not a readable safetensors file"):
         HFCheckpoint(hf_dir)
+
+
+def test_import_keeps_no_safetensors_file_mapped(tmp_path):
+    """Each file is mapped only while the tensors read from it are in use (safetensors' tensors view
+    the mapping): a mapping kept for the whole load would leave every page read in the process's
+    RSS, as much again as the checkpoint."""
+    from megatron_fipo.bridge import hf_import
+
+    hf_dir = tiny_hf_model(str(tmp_path / "hf"), num_hidden_layers=2)
+    path = os.path.realpath(os.path.join(hf_dir, "model.safetensors"))
+
+    def mappings():
+        with open("/proc/self/maps") as fh:
+            return sum(line.rstrip().endswith(path) for line in fh)
+
+    seen, read = [], hf_import.HFCheckpoint.read
+
+    def spy(self, *args, **kwargs):  # at most the previous parameter's parts are still referenced
+        seen.append(mappings())
+        return read(self, *args, **kwargs)
+
+    arch = _arch(hf_dir)
+    with hf_import.HFCheckpoint(hf_dir) as ckpt:
+        assert mappings() == 0 and ckpt.read("model.norm.weight").shape == (arch.hidden_size,)
+        assert mappings() == 0
+    hf_import.HFCheckpoint.read = spy
+    try:
+        load_hf_into_chunks(hf_dir, _fake_params(arch), arch, tp_rank=0, tp_size=1, padded_vocab=PADDED,
+                            layer_offsets=[0])
+    finally:
+        hf_import.HFCheckpoint.read = read
+    assert seen[0] == 0 and max(seen) <= 3 and mappings() == 0
