@@ -78,3 +78,21 @@ def test_dp_balance_benchmark_quick(tmp_path):
         assert 1.0 <= m["balanced"] <= min(m["round_robin"], 1.05)
         assert row["split_ms"] > 0
     assert all(s["target_met"] for s in result["summary"].values())
+
+
+@pytest.mark.timeout(180)
+def test_convert_memory_benchmark_quick(tmp_path):
+    result = run_quick("convert_memory.py", tmp_path / "convert_memory.json")
+    model = result["model"]
+    assert model["parameters"] > 0 and model["bytes_in_output_dtype"] == 2 * model["parameters"]
+    (runs,) = result["runs"].values()  # this checkout only
+    assert runs["floor"]["returncode"] == 0 and runs["floor"]["max_rss"] > 0
+    assert sorted(runs) == ["a", "d", "floor"]  # --quick: both directions, the export verified
+    for case in "ad":  # every conversion ran, wrote something and was measured; the figures are only reported
+        row = runs[case]
+        assert row["returncode"] == 0, row.get("stderr_tail")
+        assert row["output_bytes"] > 0 and row["max_rss"] >= row["peak_rss_anon"] > 0 and row["wall_s"] > 0
+        assert row["peak_tree_pss"] > 0 and isinstance(row["bound_met"], bool)
+        assert row["report"]["dtype"] == "bfloat16"
+    assert runs["a"]["report"]["contents"] == "model" and "verify_max_abs_diff" not in runs["a"]["report"]
+    assert runs["d"]["report"]["verify_max_abs_diff"] < 1e-3
