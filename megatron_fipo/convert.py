@@ -187,7 +187,7 @@ def _weights_only(hf_config: dict, groups, dtype: str):
 
 def _mcore_source(checkpoint: str, hf_config: str | None, tokenizer: str | None) -> tuple:
     """(HF config, tokenizer source, checkpoint directory, its saved layout) of ``mcore_to_hf``'s arguments."""
-    from megatron_fipo.plan import read_hf_config  # a config.json, its directory, or a known shape's name
+    from megatron_fipo.config.hf_presets import read_config_or_preset as read_hf_config  # or a shape's name
     from megatron_fipo.mcore.checkpoint import checkpoint_problem, read_checkpoint_meta, resolve_checkpoint, \
         resume_candidates
 

@@ -187,16 +187,11 @@ def _context_parallel(config: Config) -> dict:
 
 
 def read_hf_config(path: str) -> dict:
-    """``config.json`` of an HF model directory (or the file itself), validated by ``config.hf_model``;
-    or, where no such path exists, a named public shape (``qwen2.5-32b``, ``config.hf_presets``)."""
-    from megatron_fipo.config import hf_presets
+    """``config.json`` of an HF model directory (or the file itself), or a named public shape
+    (``config.hf_presets.read_config_or_preset``)."""
+    from megatron_fipo.config.hf_presets import read_config_or_preset
 
-    if not os.path.exists(path) and hf_presets.looks_like_name(path):
-        config = hf_presets.preset(path)
-        hf_model.check_hf_config(config, path)
-        return config
-    return hf_model.read_hf_config(path, hint=": pass --hf-config with a config.json of the model or a known "
-                                              f"shape ({', '.join(hf_presets.PRESETS)})")
+    return read_config_or_preset(path)
 
 
 def format_plan(report: dict) -> str:

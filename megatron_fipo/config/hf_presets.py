@@ -4,7 +4,7 @@ Each preset is the architecture part of the published ``config.json`` of a Qwen2
 model (an instruct variant has the same sizes; only ``max_position_embeddings`` may differ, which
 ``plan`` does not use; the math models are not included). ``tests/unit/test_hf_presets.py``
 checks each against the published parameter counts (total and non-embedding). Standard library
-only, like ``config.hf_model``.
+only, like ``config.hf_model`` (whose reader and check ``read_config_or_preset`` uses).
 """
 from __future__ import annotations
 
@@ -68,3 +68,19 @@ def parameter_counts(config: dict) -> tuple[int, int]:
     body = n * layer + h
     embed = v * h * (1 if config.get("tie_word_embeddings") else 2)
     return body + embed, body
+
+
+def read_config_or_preset(path: str) -> dict:
+    """``config.json`` of an HF model directory (or the file itself), validated by ``config.hf_model``;
+    or, where no such path exists, a named public shape (``qwen2.5-32b``): what ``plan`` and ``convert``'s
+    ``--hf-config`` accept."""
+    import os
+
+    from megatron_fipo.config import hf_model
+
+    if not os.path.exists(path) and looks_like_name(path):
+        config = preset(path)
+        hf_model.check_hf_config(config, path)
+        return config
+    return hf_model.read_hf_config(path, hint=": pass --hf-config with a config.json of the model or a known "
+                                              f"shape ({', '.join(PRESETS)})")

@@ -39,7 +39,7 @@ INNER = {
     "config": {
         "conventions": set(),  # CP alignment, dtype names, optimizer settings
         "hf_model": set(),  # config.json reading
-        "hf_presets": set(),  # the published Qwen2 / Qwen2.5 shapes, by name
+        "hf_presets": {"hf_model"},  # the published Qwen2 / Qwen2.5 shapes, by name; a config.json or a name
         "checks": {"conventions"},  # validation; reads the config by attribute
         "schema": {"checks", "conventions"},
     },
