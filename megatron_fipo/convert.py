@@ -87,6 +87,12 @@ def hf_to_mcore(hf_dir: str, out: str, *, dtype: str | None = None, tp: int = 1,
     return {"written": target, "tp": tp, "pp": pp, "dtype": name, "contents": "model", **report}
 
 
+# The --to-hf export bucket: it only batches tensors on their way to disk (each is written as it
+# arrives), so a small one costs no write speed and keeps the peak near the model plus its largest
+# tensor (the 512 MiB default of ``export_hf_state`` is sized for weight syncs).
+EXPORT_BUCKET_BYTES = 64 << 20
+
+
 def mcore_to_hf(checkpoint: str, out: str, *, hf_config: str | None = None, tokenizer: str | None = None,
                 dtype: str | None = None, tp: int = 1, pp: int = 1, verify: bool = False,
                 verify_tol: float = DEFAULT_VERIFY_TOL) -> dict:
@@ -125,7 +131,7 @@ def mcore_to_hf(checkpoint: str, out: str, *, hf_config: str | None = None, toke
         model.load_weights(path)  # cast to the export dtype on load, tensor by tensor
         offsets, spec = model.bridge_layout()
         buckets = export_hf_state(model.named_local_parameters(), model.arch, groups=groups, layer_offsets=offsets,
-                                  dtype=round_to, spec=spec)
+                                  dtype=round_to, spec=spec, bucket_bytes=EXPORT_BUCKET_BYTES)
         if groups.rank == 0:
             save_hf_checkpoint(buckets, tmp, config, source if source and os.path.isdir(source) else None)
         else:

@@ -217,8 +217,9 @@ def save_hf_checkpoint(
     """Write an HF checkpoint directory from export buckets (call on one rank only), streamed.
 
     Each tensor is written to its shard as it arrives (``SafetensorsShard``), so memory holds one
-    bucket, never a shard; every file is created like any other file (its mode follows the umask;
-    tokenizer files are copied by content, not mode).
+    bucket, never a shard (a bucket is let go before the next is requested from a stream); every
+    file is created like any other file (its mode follows the umask; tokenizer files are copied by
+    content, not mode).
 
     Args:
         buckets: from ``export_hf_state`` (consumed; tensors are moved to CPU).
@@ -248,6 +249,10 @@ def save_hf_checkpoint(
             current.add(name, t)
             seen.add(name)
             total, seen_dtype = total + nbytes, t.dtype
+            del t, tensor
+        # Drop this bucket before the next is asked for: the loop variable would otherwise keep it
+        # alive while the stream builds the next one (two buckets resident instead of one).
+        del bucket
     if current is not None:
         current.close()
     weight_map = {}

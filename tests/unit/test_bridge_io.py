@@ -227,3 +227,36 @@ def test_import_keeps_no_safetensors_file_mapped(tmp_path):
     finally:
         hf_import.HFCheckpoint.read = read
     assert seen[0] == 0 and max(seen) <= 3 and mappings() == 0
+
+
+def test_saving_a_stream_lets_each_bucket_go_before_the_next(tmp_path):
+    """save_hf_checkpoint holds one bucket of a stream at a time: when the next bucket is requested,
+    nothing of the previous one is alive (the --to-hf peak is the model plus one bucket, not two)."""
+    import gc
+    import weakref
+
+    from safetensors.torch import load_file
+
+    hf_dir = tiny_hf_model(str(tmp_path / "hf"), num_hidden_layers=2)
+    arch = _arch(hf_dir)
+    named = _fake_params(arch)
+    load_hf_into_chunks(hf_dir, named, arch, tp_rank=0, tp_size=1, padded_vocab=PADDED, layer_offsets=[0])
+    alive, requests = [], 0
+
+    def stream():
+        nonlocal requests
+        for bucket in export_hf_state(named, arch, groups=SINGLE, layer_offsets=[0], bucket_bytes=32 << 10):
+            requests += 1
+            gc.collect()
+            assert not [r for r in alive if r() is not None], "the previous bucket is still alive"
+            alive.extend(weakref.ref(t) for _, t in bucket)
+            yield bucket
+
+    out = str(tmp_path / "out")
+    weight_map = save_hf_checkpoint(stream(), out, hf_dir, hf_dir)
+    assert requests > 2
+    original = load_file(os.path.join(hf_dir, "model.safetensors"))
+    exported = {}
+    for f in set(weight_map.values()):
+        exported.update(load_file(os.path.join(out, f)))
+    assert sorted(exported) == sorted(original) and all(torch.equal(exported[k], v) for k, v in original.items())
