@@ -138,10 +138,23 @@ def mcore_to_hf(checkpoint: str, out: str, *, hf_config: str | None = None, toke
             drain(buckets)
         del model, buckets
         gc.collect()
+        _trim_heap()
         dist.barrier(group=groups.world)  # the export is on disk before anyone reads it
         report = _verified(path, config, groups, tmp, round_to, verify_tol) if verify else {}
     return {"written": target, "source": path, "tp": layout.get("tp"), "pp": layout.get("pp"), "dtype": name,
             "converted_at": {"tp": tp, "pp": pp}, **report}
+
+
+def _trim_heap() -> None:
+    """Give freed heap pages back to the OS (glibc ``malloc_trim``; a no-op elsewhere): the export's
+    freed tensors stay in the heap otherwise, under --verify's float32 models (0.5B: peak 4.7 -> 3.8 GB)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def print_report(report: dict) -> None:
