@@ -351,6 +351,8 @@ def _load_weights(config, actor, sync: WeightSync, path: Optional[tuple[str, str
         load_hf_into_chunks(config.model.hf_path, actor.named_local_parameters(), sync.arch,
                             tp_rank=sync.groups.tp_rank, tp_size=sync.groups.tp_size, padded_vocab=actor.padded_vocab,
                             layer_offsets=sync.offsets, spec=sync.spec)
+        if actor.optimizer is not None:  # bf16: the optimizer's fp32 main copies were made from the random init
+            actor.optimizer.reload_model_params()
         return {}
     kind, where = path
     loaded, extra = actor.load_latest(where) if kind == "root" else (where, actor.load(where))

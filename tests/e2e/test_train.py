@@ -376,3 +376,16 @@ def test_staleness_benchmark_quick(demo, tmp_path):
     assert results["0"]["staleness_mean"] == 0.0 and results["1"]["staleness_mean"] == 1.0
     assert results["0"]["avg4_start"] == results["1"]["avg4_start"]
     assert all(r["samples_per_s"] > 0 and r["timed_steps"] == 2 for r in results.values())
+
+
+def test_bf16_run_starts_from_the_hf_weights(demo, tmp_path):
+    """bf16 parameters keep fp32 master copies in the optimizer: loading the HF weights must refresh them, or the
+    first optimizer step writes the random initialisation back. At a vanishing lr the weights synced to the engine
+    after step 1 are the HF weights (bf16-rounded): the trainer's log-probs at step 2 match the engine's."""
+    run = str(tmp_path / "run")
+    launch(_train, 1, CONFIG, _overrides(demo, run, *SMALL, "train.steps=2", "model.params_dtype=bfloat16",
+                                         "optim.lr=1e-9", "checkpoint.export_hf=false"), timeout=600)
+    steps = [r for r in _records(run) if "train/loss" in r]
+    assert [r["step"] for r in steps] == [1, 2], steps
+    assert all(r["rollout/logprob_abs_diff"] < 0.02 for r in steps), [r["rollout/logprob_abs_diff"] for r in steps]
+    assert steps[1]["train/acc_mean"] > 0
