@@ -157,11 +157,11 @@ def _baseline_from_signal(D: torch.Tensor, gamma: float) -> torch.Tensor:
     B, T = D.shape
     # fp32 exactly as released (python float ** int tensor -> default dtype); fp64 for the check
     base = gamma if D.dtype == torch.float32 else torch.tensor(gamma, dtype=D.dtype)
-    future_kl = torch.zeros(B, T, dtype=D.dtype)
-    rows = torch.arange(T)
+    future_kl = torch.zeros(B, T, dtype=D.dtype, device=D.device)
+    rows = torch.arange(T, device=D.device)
     for j_start in range(0, T, CHUNK):
         j_end = min(T, j_start + CHUNK)
-        j = torch.arange(j_start, j_end)
+        j = torch.arange(j_start, j_end, device=D.device)
         distance = j[None, :] - rows[:, None]  # [T, Kb]
         decay_block = base ** distance.clamp(min=0) * (distance >= 0)
         future_kl += D[:, j_start:j_end] @ decay_block.T
