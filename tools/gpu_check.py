@@ -80,25 +80,31 @@ def run_child(cmd: list, *, log: str, timeout: float, env: dict, cwd: str) -> tu
 
 # ----------------------------------------------------------------------------------------- install
 IMPORT_CHECK = r"""
-import importlib, json, os, sys, sysconfig
-out = {"python": sys.version.split()[0]}
-from math_verify import parse, verify
-out["math_verify"] = bool(verify(parse("$\\frac{1}{2}$"), parse("$0.5$")))
-import psutil, pytest_timeout, antlr4, latex2sympy2_extended  # noqa: F401
+import importlib.util, json, os, sys, sysconfig
+out = {"python": sys.version.split()[0], "not_imported": {}}
+have = {m: importlib.util.find_spec(m) is not None for m in ("torch", "sympy", "pytest")}
+import psutil, antlr4  # noqa: F401 - they need nothing of the image's
 out["psutil"] = psutil.__version__
+if have["sympy"]:
+    from math_verify import parse, verify
+    out["math_verify"] = bool(verify(parse("$\\frac{1}{2}$"), parse("$0.5$")))
+else:
+    out["not_imported"]["math_verify"] = "needs sympy (torch's dependency), absent in this Python"
+if have["pytest"]:
+    import pytest_timeout  # noqa: F401
+else:
+    out["not_imported"]["pytest_timeout"] = "needs pytest, absent in this Python"
 spec = importlib.util.find_spec("megatron.core")
 out["megatron_core_path"] = os.path.dirname(spec.origin)
 ext = sysconfig.get_config_var("EXT_SUFFIX")
 helpers = os.path.join(out["megatron_core_path"], "datasets")
 out["megatron_core_extension"] = [f for f in os.listdir(helpers) if f.startswith("helpers_cpp")]
 assert any(f.endswith(ext) for f in out["megatron_core_extension"]), ("no extension for this Python", ext)
-try:
-    import torch  # noqa: F401
-except ImportError:
-    out["megatron_core"] = "not imported: this Python has no torch (its extension matches the interpreter)"
-else:
+if have["torch"]:
     import megatron.core
     out["megatron_core"] = megatron.core.__version__
+else:
+    out["megatron_core"] = "not imported: this Python has no torch (its extension matches the interpreter)"
 print(json.dumps(out))
 """
 

@@ -2,9 +2,9 @@
 
 Two environments that have only what the check may assume, each built fresh:
 
-* the node's Python 3.12 (a new venv, nothing installed): the cp312 wheelhouse installs into a scratch
-  target with no index and its packages import (megatron-core's compiled helpers match the interpreter;
-  megatron.core itself needs torch, which no CPU build offers for Python 3.12 here);
+* the node's Python 3.12 (a new venv with the image's pure-Python sympy and pytest): the cp312 wheelhouse
+  installs into a scratch target with no index and its packages import (megatron-core's compiled helpers
+  match the interpreter; megatron.core itself needs torch, which no CPU build offers for Python 3.12 here);
 * a stock PyTorch image, emulated: a new Python 3.11 venv holding exactly torch, transformers,
   safetensors, numpy and pytest with their own dependencies (linked from ``.venv``), nothing of this
   project's other dependencies. With the cp311 wheelhouse every step of the check runs in it.
@@ -87,16 +87,19 @@ def test_wheelhouse_installs_into_a_fresh_python312(tmp_path):
     manifest = _wheelhouse(tmp_path / "wheels", "3.12")
     assert manifest["total_bytes"] <= 16 * 2**20 and manifest["python"] == "3.12"
     subprocess.run([py, "-m", "venv", str(tmp_path / "node")], check=True, timeout=120)
+    node = str(tmp_path / "node" / "bin" / "python")  # the stock image's pure-Python part (no CPU torch for 3.12 here)
+    subprocess.run([node, "-m", "pip", "install", "-q", "-c", os.path.join(REPO, "tools", "constraints.txt"),
+                    "sympy", "pytest"], check=True, timeout=600)
     out = tmp_path / "report"
     proc = subprocess.run(["bash", os.path.join(REPO, "tools", "gpu_check.sh"), "--wheels", str(tmp_path / "wheels"),
-                           "--out", str(out), "--cpu", "--only", "install", "--python",
-                           str(tmp_path / "node" / "bin" / "python")], capture_output=True, text=True, timeout=240)
+                           "--out", str(out), "--cpu", "--only", "install", "--python", node],
+                          capture_output=True, text=True, timeout=240)
     report = json.load(open(out / "report.json"))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     (install,) = report["steps"]
     assert install["status"] == "pass", install
     figures = install["figures"]
-    assert figures["python"].startswith("3.12") and figures["math_verify"] is True
+    assert figures["python"].startswith("3.12") and figures["math_verify"] is True and not figures["not_imported"]
     assert figures["megatron_core_extension"] and all(".cpython-312-" in f for f in figures["megatron_core_extension"])
     assert "no torch" in figures["megatron_core"]
     # nothing reached the node's own environment: the install went to the scratch target only
