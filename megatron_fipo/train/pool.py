@@ -106,7 +106,7 @@ class RolloutPool:
         ro, algo, target = self.config.rollout, self.config.algo, self.config.train.prompts_per_step
         start, drawn, carried_in, at_start = time.perf_counter(), 0, len(self.complete), len(self.groups)
         stats = RoundStats()
-        self._continue_partials()
+        continued = self._continue_partials()
         while len(self.complete) < target:
             rounds = algo.max_gen_rounds if algo.dynamic_sampling else 1
             drawn += self._top_up(step, budget=rounds * self.want - drawn)
@@ -130,6 +130,7 @@ class RolloutPool:
                        "train/gen_rounds": drawn / max(self.want, 1), "rollout/groups_carried_in": float(carried_in),
                        "rollout/groups_unfinished_in": float(at_start),
                        "rollout/continued_samples": float(sum(p.restarts > 0 for g in batch for p in g.pieces)),
+                       "rollout/continued_started": float(continued),
                        "rollout/partial_carried": float(sum(p.finish is None for g in self.groups.values()
                                                             for p in g.pieces)),
                        "rollout/groups_in_flight": float(len(self.groups)),
@@ -165,12 +166,17 @@ class RolloutPool:
         request = GenerationRequest(tuple(group.item.prompt_ids) + tuple(piece.tokens), params)
         piece.future = self.services.engine.submit(request, 0, group=group.gid)
 
-    def _continue_partials(self) -> None:
+    def _continue_partials(self) -> int:
+        """Continue every unfinished sample that is not running (aborted at the last boundary, or restored from
+        a checkpoint) from its prompt and partial response; how many were."""
+        started = 0
         for group in self.groups.values():
             for j, piece in enumerate(group.pieces):
                 if piece.finish is None and piece.future is None:
                     piece.restarts += 1
                     self._start(group, j)
+                    started += 1
+        return started
 
     def _harvest(self, done) -> list[_Group]:
         """Fold the finished requests into their samples; the groups that just finished all ``n``."""

@@ -95,7 +95,8 @@ def test_checkpoint_holds_the_unfinished_samples_and_resume_continues_them(demo,
     step3 = resumed[2]  # the resumed pool starts with the checkpoint's groups, and continues them
     assert step3["rollout/groups_unfinished_in"] == len(pool["generating"])
     assert step3["rollout/groups_carried_in"] == len(pool["complete"])
-    assert sum(r["rollout/continued_samples"] for r in resumed[2:]) > 0
+    assert step3["rollout/continued_started"] == len(unfinished)  # every restored unfinished sample continues
+    # (whether a continued group is then trained depends on its rewards: dynamic sampling may filter it)
 
 
 def test_long_tail_benchmark_quick(demo, tmp_path):
