@@ -121,10 +121,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     """Rank layout and memory estimate (``megatron_fipo.plan``)."""
-    from megatron_fipo.plan import format_plan, plan, read_hf_config
+    from megatron_fipo.config.hf_presets import read_config_or_preset
+    from megatron_fipo.plan import format_plan, plan
 
     config = _config(args)
-    hf = read_hf_config(args.hf_config or config.model.hf_path)
+    hf = read_config_or_preset(args.hf_config or config.model.hf_path)
     report = plan(config, args.world_size, hf, gpus_per_node=args.gpus_per_node, gpu_gib=args.gpu_gib)
     print(json.dumps(report, indent=2) if args.json else format_plan(report))
     return 0

@@ -206,7 +206,7 @@ def _weights_only(hf_config: dict, groups, dtype: str):
 
 def _mcore_source(checkpoint: str, hf_config: str | None, tokenizer: str | None) -> tuple:
     """(HF config, tokenizer source, checkpoint directory, its saved layout) of ``mcore_to_hf``'s arguments."""
-    from megatron_fipo.config.hf_presets import read_config_or_preset as read_hf_config  # or a shape's name
+    from megatron_fipo.config.hf_presets import read_config_or_preset
     from megatron_fipo.mcore.checkpoint import checkpoint_problem, read_checkpoint_meta, resolve_checkpoint, \
         resume_candidates
 
@@ -224,7 +224,7 @@ def _mcore_source(checkpoint: str, hf_config: str | None, tokenizer: str | None)
             raise ValueError(f"no intact checkpoint under {path}: {'; '.join(problems)}")
     meta = read_checkpoint_meta(path)
     extra = meta.get("extra", {})
-    config = read_hf_config(hf_config) if hf_config else extra.get("hf_config")
+    config = read_config_or_preset(hf_config) if hf_config else extra.get("hf_config")
     if config is None:
         raise ValueError(f"{path}: no HF config in the checkpoint; pass --hf-config with the model's config.json "
                          "or a known shape such as qwen2.5-7b")

@@ -16,10 +16,8 @@ the GPUs that generate and the bytes a node-local weight sync moves into each no
 """
 from __future__ import annotations
 
-import os
 from typing import Any, Mapping
 
-from megatron_fipo.config import hf_model
 from megatron_fipo.config.conventions import cp_alignment, servers_per_node
 from megatron_fipo.config.schema import Config, validate
 
@@ -184,14 +182,6 @@ def _context_parallel(config: Config) -> dict:
         return {}
     return {"pad_to": cp_alignment(par.cp, par.tp, par.sequence_parallel), "tokens_per_gpu": budget // par.cp,
             "micro_batch_tokens": budget, "scan_bytes_per_sequence": 8}
-
-
-def read_hf_config(path: str) -> dict:
-    """``config.json`` of an HF model directory (or the file itself), or a named public shape
-    (``config.hf_presets.read_config_or_preset``)."""
-    from megatron_fipo.config.hf_presets import read_config_or_preset
-
-    return read_config_or_preset(path)
 
 
 def format_plan(report: dict) -> str:

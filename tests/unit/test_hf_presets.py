@@ -5,7 +5,7 @@ import pytest
 
 from megatron_fipo.config import hf_presets
 from megatron_fipo.config.hf_presets import PRESETS, parameter_counts
-from megatron_fipo.plan import read_hf_config
+from megatron_fipo.config.hf_presets import read_config_or_preset as read_hf_config
 
 # Published totals: the parameter counts of the released safetensors (billions, 3 significant digits).
 TOTAL = {"qwen2-0.5b": 0.494, "qwen2-1.5b": 1.54, "qwen2-7b": 7.62, "qwen2-72b": 72.7,
