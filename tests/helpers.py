@@ -58,6 +58,30 @@ def random_policy_batch(
     }
 
 
+def installed_requirements(root: str, extras: tuple = ()) -> dict:
+    """Every installed distribution ``root[extras]`` requires, transitively (``root`` itself only if something
+    requires it), with markers evaluated for this interpreter: canonical name -> installed version."""
+    from importlib import metadata
+
+    from packaging.markers import default_environment
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    seen, todo = {}, [(root, extras)]
+    while todo:
+        name, extra = todo.pop()
+        for spec in metadata.distribution(name).requires or ():
+            req = Requirement(spec)
+            if req.marker and not any(req.marker.evaluate({**default_environment(), "extra": e}) for e in ("",) + extra):
+                continue
+            key = canonicalize_name(req.name)
+            if key in seen:
+                continue
+            seen[key] = metadata.version(req.name)
+            todo.append((req.name, tuple(req.extras)))
+    return seen
+
+
 # ---------------------------------------------------------------------------------------------- actor tests
 # The tiny Qwen2 and the batch shared by the actor tests (tests/dist/test_actor*.py, test_cp_actor.py,
 # test_update_guard.py) and their GPU variants (tests/gpu/).

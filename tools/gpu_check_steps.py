@@ -107,12 +107,11 @@ def _say(text: str) -> None:
 
 
 def _train(run_dir: str, demo: str, device_env: dict, *overrides) -> tuple:
-    from tests.helpers import DEMO_CONFIG, demo_overrides
+    from tests.helpers import DEMO_CONFIG, SMALL_RUN, demo_overrides
 
+    # the e2e tests' small run, one optimizer step per training step with 8 samples per prompt
     cmd = [sys.executable, "-m", "megatron_fipo", "train", "--config", DEMO_CONFIG, *demo_overrides(
-        demo, run_dir, "rollout.n=8", "train.prompts_per_step=8", "train.mini_batch_prompts=8", "eval.n=2",
-        "eval.max_problems=16", "eval.every_steps=0", "eval.at_start=false", "log.progress=false",
-        "log.tensorboard=false", "train.reward_workers=1", *overrides)]
+        demo, run_dir, *SMALL_RUN, "rollout.n=8", "train.mini_batch_prompts=8", *overrides)]
     t0 = time.monotonic()
     _say(f"$ {' '.join(cmd)}")
     proc = subprocess.run(cmd, cwd=REPO, env=_python_env(**device_env), text=True, capture_output=True)

@@ -20,6 +20,8 @@ from importlib import metadata
 
 import pytest
 
+from tests.helpers import installed_requirements
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STOCK = ("torch", "transformers", "safetensors", "numpy", "pytest")
 
@@ -38,35 +40,14 @@ def _python312():
     return candidates[-1] if candidates else None
 
 
-def _closure(names):
-    """The installed distributions ``names`` need (their requirements without extras), names included."""
-    from packaging.requirements import Requirement
-    from packaging.utils import canonicalize_name
-
-    seen, todo = {}, list(names)
-    while todo:
-        name = canonicalize_name(todo.pop())
-        if name in seen:
-            continue
-        try:
-            dist = metadata.distribution(name)
-        except metadata.PackageNotFoundError:
-            continue  # an optional dependency this platform does not install
-        seen[name] = dist
-        for spec in dist.requires or ():
-            req = Requirement(spec)
-            if req.marker is None or req.marker.evaluate({"extra": ""}):
-                todo.append(req.name)
-    return seen
-
-
 def _stock_image(root):
     """A venv of this interpreter holding the stock image's packages only (linked from .venv)."""
     base = getattr(sys, "_base_executable", sys.executable)  # the interpreter under .venv, not .venv itself
     subprocess.run([base, "-m", "venv", str(root)], check=True, timeout=300)
     site = glob.glob(os.path.join(root, "lib", "python3*", "site-packages"))[0]
     linked = set()
-    for dist in _closure(STOCK).values():
+    names = {n for root in STOCK for n in (root, *installed_requirements(root))}
+    for dist in (metadata.distribution(n) for n in sorted(names)):
         for f in dist.files or ():
             top = f.parts[0]
             if top in ("..", "bin", "__pycache__") or top in linked:

@@ -7,11 +7,10 @@ other than the locked one.
 """
 import os
 import re
-from importlib import metadata
 
-from packaging.markers import default_environment
-from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
+
+from tests.helpers import installed_requirements
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LOCK = os.path.join(REPO, "tools", "constraints.txt")
@@ -31,24 +30,6 @@ def _lock() -> dict:
     return pins
 
 
-def _closure(root: str, extras: tuple) -> dict:
-    """Every installed distribution reachable from ``root[extras]``: name -> installed version."""
-    seen, todo = {}, [(root, extras)]
-    while todo:
-        name, extra = todo.pop()
-        dist = metadata.distribution(name)
-        for spec in dist.requires or ():
-            req = Requirement(spec)
-            if req.marker and not any(req.marker.evaluate({**default_environment(), "extra": e}) for e in ("",) + extra):
-                continue
-            key = canonicalize_name(req.name)
-            if key in seen:
-                continue
-            seen[key] = metadata.version(req.name)
-            todo.append((req.name, tuple(req.extras)))
-    return seen
-
-
 def test_every_line_is_an_exact_pin_and_torch_is_the_cpu_build():
     pins = _lock()
     assert pins["torch"] == "2.13.0"
@@ -58,7 +39,7 @@ def test_every_line_is_an_exact_pin_and_torch_is_the_cpu_build():
 
 def test_installed_environment_equals_the_lock():
     pins = _lock()
-    installed = _closure("megatron-fipo", ("test",))
+    installed = installed_requirements("megatron-fipo", ("test",))
     assert {"transformers", "megatron-core", "numpy", "pytest", "nemo-run"} <= set(installed)
     unlocked = sorted(set(installed) - set(pins))
     assert not unlocked, f"dependencies missing from {LOCK} (run bash tools/lock.sh): {unlocked}"
