@@ -45,7 +45,7 @@ Peak memory: peak resident-set growth, measured in a fresh subprocess per measur
 
 1. is started with ``MALLOC_MMAP_THRESHOLD_=4096 MALLOC_TRIM_THRESHOLD_=0 MALLOC_TOP_PAD_=0``:
    glibc then serves every allocation >= 4 KiB (every tensor that matters here) with its own
-   ``mmap``, ``munmap``\ s it on free, and keeps no free slack at the heap top, so freed memory
+   ``mmap``, ``munmap``s it on free, and keeps no free slack at the heap top, so freed memory
    leaves the RSS at once and a later tensor cannot silently reuse already-resident pages
    (which would hide its growth; without these settings a 32 KiB tensor was seen to cost 0);
 2. sets the thread count, builds the inputs, and does one warm-up call (same size; the baseline

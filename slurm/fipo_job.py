@@ -625,7 +625,8 @@ def _print_plan(job: Job, config: Config) -> None:
     """The layout and memory estimate, when the model's config.json is readable from here (node 0 only)."""
     if task_index(os.environ) != 0 or not os.path.isfile(os.path.join(config.model.hf_path, "config.json")):
         return
-    from megatron_fipo.plan import format_plan, plan, read_hf_config
+    from megatron_fipo.config.hf_model import read_hf_config
+    from megatron_fipo.plan import format_plan, plan
 
     try:
         report = plan(config, job.world_size, read_hf_config(config.model.hf_path), gpus_per_node=job.procs)
