@@ -4,7 +4,8 @@ A lazy import inside a function (the launcher's, a benchmark's, a tool's) fails 
 function runs: a name removed from a module once broke the Slurm job's start and only the slow
 launcher tests noticed. This reads every Python file of the repository with ``ast`` and checks
 each imported name against the target module's top-level definitions (or a submodule of a
-package), without importing anything.
+package), and each ``module.name`` use of an imported project module likewise, without importing
+anything.
 """
 
 import ast
@@ -53,12 +54,20 @@ def _top_level_names(path: pathlib.Path) -> set[str]:
     return names
 
 
+def _ours(module: str) -> bool:
+    return module == PACKAGE or module.startswith(PACKAGE + ".")
+
+
 def _unresolved(path: pathlib.Path) -> list[str]:
+    """Imported names that do not exist, and ``alias.attr`` uses of an imported project module
+    (``from megatron_fipo.mcore import groups as G`` ... ``G.init_distributed``) naming nothing in it."""
     problems = []
-    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
-        if not isinstance(node, ast.ImportFrom) or node.level or not node.module:
-            continue
-        if node.module != PACKAGE and not node.module.startswith(PACKAGE + "."):
+    tree = ast.parse(path.read_text(), filename=str(path))
+    modules = {}  # local name -> project module it is bound to (anywhere in the file)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            modules.update({a.asname: a.name for a in node.names if a.asname and _ours(a.name)})
+        if not isinstance(node, ast.ImportFrom) or node.level or not node.module or not _ours(node.module):
             continue
         target = _module_path(node.module)
         if target is None:
@@ -66,9 +75,15 @@ def _unresolved(path: pathlib.Path) -> list[str]:
             continue
         defined = _top_level_names(target)
         for alias in node.names:
-            if alias.name == "*" or alias.name in defined or _module_path(f"{node.module}.{alias.name}"):
-                continue
-            problems.append(f"line {node.lineno}: {node.module} has no {alias.name}")
+            if _module_path(f"{node.module}.{alias.name}"):
+                modules[alias.asname or alias.name] = f"{node.module}.{alias.name}"
+            elif alias.name != "*" and alias.name not in defined:
+                problems.append(f"line {node.lineno}: {node.module} has no {alias.name}")
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in modules:
+            module = modules[node.value.id]
+            if node.attr not in _top_level_names(_module_path(module)) and not _module_path(f"{module}.{node.attr}"):
+                problems.append(f"line {node.lineno}: {module} has no {node.attr}")
     return problems
 
 
@@ -81,6 +96,8 @@ def test_checker_catches_a_missing_name(tmp_path):
     source = tmp_path / "user.py"
     source.write_text("def f():\n    from megatron_fipo.plan import format_plan, no_such_name\n"
                       "    from megatron_fipo.config import hf_model\n"
-                      "    from megatron_fipo.no_such_module import x\n")
+                      "    from megatron_fipo.no_such_module import x\n"
+                      "    return hf_model.read_hf_config, hf_model.no_such_function\n")
     assert _unresolved(source) == ["line 2: megatron_fipo.plan has no no_such_name",
-                                   "line 4: no module megatron_fipo.no_such_module"]
+                                   "line 4: no module megatron_fipo.no_such_module",
+                                   "line 5: megatron_fipo.config.hf_model has no no_such_function"]
