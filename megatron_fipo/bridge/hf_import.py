@@ -15,7 +15,6 @@ tied checkpoint that nevertheless carries ``lm_head.weight`` is accepted and tha
 """
 from __future__ import annotations
 
-import contextlib
 import glob
 import json
 import os
@@ -28,8 +27,9 @@ from megatron_fipo.bridge import qwen2_mapping as M
 INDEX = "model.safetensors.index.json"
 
 
-class HFCheckpoint(contextlib.AbstractContextManager):
-    """Open safetensors files of an HF model directory; ``names`` and ``read(name, dim, start, stop)``."""
+class HFCheckpoint:
+    """The tensor index of an HF model directory (every file's header checked on construction);
+    ``names`` and ``read(name, dim, start, stop)``. Holds no open file between reads."""
 
     def __init__(self, hf_dir: str):
         from safetensors import safe_open
@@ -77,8 +77,6 @@ class HFCheckpoint(contextlib.AbstractContextManager):
             sl = handle.get_slice(name)
             return sl[start:stop] if dim == 0 else sl[:, start:stop]
 
-    def __exit__(self, *exc):
-        return False
 
 
 def _read_index(path: str) -> dict:
@@ -140,18 +138,18 @@ def load_hf_into_chunks(
     """
     named = list(named_params)
     written: dict[str, int] = {n: 0 for n, _ in named}
-    with HFCheckpoint(hf_dir) as ckpt:
-        check_hf_names(ckpt.names, arch)
-        with torch.no_grad():
-            for name, entry, layer, param in _resolve(named, layer_offsets, spec):
-                if entry is M.OUTPUT_LAYER and arch.tie_word_embeddings:
-                    entry = _TIED_OUTPUT  # the last stage's copy of the tied embedding
-                local = _local_tensor(ckpt, entry, layer, arch, padded_vocab, tp_rank, tp_size)
-                if tuple(local.shape) != tuple(param.shape):
-                    raise ValueError(f"{name}: HF {M.hf_names(entry, layer)} give shape {tuple(local.shape)} at "
-                                     f"tp rank {tp_rank}/{tp_size}, the parameter is {tuple(param.shape)}")
-                param.copy_(local)
-                written[name] += 1
+    ckpt = HFCheckpoint(hf_dir)
+    check_hf_names(ckpt.names, arch)
+    with torch.no_grad():
+        for name, entry, layer, param in _resolve(named, layer_offsets, spec):
+            if entry is M.OUTPUT_LAYER and arch.tie_word_embeddings:
+                entry = _TIED_OUTPUT  # the last stage's copy of the tied embedding
+            local = _local_tensor(ckpt, entry, layer, arch, padded_vocab, tp_rank, tp_size)
+            if tuple(local.shape) != tuple(param.shape):
+                raise ValueError(f"{name}: HF {M.hf_names(entry, layer)} give shape {tuple(local.shape)} at "
+                                 f"tp rank {tp_rank}/{tp_size}, the parameter is {tuple(param.shape)}")
+            param.copy_(local)
+            written[name] += 1
     bad = {n: c for n, c in written.items() if c != 1}
     if bad:
         raise ValueError(f"parameters not written exactly once (name: count): {bad}")

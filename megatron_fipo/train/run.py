@@ -379,6 +379,5 @@ def check_inputs(config) -> None:
         if config.eval.files:
             load_problems(config.eval.files, on_bad_row=config.data.on_bad_row)
     check_prompt_count(len(problems), config, "usable problems")
-    with HFCheckpoint(config.model.hf_path):
-        pass
+    HFCheckpoint(config.model.hf_path)  # every safetensors header readable (a truncated download fails here)
 

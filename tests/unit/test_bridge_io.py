@@ -217,9 +217,9 @@ def test_import_keeps_no_safetensors_file_mapped(tmp_path):
         return read(self, *args, **kwargs)
 
     arch = _arch(hf_dir)
-    with hf_import.HFCheckpoint(hf_dir) as ckpt:
-        assert mappings() == 0 and ckpt.read("model.norm.weight").shape == (arch.hidden_size,)
-        assert mappings() == 0
+    ckpt = hf_import.HFCheckpoint(hf_dir)
+    assert mappings() == 0 and ckpt.read("model.norm.weight").shape == (arch.hidden_size,)
+    assert mappings() == 0
     hf_import.HFCheckpoint.read = spy
     try:
         load_hf_into_chunks(hf_dir, _fake_params(arch), arch, tp_rank=0, tp_size=1, padded_vocab=PADDED,

@@ -126,12 +126,12 @@ def test_hf_state_names_and_shapes_match_the_table(tmp_path, case):
 
     d = tiny_hf_model(str(tmp_path), **CASES[case])
     arch = Qwen2Arch.from_hf(d)
-    with HFCheckpoint(d) as ckpt:
-        check_hf_names(ckpt.names, arch)
-        shapes = {}
-        for n, f in ckpt.weight_map.items():
-            with safe_open(f"{d}/{f}", framework="pt") as h:
-                shapes[n] = tuple(h.get_slice(n).get_shape())
+    ckpt = HFCheckpoint(d)
+    check_hf_names(ckpt.names, arch)
+    shapes = {}
+    for n, f in ckpt.weight_map.items():
+        with safe_open(f"{d}/{f}", framework="pt") as h:
+            shapes[n] = tuple(h.get_slice(n).get_shape())
     for entry in M.QWEN2_TABLE:
         if entry is M.OUTPUT_LAYER and arch.tie_word_embeddings:
             continue
