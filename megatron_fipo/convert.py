@@ -82,8 +82,7 @@ def hf_to_mcore(hf_dir: str, out: str, *, dtype: str | None = None, tp: int = 1,
                             tp_size=groups.tp_size, padded_vocab=model.padded_vocab, layer_offsets=offsets, spec=spec)
         path = model.save(tmp, extra={"hf_config": hf_config, "hf_source": os.path.abspath(hf_dir)})
         del model
-        gc.collect()
-        _trim_heap()
+        _release_freed_memory()
         report = _verified(path, hf_config, groups, hf_dir, out_dtype, verify_tol) if verify else {}
     return {"written": target, "tp": tp, "pp": pp, "dtype": name, "contents": "model", **report}
 
@@ -138,20 +137,22 @@ def mcore_to_hf(checkpoint: str, out: str, *, hf_config: str | None = None, toke
         else:
             drain(buckets)
         del model, buckets
-        gc.collect()
-        _trim_heap()
+        _release_freed_memory()
         dist.barrier(group=groups.world)  # the export is on disk before anyone reads it
         report = _verified(path, config, groups, tmp, round_to, verify_tol) if verify else {}
     return {"written": target, "source": path, "tp": layout.get("tp"), "pp": layout.get("pp"), "dtype": name,
             "converted_at": {"tp": tp, "pp": pp}, **report}
 
 
-def _trim_heap() -> None:
-    """Give freed heap pages back to the OS (glibc ``malloc_trim``; a no-op elsewhere): freed tensors
-    (the export's, the HF reference's) stay in the heap otherwise, under --verify's float32 models
-    (0.5B peak: --to-hf --verify 4.7 -> 3.4 GB, --to-mcore --verify 4.2 -> 3.4 GB)."""
+def _release_freed_memory() -> None:
+    """Collect what is unreachable, then give the freed heap pages back to the OS (glibc
+    ``malloc_trim``; a no-op elsewhere): freed tensors (the export's, the HF reference's) stay in the
+    heap otherwise, under --verify's float32 models (0.5B peak: --to-hf --verify 4.7 -> 3.4 GB,
+    --to-mcore --verify 4.2 -> 3.4 GB)."""
     import ctypes
     import ctypes.util
+
+    gc.collect()
 
     try:
         ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
@@ -246,8 +247,7 @@ def _verified(path: str, hf_config: dict, groups, hf_dir: str, round_to, tol: fl
     seqs = random_sequences(Qwen2Arch.from_hf(hf_config).vocab_size)
     reference = [_agreed(lambda: hf_logprobs(hf_dir, seqs, round_to) if groups.rank == 0 else None, groups)]
     dist.broadcast_object_list(reference, src=0, group=groups.world)
-    gc.collect()
-    _trim_heap()  # the HF model's freed pages, before the float32 Megatron model is built
+    _release_freed_memory()  # the HF model's, before the float32 Megatron model is built
     model = _weights_only(hf_config, groups, "float32")
     model.load_weights(path)
     worst = _agreed(lambda: compare_logprobs(actor_logprobs(model, seqs, round_to), reference[0], tol), groups)

@@ -78,7 +78,6 @@ class HFCheckpoint:
             return sl[start:stop] if dim == 0 else sl[:, start:stop]
 
 
-
 def _read_index(path: str) -> dict:
     """``weight_map`` of a sharded checkpoint's index, or a ValueError naming the file."""
     try:
